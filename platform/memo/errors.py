@@ -1,0 +1,10 @@
+"""One exception type for every error a user can fix; the CLI prints it as one line and exits non-zero."""
+
+
+class MemoError(Exception):
+    """A problem with the user's input or environment. The message says where and how to fix it."""
+
+
+def where(path, line: int | None = None) -> str:
+    """`file:line` prefix used by every input error, so the user can jump straight to the bad spot."""
+    return f"{path}:{line}" if line is not None else str(path)

@@ -1,0 +1,406 @@
+"""Reflection synthesis: corpus -> question/answer pairs (Parquet) with Ray Data.
+
+This module holds the offline `rules` GENERATOR, which implements the method's steps without an LLM:
+  direct        cloze questions on a sentence's names, numbers, years and dates;
+  entity        the sentence's subject described without naming it (against the reversal curse);
+  consolidated  per document, what is known about its main entity (>= 3 facts);
+  cross_doc     converging clues and bridge questions over entities shared by 2+ documents, grouped
+                from the corpus alone (shared names; no gold evidence sets);
+  abstain       questions about entities the corpus never mentions, answered "I don't know";
+and the verification step as rule checks with one rewrite (resolve a leading pronoun, absolute dates).
+Every pair's answer is a verbatim, self-contained corpus sentence, so nothing is invented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict
+from pathlib import Path
+
+import pandas as pd
+
+from memo.config import SynthesizeConfig
+from memo.corpus import chunk_document, corpus_hash, load_documents, split_sentences
+from memo.errors import MemoError
+
+IDK_ANSWER = "I don't know."
+STEPS = ("direct", "indirect", "consolidated", "entity", "cross_doc", "abstain")
+COLUMNS = ["id", "domain", "step", "question", "answer", "source_chunk_ids", "generator", "verified"]
+
+# Capitalised words that start sentences without being names.
+_NOT_NAMES = {"The", "A", "An", "In", "On", "At", "By", "For", "From", "After", "Before", "During", "Since",
+              "When", "While", "Each", "Every", "All", "Both", "Most", "Some", "Many", "Its", "It", "He", "She",
+              "They", "This", "That", "These", "Those", "His", "Her", "Their", "There", "Today", "However", "I"}
+_MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
+_DATE = re.compile(rf"\b(?:{_MONTHS}) \d{{1,2}}, \d{{4}}\b|\b\d{{1,2}} (?:{_MONTHS}) \d{{4}}\b")
+_YEAR = re.compile(r"\b(1[5-9]\d\d|20\d\d)\b")
+_NUMBER = re.compile(r"\b\d[\d,]*(?:\.\d+)?\b(?:\s+([a-z][a-z-]+))?")
+_NAME = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|the\s+)?[A-Z][\w'-]*)*")
+_PRONOUN_START = re.compile(r"^(It|He|She|They|This|These|Those|His|Her|Its|Their)\b")
+_VAGUE = re.compile(r"\b(the (document|article|text|passage|author)|this (document|article|text|passage))\b", re.I)
+_RELATIVE = re.compile(r"\b(last|this|next) year\b", re.I)
+# Head nouns that let a description say what kind of thing a name is ("which division ...").
+_HEADS = set("""academy agency array association award bank bridge cell center centre college company council
+cooperative corporation department division engine festival foundation fund group guild hospital index
+institute island lab laboratory lake lantern league library market museum network observatory office
+orchestra party port prize program programme project relay river school series society station street
+summit system team telescope theatre tower town university valley works""".split())
+
+
+def stable_id(domain: str, question: str) -> str:
+    """Stable row id: same domain + normalised question -> same id, so re-runs and dedup agree."""
+    norm = re.sub(r"\W+", " ", question.lower()).strip()
+    return hashlib.sha256(f"{domain}\x00{norm}".encode()).hexdigest()[:16]
+
+
+def find_spans(sentence: str) -> list[dict]:
+    """Maskable spans in a sentence: dates, years, counts and names; non-overlapping, in order."""
+    spans: list[dict] = []
+
+    def free(a, b):
+        return all(b <= s["start"] or a >= s["end"] for s in spans)
+
+    for m in _DATE.finditer(sentence):
+        spans.append({"start": m.start(), "end": m.end(), "kind": "date", "text": m.group()})
+    for m in _YEAR.finditer(sentence):
+        if free(m.start(), m.end()):
+            spans.append({"start": m.start(), "end": m.end(), "kind": "year", "text": m.group()})
+    for m in _NUMBER.finditer(sentence):
+        num_end = m.start() + len(m.group().split()[0])
+        if free(m.start(), num_end):
+            spans.append({"start": m.start(), "end": m.end(), "kind": "number", "text": m.group(),
+                          "noun": m.group(1) or ""})
+    for m in _NAME.finditer(sentence):
+        text, start = m.group(), m.start()
+        first = text.split()[0]
+        if first in _NOT_NAMES:  # "The Halvenmere Cooperative" -> name "Halvenmere Cooperative"
+            rest = text[len(first):].lstrip()
+            if not rest:
+                continue
+            start, text = m.end() - len(rest), rest
+        if text.split()[0] in _MONTHS.split("|") or not free(start, start + len(text)):
+            continue
+        spans.append({"start": start, "end": start + len(text), "kind": "name", "text": text})
+    return sorted(spans, key=lambda s: s["start"])
+
+
+def _head(name: str) -> str:
+    last = name.split()[-1].lower()
+    return last if len(name.split()) > 1 and last in _HEADS else ""
+
+
+def _with_article(sentence: str, span: dict) -> tuple[int, int]:
+    """Extend a name span over a preceding article, so "the Vessamere Lantern" is masked as a whole."""
+    a = span["start"]
+    for art in ("the ", "The "):
+        if sentence[max(0, a - 4):a] == art:
+            return a - 4, span["end"]
+    return a, span["end"]
+
+
+def _wh(sentence: str, span: dict) -> tuple[int, int, str]:
+    """The wh-phrase replacing a span, and the exact [a, b) range it replaces (prepositions included)."""
+    a, b = _with_article(sentence, span) if span["kind"] == "name" else (span["start"], span["end"])
+    before = sentence[:a].rstrip()
+    prep = before.split()[-1] if before.split() else ""
+    if span["kind"] == "date":
+        return a, b, "which date"
+    if span["kind"] == "year":
+        return a, b, "which year"
+    if span["kind"] == "number":
+        return a, b, f"how many {span['noun']}".strip()
+    if prep in ("in", "at", "near", "from") and not _head(span["text"]):
+        return a - len(prep) - 1, b, "where" if prep != "from" else "from where"
+    if prep == "by":
+        return a, b, "whom"
+    head = _head(span["text"])
+    return a, b, f"which {head}" if head else "what"
+
+
+def cloze(sentence: str, span: dict, replacement: str | None = None) -> str:
+    """Question asking for `span` in `sentence`; `replacement` swaps a bridge entity for its description."""
+    a, b, wh = _wh(sentence, span)
+    q = sentence[:a] + wh + sentence[b:]
+    if replacement:
+        q = replacement(q)
+    q = q.rstrip(" .!")
+    return q[0].upper() + q[1:] + "?"
+
+
+def describe(sentence: str, span: dict) -> str:
+    """A noun phrase naming the entity at `span` only through the rest of the sentence.
+
+    subject: "the division that is based in Skarreth Point"; object: "the lantern that the
+    Glimmerfield Division designs".
+    """
+    a, b = _with_article(sentence, span)
+    head = _head(span["text"]) or "one"
+    if a == 0:
+        rest = sentence[b:].strip().rstrip(".")
+        return f"the {head} that {rest}"
+    rest = (sentence[:a] + sentence[b:]).strip().rstrip(".")
+    rest = re.sub(r"\s+([,;])", r"\1", re.sub(r"\s+", " ", rest)).strip()
+    return f"the {head} that {rest[0].lower() + rest[1:] if rest[:4] == 'The ' else rest}"
+
+
+def check_self_contained(question: str, answer: str) -> str | None:
+    """The verification step's rules: return the violation, or None when the pair stands alone."""
+    for text in (question, answer):
+        if _PRONOUN_START.search(text):
+            return "unresolved pronoun"
+        if _VAGUE.search(text):
+            return "reference to the document"
+        if _RELATIVE.search(text):
+            return "relative time"
+    return None
+
+
+def rewrite_sentence(sentence: str, title: str, doc_date: str) -> str:
+    """One rewrite attempt: resolve a leading pronoun to the document's subject, relative years to absolute."""
+    subject = re.sub(r"^(The|A|An) ", "", title).strip()
+    s = _PRONOUN_START.sub(lambda m: subject if m.group(1) in ("It", "He", "She", "They", "This") else subject + "'s",
+                           sentence, count=1)
+    year = doc_date[:4] if re.match(r"\d{4}", doc_date or "") else None
+    if year:
+        s = _RELATIVE.sub(lambda m: f"in {int(year) + {'last': -1, 'this': 0, 'next': 1}[m.group(1).lower()]}", s)
+    return s
+
+
+def _row(domain, step, question, answer, chunk_ids, verified=True):
+    return {"id": stable_id(domain, question), "domain": domain, "step": step, "question": question,
+            "answer": answer, "source_chunk_ids": list(chunk_ids), "generator": "rules", "verified": verified}
+
+
+def _reject(domain, step, question, answer, chunk_ids, reason):
+    return {**_row(domain, step, question, answer, chunk_ids, verified=False), "reason": reason}
+
+
+def chunk_sentences(chunk: dict) -> list[str]:
+    """A chunk's sentences after the rewrite step; sentences that still fail are returned as-is and rejected later."""
+    return [rewrite_sentence(s, chunk["title"], chunk["doc_date"]) for s in split_sentences(chunk["text"])]
+
+
+def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 2) -> tuple[list[dict], list[dict]]:
+    """Steps direct, entity, consolidated for one chunk; returns (reflections, rejects)."""
+    domain, cid = chunk["domain"], chunk["chunk_id"]
+    out, rejects = [], []
+
+    def add(step, q, a, ids=(cid,)):
+        problem = check_self_contained(q, a)
+        (rejects.append(_reject(domain, step, q, a, ids, problem)) if problem else out.append(_row(domain, step, q, a, ids)))
+
+    sentences = chunk_sentences(chunk)
+    facts_about: dict[str, list[str]] = {}
+    for s in sentences:
+        spans = find_spans(s)
+        if not spans:
+            rejects.append(_reject(domain, "direct", "", s, [cid], "no name, number or date to ask about"))
+            continue
+        subject = spans[0] if spans[0]["kind"] == "name" and _with_article(s, spans[0])[0] == 0 else None
+        if subject:
+            facts_about.setdefault(subject["text"], []).append(s)
+            add("entity", cloze(s, subject).replace("What ", "Who or what ", 1), s)
+        # Prefer numbers, dates and the last names: they carry the facts users ask about.
+        targets = [sp for sp in spans if sp is not subject]
+        targets.sort(key=lambda sp: (sp["kind"] == "name", -sp["start"]))
+        for sp in targets[:max_direct_per_sentence]:
+            add("direct", cloze(s, sp), s)
+    for entity, facts in facts_about.items():
+        if len(facts) >= 3:
+            head = _head(entity)
+            article = "the " if head else ""
+            add("consolidated", f"What is known about {article}{entity}?", " ".join(facts[:4]))
+    return out, rejects
+
+
+def synthesize_batch(batch: pd.DataFrame, max_direct_per_sentence: int = 2) -> pd.DataFrame:
+    """Ray Data `map_batches` body: chunks in, reflection rows out (rejects flagged by a non-empty reason)."""
+    rows = []
+    for chunk in batch.to_dict("records"):
+        good, bad = synthesize_chunk(chunk, max_direct_per_sentence)
+        rows += [{**r, "reason": ""} for r in good] + bad
+    return pd.DataFrame(rows, columns=COLUMNS + ["reason"])
+
+
+def entity_mentions(chunk: dict) -> list[dict]:
+    """Ray Data `flat_map` body: one row per (name, sentence), the input of cross-document grouping."""
+    rows = []
+    for i, s in enumerate(chunk_sentences(chunk)):
+        for sp in find_spans(s):
+            if sp["kind"] == "name":
+                rows.append({"entity": sp["text"], "doc_id": chunk["doc_id"], "chunk_id": chunk["chunk_id"],
+                             "domain": chunk["domain"], "sentence": s, "sent_index": i})
+    return rows
+
+
+def cross_doc_group(group: pd.DataFrame, per_entity: int = 4) -> pd.DataFrame:
+    """Ray Data `map_groups` body for one shared entity: converging-clue and bridge questions.
+
+    Documents are grouped by the names they share, which any corpus has; the paper's code used each
+    benchmark question's gold evidence, which no real deployment has.
+    """
+    rows: list[dict] = []
+    mentions = group.drop_duplicates(["doc_id", "sentence"]).to_dict("records")
+    docs = sorted({m["doc_id"] for m in mentions})
+    if len(docs) < 2:
+        return pd.DataFrame(rows, columns=COLUMNS + ["reason"])
+    entity, domain = mentions[0]["entity"], mentions[0]["domain"]
+    by_doc = {d: [m for m in mentions if m["doc_id"] == d] for d in docs}
+    for da, db in itertools.permutations(docs, 2):
+        if len(rows) >= per_entity:
+            break
+        ma, mb = by_doc[da][0], by_doc[db][0]
+        span_a = next(sp for sp in find_spans(ma["sentence"]) if sp["kind"] == "name" and sp["text"] == entity)
+        span_b = next(sp for sp in find_spans(mb["sentence"]) if sp["kind"] == "name" and sp["text"] == entity)
+        desc_a = describe(ma["sentence"], span_a)
+        ids = [ma["chunk_id"], mb["chunk_id"]]
+        answer = f"{ma['sentence']} {mb['sentence']}"
+        # Bridge: ask for another fact of sentence B, naming the entity only through sentence A.
+        a, b = _with_article(mb["sentence"], span_b)
+        target = next((sp for sp in find_spans(mb["sentence"]) if sp["end"] <= a or sp["start"] >= b), None)
+        if target:
+            sent_b = mb["sentence"]
+            q = cloze(sent_b, target, replacement=lambda q, s=sent_b, a=a, b=b: q.replace(s[a:b], desc_a, 1))
+            q = re.sub(r"^What ", "Who or what ", re.sub(r"\s+([,;?])", r"\1", q))
+            rows.append({**_row(domain, "cross_doc", q, answer, ids), "reason": ""})
+        # Converging clues: both sentences describe the entity; the answer names it.
+        if da < db:
+            desc_b = describe(mb["sentence"], span_b)
+            clue_b = desc_b.split(" that ", 1)[1]
+            q = f"Which is {desc_a}, and also that {clue_b}?"
+            rows.append({**_row(domain, "cross_doc", q[0].upper() + q[1:], f"{entity}. {answer}", ids), "reason": ""})
+    return pd.DataFrame(rows[:per_entity], columns=COLUMNS + ["reason"])
+
+
+def abstain_rows(reflections: pd.DataFrame, corpus_text: str, ratio: float, domain: str) -> list[dict]:
+    """Questions about names the corpus never mentions, answered "I don't know" (train as you serve).
+
+    Made from real direct questions with the name swapped for an invented one, so the memory learns to
+    abstain on an unknown entity rather than on an unusual question shape.
+    """
+    direct = reflections[reflections.step == "direct"]
+    n = int(round(len(reflections) * ratio))
+    syll = ["bar", "dun", "mo", "rel", "vik", "sta", "lor", "quin", "te", "zar", "ost", "hel"]
+    rows = []
+    for i, r in enumerate(direct.itertuples()):
+        if len(rows) >= n:
+            break
+        names = [sp for sp in find_spans(r.question) if sp["kind"] == "name"]
+        if not names:
+            continue
+        h = int(hashlib.sha256(r.question.encode()).hexdigest(), 16)
+        fake = (syll[h % 12] + syll[(h >> 4) % 12] + syll[(h >> 8) % 12]).capitalize()
+        if fake.lower() in corpus_text.lower():
+            continue
+        words = names[0]["text"].split()
+        new_name = " ".join([fake] + words[1:]) if len(words) > 1 else fake
+        q = r.question.replace(names[0]["text"], new_name)
+        rows.append(_row(domain, "abstain", q, IDK_ANSWER, r.source_chunk_ids))
+    return rows
+
+
+def dataset_hash(df: pd.DataFrame) -> str:
+    h = hashlib.sha256()
+    for rid, q, a in sorted(zip(df["id"], df["question"], df["answer"])):
+        h.update(f"{rid}\x00{q}\x00{a}\x01".encode())
+    return h.hexdigest()
+
+
+def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
+    """Run the whole synthesis stage; returns the stats written to OUT/stats.json.
+
+    Re-running with the same corpus and config reuses the finished output instead of redoing it.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy  # noqa: F401  (LLM engines use actor pools; rules are tasks)
+
+    docs = load_documents(cfg.corpus)
+    chash = corpus_hash(docs)
+    out = Path(cfg.out)
+    stats_path = out / "stats.json"
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "corpus")}
+    if stats_path.exists():
+        old = json.loads(stats_path.read_text())
+        if old.get("corpus_hash") == chash and old.get("settings") == settings:
+            progress(f"[synthesize] {out} already holds reflections for this corpus and config "
+                     f"({old['rows']} rows); nothing to do")
+            return old
+    t0 = time.time()
+    progress(f"[synthesize] {len(docs)} documents from {cfg.corpus}, generator={cfg.generator}")
+    ds = ray.data.from_items([asdict(d) for d in docs])
+    chunks = ds.flat_map(chunk_document, fn_kwargs={"domain": cfg.domain, "chunk_words": cfg.chunk_words,
+                                                    "overlap": cfg.chunk_overlap}).materialize()
+    n_chunks = chunks.count()
+    progress(f"[synthesize] {n_chunks} chunks")
+    local = chunks.map_batches(synthesize_batch, batch_format="pandas", batch_size=16,
+                               fn_kwargs={"max_direct_per_sentence": cfg.max_direct_per_sentence}).to_pandas()
+    progress(f"[synthesize] per-chunk steps: {int((local.reason == '').sum())} pairs, "
+             f"{int((local.reason != '').sum())} rejected")
+    mentions = chunks.flat_map(entity_mentions)
+    if mentions.count():
+        cross = mentions.groupby("entity", num_partitions=4).map_groups(cross_doc_group, batch_format="pandas").to_pandas()
+    else:
+        cross = pd.DataFrame(columns=COLUMNS + ["reason"])
+    cross = cross.head(cfg.max_cross_doc_pairs)
+    progress(f"[synthesize] cross-document step: {len(cross)} pairs over "
+             f"{len({tuple(x) for x in cross['source_chunk_ids']})} chunk pairs")
+    allrows = pd.concat([local, cross], ignore_index=True)
+    rejects = allrows[allrows.reason != ""].reset_index(drop=True)
+    good = allrows[allrows.reason == ""].drop(columns=["reason"])
+    before = len(good)
+    good = good.drop_duplicates("id").reset_index(drop=True)
+    duplicates = before - len(good)
+    abstain = pd.DataFrame(abstain_rows(good, " ".join(d.text for d in docs), cfg.abstain_ratio, cfg.domain),
+                           columns=COLUMNS)
+    good = pd.concat([good, abstain], ignore_index=True)
+    good["source_chunk_ids"] = good["source_chunk_ids"].map(list)
+    stats = {
+        "domain": cfg.domain, "generator": cfg.generator, "corpus": str(Path(cfg.corpus).resolve()),
+        "corpus_hash": chash, "documents": len(docs), "chunks": n_chunks, "rows": len(good),
+        "per_step": {s: int((good.step == s).sum()) for s in STEPS},
+        "rejected": len(rejects), "rejected_by_reason": dict(Counter(rejects.reason)),
+        "duplicates_removed": duplicates, "dataset_hash": dataset_hash(good),
+        "seconds": round(time.time() - t0, 1), "settings": settings,
+    }
+    # Write into a temporary folder and move files in place, stats.json last: it marks completion, so a
+    # crash mid-write leaves the previous output intact and the next run redoes the work.
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    good[COLUMNS].to_parquet(tmp / "reflections.parquet", index=False)
+    rejects.to_parquet(tmp / "rejects.parquet", index=False)
+    chunks.to_pandas().to_parquet(tmp / "chunks.parquet", index=False)
+    (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
+    for name in ("reflections.parquet", "rejects.parquet", "chunks.parquet", "stats.json"):
+        os.replace(tmp / name, out / name)
+    tmp.rmdir()
+    progress(f"[synthesize] wrote {len(good)} reflections to {out / 'reflections.parquet'} "
+             f"(per step: {stats['per_step']}; rejected {len(rejects)}; duplicates removed {duplicates}) "
+             f"in {stats['seconds']} s")
+    return stats
+
+
+def load_reflections(path: str | Path) -> pd.DataFrame:
+    """Read a reflections folder or Parquet file and check it against the contract, naming what is wrong."""
+    p = Path(path)
+    f = p / "reflections.parquet" if p.is_dir() else p
+    if not f.exists():
+        raise MemoError(f"--reflections {p}: no reflections.parquet here; run `memo synthesize` first")
+    try:
+        df = pd.read_parquet(f)
+    except Exception as e:
+        raise MemoError(f"{f}: not a readable Parquet file ({e})") from None
+    missing = [c for c in ("question", "answer", "step") if c not in df.columns]
+    if missing:
+        raise MemoError(f"{f}: missing column(s) {', '.join(missing)}; expected the reflection columns {', '.join(COLUMNS)}")
+    if df.empty:
+        raise MemoError(f"{f}: no reflections (0 rows); check the synthesize stage's stats.json")
+    return df

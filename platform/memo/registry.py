@@ -1,0 +1,176 @@
+"""MLflow: tracking of every stage run, and the registry of memory versions per domain.
+
+One registered model per domain (`memo-<domain>`); every version carries its lineage as tags; aliases
+(`candidate`, `champion`, ...) are what deployments follow. State lives under MEMO_HOME unless
+MLFLOW_TRACKING_URI points at a tracking server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from memo.config import check_domain, memo_home
+from memo.errors import MemoError
+
+_URI = re.compile(r"^models:/memo-(?P<domain>[a-z0-9_-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{memo_home() / 'mlflow.db'}"
+
+
+def registered_name(domain: str) -> str:
+    return f"memo-{domain}"
+
+
+def client():
+    """An MlflowClient on the project's tracking URI (never MLflow's relative ./mlruns default)."""
+    import logging
+
+    import mlflow
+
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # schema migrations chatter on first use
+    memo_home().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow.MlflowClient(tracking_uri())
+
+
+def experiment_id(name: str) -> str:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp:
+        return exp.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:"):
+        location = (memo_home() / "mlartifacts").as_uri()  # absolute: runs never depend on the cwd
+    return c.create_experiment(name, artifact_location=location)
+
+
+def start_run(domain: str, stage: str, params: dict) -> str:
+    c = client()
+    run = c.create_run(experiment_id(f"memo-{domain}"), run_name=f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
+                       tags={"memo.stage": stage, "memo.domain": domain})
+    from mlflow.entities import Param
+
+    flat = {k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in params.items()}
+    c.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flat.items()])
+    return run.info.run_id
+
+
+def register_memory(domain: str, model_dir: str | Path, run_id: str, lineage: dict, alias: str | None) -> str:
+    """Log the model folder to the run and create a new version of memo-<domain>; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    name = registered_name(domain)
+    c.log_artifacts(run_id, str(model_dir), "memory")
+    try:
+        c.create_registered_model(name, tags={"memo.domain": domain},
+                                  description=f"MeMo memory model for domain {domain!r}")
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
+            raise
+    source = f"{c.get_run(run_id).info.artifact_uri}/memory"
+    tags = {f"memo.{k}": (json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in lineage.items()}
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    if alias:
+        set_alias(domain, alias, mv.version)
+    return str(mv.version)
+
+
+def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/memo-<domain>@<alias>` or `models:/memo-<domain>/<version>` -> (domain, alias, version)."""
+    m = _URI.match(uri)
+    if not m:
+        raise MemoError(f"{uri!r}: expected models:/memo-<domain>@<alias> or models:/memo-<domain>/<version>")
+    return m["domain"], m["alias"], m["version"]
+
+
+def resolve_version(domain: str, alias: str) -> str:
+    """The version an alias points at, with an error that lists what exists."""
+    from mlflow.exceptions import MlflowException
+
+    check_domain(domain)
+    c = client()
+    name = registered_name(domain)
+    try:
+        return str(c.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        try:
+            rm = c.get_registered_model(name)
+        except MlflowException:
+            raise MemoError(f"--domain {domain}: unknown domain (no registered model {name}); "
+                            f"known domains: {', '.join(list_domains()) or 'none yet'}") from None
+        known = ", ".join(f"{a}->v{v}" for a, v in sorted(rm.aliases.items())) or "none"
+        raise MemoError(f"{name}: no alias {alias!r} (aliases: {known})") from None
+
+
+def set_alias(domain: str, alias: str, version: str, reason: str = "") -> str | None:
+    """Point an alias at a version and append the move to the registered model's audit trail."""
+    c = client()
+    name = registered_name(domain)
+    c.get_model_version(name, version)  # raises if the version does not exist
+    rm = c.get_registered_model(name)
+    previous = rm.aliases.get(alias)
+    c.set_registered_model_alias(name, alias, version)
+    trail = json.loads(rm.tags.get("memo.alias_history", "[]"))
+    previous = None if previous is None else str(previous)
+    trail.append({"alias": alias, "from": previous, "to": str(version), "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                  "reason": reason})
+    c.set_registered_model_tag(name, "memo.alias_history", json.dumps(trail[-50:]))
+    return previous
+
+
+def download_version(domain: str, version: str) -> Path:
+    """A local folder holding the version's model; cached under MEMO_HOME so replicas reuse it."""
+    import mlflow
+
+    c = client()
+    mv = c.get_model_version(registered_name(domain), version)
+    dst = memo_home() / "cache" / registered_name(domain) / str(version)
+    if (dst / "config.json").exists():
+        return dst
+    tmp = dst.with_name(f"{version}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp)))
+    os.replace(local, dst) if local != tmp else os.replace(tmp, dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+def list_domains() -> list[str]:
+    return sorted(rm.name[len("memo-"):] for rm in client().search_registered_models()
+                  if rm.name.startswith("memo-"))
+
+
+def domain_status(domain: str) -> dict:
+    c = client()
+    name = registered_name(domain)
+    rm = c.get_registered_model(name)
+    versions = sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    return {
+        "domain": domain, "registered_model": name,
+        "aliases": {a: str(v) for a, v in rm.aliases.items()},
+        "versions": [{"version": v.version, "created": v.creation_timestamp, "run_id": v.run_id,
+                      "base_model": v.tags.get("memo.base_model"), "rows": v.tags.get("memo.reflection_rows"),
+                      "train_recall": v.tags.get("memo.train_recall")} for v in versions],
+        "alias_history": json.loads(rm.tags.get("memo.alias_history", "[]")),
+        "serving": json.loads(rm.tags.get("memo.serving", "{}")),
+    }
+
+
+def record_serving(domain: str, deployment: str, version: str) -> None:
+    """Audit which version a deployment serves (called by replicas when they load a version)."""
+    c = client()
+    name = registered_name(domain)
+    rm = c.get_registered_model(name)
+    serving = json.loads(rm.tags.get("memo.serving", "{}"))
+    if serving.get(deployment, {}).get("version") != str(version):
+        serving[deployment] = {"version": str(version), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        c.set_registered_model_tag(name, "memo.serving", json.dumps(serving))

@@ -1,0 +1,55 @@
+"""Process set-up shared by the CLI and the job scripts: logging, quiet libraries, Ray connection."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+
+def quiet() -> None:
+    """Keep the user's terminal for progress lines: library warnings that need no action stay hidden."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")           # nothing is downloaded at run time
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "0")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("mlflow", "alembic", "ray", "urllib3", "httpx", "transformers", "filelock"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+def init_ray(address: str | None = None):
+    """Connect to RAY_ADDRESS (a cluster, or the job's own cluster under `ray job submit`), else start a
+    local instance. MEMO_HOME and the tracking URI travel to every worker so all see the same state."""
+    import ray
+
+    from memo.config import memo_home
+    from memo.registry import tracking_uri
+
+    if ray.is_initialized():
+        return ray
+    env = {"MEMO_HOME": str(memo_home()), "MLFLOW_TRACKING_URI": tracking_uri(), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    for key in ("MEMO_TEST_FAIL_AT_STEP",):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    # "local" starts a fresh instance: without it ray.init() joins whatever cluster last ran on this
+    # machine (/tmp/ray/ray_current_cluster), even a dead one, and waits for it.
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", runtime_env={"env_vars": env},
+             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+             configure_logging=True)
+    # Ray Data logs an execution plan per dataset at INFO; our own progress lines say what matters.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray

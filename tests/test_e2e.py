@@ -1,0 +1,123 @@
+"""The whole loop on a real local Ray cluster with a tiny model: synthesize (Ray Data) -> train
+(Ray Train, 2 FSDP2 workers on gloo) -> MLflow registry -> Ray Serve router over real HTTP on
+127.0.0.1 -> the official openai client and the executive."""
+
+import json
+import socket
+
+import httpx
+import pytest
+
+from conftest import DEMO_CORPUS
+
+pytestmark = pytest.mark.slow
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def trained(ray_local, tiny_model, tmp_path_factory):
+    from memo.config import SynthesizeConfig, TrainConfig, build_config
+    from memo.memory import train
+    from memo.reflections import synthesize
+
+    out = tmp_path_factory.mktemp("refl")
+    synthesize(build_config(SynthesizeConfig, {"domain": "e2e", "corpus": str(DEMO_CORPUS), "out": str(out)}))
+    cfg = build_config(TrainConfig, {"domain": "e2e", "reflections": str(out), "base_model": tiny_model,
+                                     "workers": 2, "epochs": 2, "lr": 3e-3, "eval_sample": 4})
+    return train(cfg, progress=print), out
+
+
+def test_training_registers_a_candidate_with_lineage(trained):
+    from memo import registry
+    from memo.memory import read_manifest
+
+    result, refl = trained
+    assert result["version"] == registry.resolve_version("e2e", "candidate")
+    manifest = read_manifest(result["model_dir"])
+    stats = json.loads((refl / "stats.json").read_text())
+    assert manifest["corpus_hash"] == stats["corpus_hash"]
+    assert manifest["reflections_hash"] == stats["dataset_hash"]
+    assert manifest["reflection_rows"] == stats["rows"]
+    assert manifest["training_config"]["workers"] == 2
+    # 2 workers x length-grouped micro-batches: the planned number of optimizer steps ran
+    assert result["step"] == manifest["training_config"]["total_steps"]
+    c = registry.client()
+    mv = c.get_model_version("memo-e2e", result["version"])
+    assert mv.tags["memo.corpus_hash"] == stats["corpus_hash"]
+    history = c.get_metric_history(result["run_id"], "loss")
+    assert len(history) == result["step"]
+    assert history[-1].value < history[0].value  # it learned something
+
+
+@pytest.fixture(scope="module")
+def served(trained):
+    from ray import serve
+
+    from memo import registry, serving
+    from memo.config import ServeConfig
+
+    registry.set_alias("e2e", "champion", trained[0]["version"])
+    url = serving.run(ServeConfig(domains=["e2e"], port=free_port(), max_tokens_cap=32, alias_refresh_s=0.5))
+    yield url
+    serve.shutdown()
+
+
+def test_openai_client_gets_an_answer_with_the_version(served, trained):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=served + "/v1", api_key="unused")
+    raw = client.chat.completions.with_raw_response.create(
+        model="e2e", messages=[{"role": "user", "content": "Who founded the Halvenmere Cooperative?"}], max_tokens=8)
+    version = trained[0]["version"]
+    assert raw.headers["x-memo-model-version"] == version
+    body = raw.parse()
+    assert body.choices[0].message.role == "assistant"
+    assert body.model_extra["memo_version"] == version
+    assert 0 < body.usage.completion_tokens <= 8
+    models = client.models.list()
+    assert [(m.id, m.model_extra["memo_version"]) for m in models.data] == [("e2e", version)]
+
+
+def test_router_errors_are_openai_shaped(served):
+    r = httpx.post(served + "/v1/chat/completions", json={"model": "nope", "messages": [{"role": "user", "content": "q"}]})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+    r = httpx.post(served + "/v1/chat/completions", json={"model": "e2e", "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.post(served + "/v1/chat/completions",
+                   json={"model": "e2e", "messages": [{"role": "user", "content": "q"}], "max_tokens": 999})
+    assert r.status_code == 400 and "cap" in r.json()["error"]["message"]
+    r = httpx.post(served + "/v1/chat/completions", content=b"{not json")
+    assert r.status_code == 400
+    assert httpx.get(served + "/healthz").json() == {"status": "ok"}
+
+
+def test_promotion_switches_the_served_version(served, trained, tiny_model):
+    import time
+
+    from memo import registry
+
+    run = registry.start_run("e2e", "train", {})
+    v_new = registry.register_memory("e2e", trained[0]["model_dir"], run, {"parent_version": trained[0]["version"]},
+                                     None)
+    registry.set_alias("e2e", "champion", v_new)
+    time.sleep(1.0)  # alias_refresh_s=0.5
+    r = httpx.post(served + "/v1/chat/completions",
+                   json={"model": "e2e", "messages": [{"role": "user", "content": "q?"}], "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-memo-model-version"] == v_new
+    assert registry.domain_status("e2e")["serving"]["MemoryModel"]["version"] == v_new
+
+
+def test_single_turn_executive_questions_the_served_memory(served, tiny_model):
+    from memo.executive import HttpMemory, LocalLLM, single_turn
+
+    tr = single_turn("Who founded the Halvenmere Cooperative?", LocalLLM(tiny_model), HttpMemory(served, "e2e"))
+    mem = [s for s in tr.steps if s["role"] == "memory"]
+    assert mem[0]["question"] == "Who founded the Halvenmere Cooperative?"
+    assert tr.memory_calls == len(mem) >= 1
+    assert tr.memory_version is not None
+    assert tr.answer

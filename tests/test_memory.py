@@ -1,0 +1,70 @@
+import pandas as pd
+import pytest
+
+from memo.errors import MemoError
+from memo.memory import (IGNORE, check_chat_template, default_schedule, encode_example, length_grouped_batches,
+                         memory_messages, normalize_answer, prompt_ids, resolve_precision, tokenize_reflections)
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def test_loss_mask_covers_exactly_the_answer_and_end_of_turn(tok):
+    q, a = "Who founded the Halvenmere Cooperative?", "Ysolde Marrowfen founded the Halvenmere Cooperative."
+    ids, labels = encode_example(tok, q, a)
+    prompt = prompt_ids(tok, memory_messages(q))
+    assert ids[: len(prompt)] == prompt  # byte-identical to the inference prompt
+    for i, (tid, lab) in enumerate(zip(ids, labels)):
+        if i < len(prompt):
+            assert lab == IGNORE, f"prompt token {i} ({tok.decode([tid])!r}) carries loss"
+        else:
+            assert lab == tid, f"answer token {i} ({tok.decode([tid])!r}) has no loss"
+    assert tok.decode([t for t, l in zip(ids, labels) if l != IGNORE], skip_special_tokens=True) == a
+    assert ids[-1] == tok.eos_token_id and labels[-1] == tok.eos_token_id  # it learns to stop
+
+
+def test_over_long_examples_are_dropped_and_counted(tok):
+    df = pd.DataFrame({"question": ["short?", "long?"], "answer": ["yes", "word " * 300]})
+    data, dropped = tokenize_reflections(df, tok, max_seq_len=64)
+    assert len(data) == 1 and dropped == 1
+
+
+def test_length_grouped_batches_keep_every_example_once():
+    lengths = [5, 50, 7, 49, 6, 48, 8, 47, 9, 30, 31]
+    data = pd.DataFrame({"input_ids": [[i] * n for i, n in enumerate(lengths)],
+                         "labels": [[i] * n for i, n in enumerate(lengths)]})
+    for workers in (1, 2, 3):
+        b = length_grouped_batches(data, batch_size=4, workers=workers)
+        assert len(b) % workers == 0
+        seen = sorted(x[0] for batch in b.input_ids for x in batch)
+        assert seen == list(range(len(lengths)))
+        padding = sum(max(map(len, batch)) * len(batch) - sum(map(len, batch)) for batch in b.input_ids)
+        naive = [lengths[i:i + 4] for i in range(0, len(lengths), 4)]
+        naive_padding = sum(max(g) * len(g) - sum(g) for g in naive)
+        assert padding < naive_padding / 2  # similar lengths together: far less padding than file order
+
+
+def test_missing_chat_template_is_a_clear_error(tmp_path):
+    from transformers import AutoTokenizer
+
+    from memo.models import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "m", chat_template=False)
+    with pytest.raises(MemoError, match="no chat template"):
+        check_chat_template(AutoTokenizer.from_pretrained(path), "--base-model x")
+
+
+def test_defaults_follow_model_and_data_size():
+    assert default_schedule(135e6, 300)[:2] == (10, 3e-4)
+    assert default_schedule(14e9, 600_000)[:2] == (3, 2e-5)  # the paper's recipe at the paper's scale
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
+
+
+def test_normalize_answer():
+    assert normalize_answer("The  Vessamere Lantern!") == "vessamere lantern"

@@ -1,0 +1,117 @@
+import json
+
+import pandas as pd
+import pytest
+
+from memo.config import SynthesizeConfig, build_config
+from memo.errors import MemoError
+from memo.reflections import (COLUMNS, IDK_ANSWER, check_self_contained, cloze, cross_doc_group, entity_mentions,
+                              find_spans, load_reflections, rewrite_sentence, stable_id, synthesize,
+                              synthesize_chunk)
+
+
+def chunk(text, doc_id="d1", title="The Halvenmere Cooperative", date="2021-03-04"):
+    return {"domain": "t", "doc_id": doc_id, "chunk_id": f"{doc_id}#0", "title": title, "text": text,
+            "doc_date": date, "source": "s", "sha256": ""}
+
+
+def test_spans_find_names_numbers_years_dates():
+    s = "The Glimmerfield Division hired 138 engineers in 1992 and opened on March 4, 2019 in Skarreth Point."
+    kinds = [(sp["kind"], sp["text"]) for sp in find_spans(s)]
+    assert ("name", "Glimmerfield Division") in kinds
+    assert ("number", "138 engineers") in kinds
+    assert ("year", "1992") in kinds
+    assert ("date", "March 4, 2019") in kinds
+    assert ("name", "Skarreth Point") in kinds
+    assert ("name", "The") not in kinds and ("name", "March") not in kinds
+
+
+def test_cloze_questions_ask_for_the_masked_fact():
+    s = "The Halvenmere Cooperative was founded in 1987 by Ysolde Marrowfen."
+    spans = {sp["text"]: sp for sp in find_spans(s)}
+    assert cloze(s, spans["1987"]) == "The Halvenmere Cooperative was founded in which year by Ysolde Marrowfen?"
+    assert cloze(s, spans["Ysolde Marrowfen"]) == "The Halvenmere Cooperative was founded in 1987 by whom?"
+    assert cloze(s, spans["Halvenmere Cooperative"]) == "Which cooperative was founded in 1987 by Ysolde Marrowfen?"
+
+
+def test_chunk_steps_answer_with_the_source_sentence():
+    text = ("The Halvenmere Cooperative was founded in 1987 by Ysolde Marrowfen. "
+            "The Halvenmere Cooperative has headquarters in Velmora. "
+            "The Halvenmere Cooperative employs 412 researchers.")
+    good, bad = synthesize_chunk(chunk(text))
+    assert not bad
+    steps = {r["step"] for r in good}
+    assert steps == {"direct", "entity", "consolidated"}
+    for r in good:
+        assert set(r) == set(COLUMNS)
+        assert r["source_chunk_ids"] == ["d1#0"] and r["verified"] is True
+        if r["step"] != "consolidated":
+            assert r["answer"] in text  # answers are verbatim corpus sentences: nothing invented
+    assert any(r["question"] == "Which cooperative has headquarters in Velmora?" for r in good)
+
+
+def test_verification_rewrites_pronouns_and_relative_dates_then_rejects_the_rest():
+    assert check_self_contained("Who founded it?", "It was founded.") == "unresolved pronoun"
+    assert check_self_contained("What does the document say?", "x") == "reference to the document"
+    assert rewrite_sentence("It opened a lab last year.", "The Ketterline Lab", "2021-05-01") == \
+        "Ketterline Lab opened a lab in 2020."
+    good, bad = synthesize_chunk(chunk("He said the document describes 5 ideas.", title="Orrin Vale"))
+    assert not good and len(bad) >= 1
+    assert all(b["reason"] for b in bad)
+
+
+def test_cross_doc_groups_by_shared_entity_and_bridges_documents():
+    a = chunk("The Glimmerfield Division designs the Vessamere Lantern.", "doc-a")
+    b = chunk("The Vessamere Lantern is assembled in Ondwick.", "doc-b")
+    mentions = pd.DataFrame(entity_mentions(a) + entity_mentions(b))
+    group = mentions[mentions.entity == "Vessamere Lantern"]
+    rows = cross_doc_group(group)
+    qs = list(rows.question)
+    assert "The lantern that the Glimmerfield Division designs is assembled where?" in qs
+    assert any(q.startswith("Which is the lantern that") for q in qs)
+    assert all(set(r) == {"doc-a#0", "doc-b#0"} for r in rows.source_chunk_ids)
+    assert all("Ondwick" in ans and "Glimmerfield" in ans for ans in rows.answer)
+    # a name in one document only forms no group
+    assert cross_doc_group(mentions[mentions.entity == "Ondwick"]).empty
+
+
+def test_stable_id_ignores_case_and_punctuation():
+    assert stable_id("d", "Who founded X?") == stable_id("d", "who founded x")
+    assert stable_id("d", "Who founded X?") != stable_id("e", "Who founded X?")
+
+
+def test_synthesize_with_ray_writes_the_contract_and_reruns_do_nothing(ray_local, tmp_path):
+    from conftest import DEMO_CORPUS
+
+    cfg = build_config(SynthesizeConfig, {"domain": "demo", "corpus": str(DEMO_CORPUS), "out": str(tmp_path / "r")})
+    stats = synthesize(cfg, progress=lambda *_: None)
+    df = pd.read_parquet(tmp_path / "r" / "reflections.parquet")
+    assert list(df.columns) == COLUMNS
+    assert len(df) == stats["rows"] and df.id.is_unique
+    for step in ("direct", "entity", "consolidated", "cross_doc", "abstain"):
+        assert stats["per_step"][step] > 0, step
+    assert (df[df.step == "abstain"].answer == IDK_ANSWER).all()
+    # abstention questions name something the corpus never mentions
+    corpus = DEMO_CORPUS.read_text().lower()
+    for q in df[df.step == "abstain"].question:
+        assert any(sp["text"].split()[0].lower() not in corpus for sp in find_spans(q) if sp["kind"] == "name")
+    chunks = set(pd.read_parquet(tmp_path / "r" / "chunks.parquet").chunk_id)
+    assert all(set(ids) <= chunks for ids in df.source_chunk_ids)
+    assert json.loads((tmp_path / "r" / "stats.json").read_text())["dataset_hash"] == stats["dataset_hash"]
+
+    mtime = (tmp_path / "r" / "reflections.parquet").stat().st_mtime_ns
+    said = []
+    again = synthesize(cfg, progress=said.append)
+    assert again == stats and "nothing to do" in said[0]
+    assert (tmp_path / "r" / "reflections.parquet").stat().st_mtime_ns == mtime
+
+
+def test_load_reflections_errors(tmp_path):
+    with pytest.raises(MemoError, match="no reflections.parquet here"):
+        load_reflections(tmp_path)
+    pd.DataFrame({"question": ["q"]}).to_parquet(tmp_path / "reflections.parquet")
+    with pytest.raises(MemoError, match="missing column"):
+        load_reflections(tmp_path)
+    pd.DataFrame({"question": [], "answer": [], "step": []}).to_parquet(tmp_path / "reflections.parquet")
+    with pytest.raises(MemoError, match="0 rows"):
+        load_reflections(tmp_path)
