@@ -62,7 +62,8 @@ def served(trained):
     from memo.config import ServeConfig
 
     registry.set_alias("e2e", "champion", trained[0]["version"])
-    url = serving.run(ServeConfig(domains=["e2e"], port=free_port(), max_tokens_cap=32, alias_refresh_s=0.5))
+    url = serving.run(ServeConfig(domains=["e2e"], port=free_port(), max_new_tokens=16, max_tokens_cap=32,
+                                   alias_refresh_s=0.5))
     yield url
     serve.shutdown()
 
@@ -115,7 +116,7 @@ def test_promotion_switches_the_served_version(served, trained, tiny_model):
 def test_single_turn_executive_questions_the_served_memory(served, tiny_model):
     from memo.executive import HttpMemory, LocalLLM, single_turn
 
-    tr = single_turn("Who founded the Halvenmere Cooperative?", LocalLLM(tiny_model), HttpMemory(served, "e2e"))
+    tr = single_turn("Who founded the Halvenmere Cooperative?", LocalLLM(tiny_model), HttpMemory(served, "e2e", max_tokens=16))
     mem = [s for s in tr.steps if s["role"] == "memory"]
     assert mem[0]["question"] == "Who founded the Halvenmere Cooperative?"
     assert tr.memory_calls == len(mem) >= 1

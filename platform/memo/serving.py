@@ -6,8 +6,9 @@ id, an alias move sends new requests to the new version while in-flight requests
 one, and every response can say exactly which version answered.
 """
 
-from __future__ import annotations
 
+# No `from __future__ import annotations` here: FastAPI must see the real `Request` class in the
+# route signatures, or it treats `request` as a query parameter and answers 422.
 import asyncio
 import time
 import uuid
@@ -41,8 +42,11 @@ class MemoryModel:
 
         quiet()
         self.cfg = ServeConfig(**cfg)
-        self.get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(
-            self._load)
+        # Decorated here rather than on the class because the LRU size comes from the config.
+        async def load(model_id: str):
+            return await self._load(model_id)
+
+        self._get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
 
     async def _load(self, model_id: str):
         from memo import registry
@@ -61,7 +65,7 @@ class MemoryModel:
         from memo.memory import ask_memory
 
         model_id = serve.get_multiplexed_model_id()
-        model, tok = await self.get_model(model_id)
+        model, tok = await self._get_model(model_id)
         t0 = time.time()
         [text] = await asyncio.to_thread(ask_memory, model, tok, [question], max_tokens)
         n_prompt = len(tok(question)["input_ids"])
