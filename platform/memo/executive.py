@@ -137,8 +137,13 @@ def single_turn(question: str, executive: ChatLLM, memory: MemoryClient, max_sub
         tr.answer = IDK_ANSWER
     else:
         prompt = ANSWER.format(facts="\n".join(f"- {f}" for f in dict.fromkeys(facts)), q=question)
-        tr.answer = executive.complete([{"role": "user", "content": prompt}], max_tokens=48)
-        tr.steps.append({"role": "executive", "step": "answer", "output": tr.answer})
+        out = executive.complete([{"role": "user", "content": prompt}], max_tokens=48)
+        tr.steps.append({"role": "executive", "step": "answer", "output": out})
+        # An empty reply (a weak executive stopping at once) must not reach the user as "": fall back to
+        # the memory's answer to the user's own question, and say so in the trace.
+        tr.answer = out.strip() or facts[0]
+        if not out.strip():
+            tr.steps.append({"role": "executive", "step": "fallback", "output": facts[0]})
     tr.seconds = time.time() - t0
     return tr
 
