@@ -91,12 +91,13 @@ def is_idk(answer: str) -> bool:
 
 
 def parse_subquestions(text: str, limit: int) -> list[str]:
-    """Tolerant parsing of the executive's decomposition: numbered, bulleted or JSON-ish lines all work."""
-    out = []
-    for line in re.split(r"[\n;]|(?<=\?)\s+", text):
-        line = re.sub(r'^[\s\-*•\d.)\]\["]+', "", line).strip().strip('",')
-        if len(line) >= 8 and line.endswith("?") and line not in out:
-            out.append(line)
+    """Tolerant parsing of the executive's decomposition: numbered, bulleted or JSON-list lines all
+    work, because whatever the format, a sub-question is a run of words ending in "?"."""
+    out: list[str] = []
+    for m in re.finditer(r'[A-Za-z][^?\n"\[\]]*\?', text):
+        q = m.group().strip()
+        if len(q) >= 8 and q not in out:
+            out.append(q)
     return out[:limit]
 
 

@@ -1,0 +1,59 @@
+"""Executive protocol logic with scripted replies (parsing and control flow only; the real models
+are exercised in test_e2e.py and test_real_model.py)."""
+
+from memo.executive import is_idk, parse_subquestions, single_turn
+
+
+class Scripted:
+    def __init__(self, *replies):
+        self.replies, self.prompts = list(replies), []
+
+    def complete(self, messages, max_tokens=96, temperature=0.0):
+        self.prompts.append(messages[-1]["content"])
+        return self.replies.pop(0)
+
+
+class Memory:
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def ask(self, questions):
+        self.asked += questions
+        return [self.answers.get(q, "I don't know.") for q in questions]
+
+
+def test_parse_subquestions_tolerates_numbering_bullets_and_json():
+    text = '1. Who leads the lab?\n- Where is the lab?\n["When was it founded?", "x?"]\nNot a question'
+    assert parse_subquestions(text, 5) == ["Who leads the lab?", "Where is the lab?", "When was it founded?"]
+    assert parse_subquestions("Who? What is the lab? Where is the lab?", 1) == ["What is the lab?"]
+    assert parse_subquestions("", 3) == []
+
+
+def test_idk_detection():
+    assert is_idk("I don't know.") and is_idk("i do not know") and is_idk("  ")
+    assert not is_idk("Wenna Ostrocliff leads the Ketterline Lab.")
+
+
+def test_single_turn_asks_the_question_and_subquestions_then_answers_from_facts():
+    q = "Where is the lab that Wenna leads?"
+    exe = Scripted("1. Which lab does Wenna lead?\n2. Where is the Ketterline Lab?", "Velmora")
+    mem = Memory({q: "I don't know.", "Which lab does Wenna lead?": "Wenna leads the Ketterline Lab.",
+                  "Where is the Ketterline Lab?": "The Ketterline Lab is in Velmora."})
+    tr = single_turn(q, exe, mem, max_subquestions=2)
+    assert mem.asked == [q, "Which lab does Wenna lead?", "Where is the Ketterline Lab?"]
+    assert tr.memory_calls == 3 and tr.answer == "Velmora"
+    # IDK answers are not passed to the executive as facts
+    assert "I don't know" not in exe.prompts[1] and "Ketterline Lab is in Velmora" in exe.prompts[1]
+
+
+def test_all_idk_means_idk_without_asking_the_executive_to_guess():
+    exe = Scripted("garbage with no questions")
+    tr = single_turn("Who is X?", exe, Memory({}))
+    assert tr.answer == "I don't know." and len(exe.prompts) == 1
+
+
+def test_empty_executive_answer_falls_back_to_the_memory_answer():
+    exe = Scripted("", "")
+    tr = single_turn("Who leads the lab?", exe, Memory({"Who leads the lab?": "Wenna leads the lab."}))
+    assert tr.answer == "Wenna leads the lab."
+    assert tr.steps[-1]["step"] == "fallback"
