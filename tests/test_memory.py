@@ -68,3 +68,21 @@ def test_defaults_follow_model_and_data_size():
 
 def test_normalize_answer():
     assert normalize_answer("The  Vessamere Lantern!") == "vessamere lantern"
+
+
+def test_answer_only_logits_give_the_models_own_loss(tiny_model, tok):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from memo.memory import answer_loss, collate
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    pairs = [("Who leads the Ketterline Lab?", "Wenna Ostrocliff leads the Ketterline Lab."),
+             ("Where?", "Velmora."), ("How many staff does the Glimmerfield Division have?", "138.")]
+    enc = [encode_example(tok, q, a) for q, a in pairs]
+    ids, labels, mask = collate([e[0] for e in enc], [e[1] for e in enc], tok.pad_token_id)
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got = answer_loss(model, ids, labels, mask)
+    assert torch.allclose(got, expected, atol=1e-5)
+    got.backward()
+    assert model.lm_head.weight.grad is not None or model.get_input_embeddings().weight.grad is not None

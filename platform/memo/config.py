@@ -126,6 +126,8 @@ class ServeConfig:
     alias_refresh_s: float = 5.0    # how stale the router's alias -> version view may get
     host: str = "127.0.0.1"         # loopback by default; expose deliberately
     port: int = 8000
+    memo_home: str = ""             # "": MEMO_HOME of the process that builds the app (made absolute)
+    tracking_uri: str = ""          # "": MLFLOW_TRACKING_URI, else the SQLite file under memo_home
 
     def validate(self) -> "ServeConfig":
         for d in self.domains:

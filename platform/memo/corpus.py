@@ -86,8 +86,8 @@ def _load_folder(p: Path) -> list[Document]:
     return docs
 
 
-def _load_jsonl(p: Path) -> list[Document]:
-    docs = []
+def read_jsonl(p: Path, what: str = "a JSON object") -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line raises naming the file and line."""
     for n, line in enumerate(_read_utf8(p).splitlines(), start=1):
         if not line.strip():
             continue
@@ -96,7 +96,13 @@ def _load_jsonl(p: Path) -> list[Document]:
         except json.JSONDecodeError as e:
             raise MemoError(f"{where(p, n)}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(row, dict):
-            raise MemoError(f"{where(p, n)}: expected a JSON object with a 'text' field")
+            raise MemoError(f"{where(p, n)}: expected {what}")
+        yield n, row
+
+
+def _load_jsonl(p: Path) -> list[Document]:
+    docs = []
+    for n, row in read_jsonl(p, "a JSON object with a 'text' field"):
         text = row.get("text")
         if not isinstance(text, str) or not text.strip():
             raise MemoError(f"{where(p, n)}: field 'text' is missing or empty")

@@ -16,18 +16,14 @@ from memo.errors import MemoError, where
 
 
 def load_questions(path: str) -> list[dict]:
+    from memo.corpus import read_jsonl
+
     p = Path(path)
     if not p.exists():
         raise MemoError(f"--questions {p}: no such file")
     rows = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MemoError(f"{where(p, n)}: malformed JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not row.get("question") or not row.get("answer"):
+    for n, row in read_jsonl(p, "an object with 'question' and 'answer'"):
+        if not row.get("question") or not row.get("answer"):
             raise MemoError(f"{where(p, n)}: each line needs 'question' and 'answer'")
         rows.append(row)
     return rows

@@ -126,6 +126,22 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
+def answer_loss(model, ids, labels, mask):
+    """Mean next-token loss over answer tokens, computing vocabulary logits only where they count.
+
+    The LM head (49k x 576 for SmolLM2, ~21% of the model's FLOPs) and the softmax are applied only to
+    positions that predict an answer token, not to the prompt: ~15% less work per step on CPU, and far
+    less memory for logits. Equal to the model's own loss (tests check it).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    targets_at = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(-1)  # positions p predicting p+1
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=targets_at).logits
+    targets = labels[:, targets_at + 1]
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)
+
+
 def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
@@ -133,6 +149,7 @@ def _lr_lambda(warmup_steps: int):
 def train_loop_per_worker(cfg: dict) -> None:
     """Ray Train worker: FSDP2-sharded SFT with resumable checkpoints; rank 0 exports the final model."""
     import ray.train
+    import ray.train.torch
     import torch
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
@@ -145,16 +162,19 @@ def train_loop_per_worker(cfg: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"])
-    device = torch.device("cuda", ray.train.torch.get_device().index) if cfg["device"] == "cuda" else torch.device("cpu")
+    device = ray.train.torch.get_device() if cfg["device"] == "cuda" else torch.device("cpu")
 
     model = AutoModelForCausalLM.from_pretrained(cfg["base_path"], dtype=torch.float32, local_files_only=True)
     model.config.use_cache = False
     model.to(device)
-    # FSDP2: shard each decoder layer, then the root (embeddings, final norm, tied head). On CPU,
-    # prepare_model(parallel_strategy="fsdp") refuses and FSDP1 needs device_id; FSDP2 works on gloo.
-    for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    if world > 1:
+        # FSDP2: shard each decoder layer, then the root (embeddings, final norm, tied head). On CPU,
+        # prepare_model(parallel_strategy="fsdp") refuses and FSDP1 needs device_id; FSDP2 works on
+        # gloo. With one worker there is nothing to shard and the all-gather/reduce-scatter copies are
+        # pure overhead, so the model stays a plain module (the state-dict calls below handle both).
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"]))
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -209,7 +229,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             ids, labels, mask = (t.to(device) for t in collate(batch["input_ids"][0], batch["labels"][0], cfg["pad_id"]))
             t0 = time.time()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                loss = answer_loss(model, ids, labels, mask)
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             opt.step()

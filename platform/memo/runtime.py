@@ -40,7 +40,9 @@ def init_ray(address: str | None = None):
     if ray.is_initialized():
         return ray
     env = {"MEMO_HOME": str(memo_home()), "MLFLOW_TRACKING_URI": tracking_uri(), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           # Ray Train re-routes print() through a logger that tees to stdout: every line twice.
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     for key in ("MEMO_TEST_FAIL_AT_STEP",):
         if key in os.environ:
             env[key] = os.environ[key]

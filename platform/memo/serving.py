@@ -10,8 +10,10 @@ one, and every response can say exactly which version answered.
 # No `from __future__ import annotations` here: FastAPI must see the real `Request` class in the
 # route signatures, or it treats `request` as a query parameter and answers 422.
 import asyncio
+import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -42,6 +44,7 @@ class MemoryModel:
 
         quiet()
         self.cfg = ServeConfig(**cfg)
+        _use_state_of(self.cfg)
         # Decorated here rather than on the class because the LRU size comes from the config.
         async def load(model_id: str):
             return await self._load(model_id)
@@ -83,6 +86,7 @@ class Router:
         quiet()
         self.memory = memory
         self.cfg = ServeConfig(**cfg)
+        _use_state_of(self.cfg)
         self._versions: dict[str, tuple[float, str]] = {}
 
     async def _version(self, domain: str) -> str:
@@ -164,12 +168,32 @@ class Router:
         return JSONResponse(resp, headers={VERSION_HEADER: version})
 
 
+def _use_state_of(cfg: ServeConfig) -> None:
+    """Point this replica at the project home the app was built with: replicas run in other working
+    directories, where a relative MEMO_HOME (or MLflow's ./mlruns default) would find nothing."""
+    import os
+
+    os.environ["MEMO_HOME"] = cfg.memo_home
+    os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+
+
 def build_app(args: dict[str, Any]):
-    """Serve app builder: `import_path: memo.serving:build_app` with `args` = ServeConfig fields."""
+    """Serve app builder: `import_path: memo.serving:build_app` with `args` = ServeConfig fields.
+
+    Runs where the app is built (`serve run` in the repo, or the cluster for `serve deploy`), so that
+    is where a default project home is resolved to an absolute path.
+    """
     from dataclasses import asdict
 
-    cfg = asdict(build_config(ServeConfig, dict(args or {}), "serve config args"))
-    return Router.bind(MemoryModel.bind(cfg), cfg)
+    from memo.config import memo_home
+    from memo.registry import tracking_uri
+
+    cfg = build_config(ServeConfig, dict(args or {}), "serve config args")
+    cfg.memo_home = str(Path(cfg.memo_home).resolve()) if cfg.memo_home else str(memo_home())
+    if not cfg.tracking_uri:
+        os.environ["MEMO_HOME"] = cfg.memo_home
+        cfg.tracking_uri = tracking_uri()
+    return Router.bind(MemoryModel.bind(asdict(cfg)), asdict(cfg))
 
 
 def run(cfg: ServeConfig, blocking: bool = False):
