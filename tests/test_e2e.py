@@ -122,3 +122,4 @@ def test_single_turn_executive_questions_the_served_memory(served, tiny_model):
     assert tr.memory_calls == len(mem) >= 1
     assert tr.memory_version is not None
     assert tr.answer
+

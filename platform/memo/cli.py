@@ -231,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--corpus", default="examples/demo/corpus.jsonl")
     d.add_argument("--questions", default="examples/demo/questions.jsonl")
     d.add_argument("--port", type=int, default=8000)
+    d.add_argument("--skip-train", action="store_true", help="re-run the checks on the current candidate")
     d.set_defaults(fn=lambda args: __import__("memo.demo", fromlist=["run"]).run(args))
     return p
 

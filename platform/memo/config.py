@@ -86,7 +86,7 @@ class TrainConfig:
     max_seq_len: int = 256          # longer examples are dropped and counted, never truncated
     precision: str = "auto"         # auto: bf16 on GPUs and CPUs with bf16 units, else fp32; or bf16 / fp32
     export_dtype: str = "float32"   # dtype of the exported HF folder
-    checkpoint_every: int = 0       # optimizer steps between checkpoints; 0 = at the end of every epoch
+    checkpoint_every: int = 0       # optimizer steps between checkpoints; 0 = about 3 per run, at epoch ends
     max_failures: int = 2           # Ray Train restarts the workers from the last checkpoint this often
     seed: int = 0
     eval_sample: int = 24           # training reflections re-asked after training (memorization check)

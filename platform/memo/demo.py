@@ -47,13 +47,18 @@ def run(args) -> dict:
     questions = load_questions(args.questions)
     t_all = time.time()
     timings: dict[str, float] = {}
-    print("== 1/4 synthesize + train + register (jobs/train.py) ==", flush=True)
-    train_args = type("A", (), dict(domain="demo", corpus=args.corpus, reflections=None, generator="rules",
-                                    base_model=None, workers=None, epochs=None, lr=None, device=None,
-                                    no_register=False, config=None, set=None))()
-    result = cmd_train(train_args)
-    timings.update(result["timings"])
-    version = result["version"]
+    if args.skip_train:
+        version = registry.resolve_version("demo", "candidate")
+        print(f"== 1/4 skipped: using memo-demo version {version} (alias candidate) ==", flush=True)
+        result = {}
+    else:
+        print("== 1/4 synthesize + train + register (jobs/train.py) ==", flush=True)
+        train_args = type("A", (), dict(domain="demo", corpus=args.corpus, reflections=None, generator="rules",
+                                        base_model=None, workers=None, epochs=None, lr=None, device=None,
+                                        no_register=False, config=None, set=None))()
+        result = cmd_train(train_args)
+        timings.update(result["timings"])
+        version = result["version"]
 
     print("\n== 2/4 promote candidate -> champion ==", flush=True)
     registry.set_alias("demo", "champion", version, reason="make demo")

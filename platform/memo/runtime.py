@@ -43,9 +43,6 @@ def init_ray(address: str | None = None):
            "TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            # Ray Train re-routes print() through a logger that tees to stdout: every line twice.
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
-    for key in ("MEMO_TEST_FAIL_AT_STEP",):
-        if key in os.environ:
-            env[key] = os.environ[key]
     # "local" starts a fresh instance: without it ray.init() joins whatever cluster last ran on this
     # machine (/tmp/ray/ray_current_cluster), even a dead one, and waits for it.
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", runtime_env={"env_vars": env},

@@ -35,6 +35,15 @@ def openai_error(status: int, message: str, param: str | None = None, code: str 
                         content={"error": {"message": message, "type": etype, "param": param, "code": code}})
 
 
+def _use_state_of(cfg: ServeConfig) -> None:
+    """Point this replica at the project home the app was built with: replicas run in other working
+    directories, where a relative MEMO_HOME (or MLflow's ./mlruns default) would find nothing."""
+    os.environ["MEMO_HOME"] = cfg.memo_home
+    os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
+
+
+# Helpers used by the deployments must be defined above them: @serve.ingress copies the class
+# with cloudpickle at decoration time, when later module globals do not exist yet.
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
 class MemoryModel:
     """Hosts memory models; many small domains share a replica through @serve.multiplexed (LRU)."""
@@ -166,15 +175,6 @@ class Router:
                       "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
         }
         return JSONResponse(resp, headers={VERSION_HEADER: version})
-
-
-def _use_state_of(cfg: ServeConfig) -> None:
-    """Point this replica at the project home the app was built with: replicas run in other working
-    directories, where a relative MEMO_HOME (or MLflow's ./mlruns default) would find nothing."""
-    import os
-
-    os.environ["MEMO_HOME"] = cfg.memo_home
-    os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
 
 
 def build_app(args: dict[str, Any]):
