@@ -115,3 +115,23 @@ def test_load_reflections_errors(tmp_path):
     pd.DataFrame({"question": [], "answer": [], "step": []}).to_parquet(tmp_path / "reflections.parquet")
     with pytest.raises(MemoError, match="0 rows"):
         load_reflections(tmp_path)
+
+
+@pytest.mark.parametrize("sentence, target, question", [
+    ("The Halvenmere Cooperative was founded in 1987 by Ysolde Marrowfen.", "Ysolde Marrowfen",
+     "By whom was the Halvenmere Cooperative founded in 1987?"),
+    ("The Glimmerfield Division has 138 staff members.", "138 staff", "How many staff members does the Glimmerfield Division have?"),
+    ("Tobiah Quenlark became director of the Glimmerfield Division in 2005.", "2005",
+     "When did Tobiah Quenlark become director of the Glimmerfield Division?"),
+    ("Wenna Ostrocliff designed the Thistlewire Relay.", "Thistlewire Relay", "Which relay did Wenna Ostrocliff design?"),
+    ("The Glimmerfield Division is based in Skarreth Point.", "Skarreth Point", "Where is the Glimmerfield Division based?"),
+    # list items and present perfect have no clean fronted form: the cloze question is used instead
+    ("The Cooperative operates the Glimmer Division, the Salt Works and the Ketter Lab.", "Ketter Lab", None),
+    ("The Vessamere Lantern has used the Corvane Cell since 2013.", "2013", None),
+])
+def test_fronted_questions_use_the_word_order_people_ask_in(sentence, target, question):
+    from memo.reflections import fronted
+
+    spans = find_spans(sentence)
+    t = next(sp for sp in spans if sp["text"] == target)
+    assert fronted(sentence, spans[0], t) == question

@@ -150,6 +150,82 @@ def describe(sentence: str, span: dict) -> str:
     return f"the {head} that {rest[0].lower() + rest[1:] if rest[:4] == 'The ' else rest}"
 
 
+_IRREGULAR = {"won": "win", "grew": "grow", "gave": "give", "wrote": "write", "became": "become", "drew": "draw",
+              "took": "take", "made": "make", "built": "build", "bought": "buy", "led": "lead", "held": "hold",
+              "sold": "sell", "began": "begin", "ran": "run", "sent": "send", "met": "meet", "taught": "teach",
+              "brought": "bring", "found": "find", "had": "have", "has": "have", "went": "go", "left": "leave"}
+_PASSIVE = re.compile(r"^(is|was|are|were) (born|built|held|made|sold|run|led|won|given|written|\w+ed)\b(.*)$")
+
+
+def _lemma(verb: str) -> str | None:
+    """Base form of a past or third-person verb, by rule; None when the word does not look like one."""
+    if verb in _IRREGULAR:
+        return _IRREGULAR[verb]
+    if verb.endswith("ied"):
+        return verb[:-3] + "y"
+    if verb.endswith("ed"):
+        stem = verb[:-2]
+        return stem + "e" if stem.endswith(("v", "c", "s", "g", "z", "u", "at", "it", "ur")) else stem
+    if verb.endswith("ies"):
+        return verb[:-3] + "y"
+    if verb.endswith(("ches", "shes", "sses", "xes")):
+        return verb[:-2]
+    if verb.endswith("s") and not verb.endswith("ss"):
+        return verb[:-1]
+    return None
+
+
+def fronted(sentence: str, subject: dict, target: dict) -> str | None:
+    """A wh-question in the word order people use ("When was X founded?", "How many patents does X
+    hold?"), asking for `target` in a "<Subject> <verb> ..." sentence; None when no rule applies.
+
+    Users rarely ask cloze-style echo questions; training on both forms makes the memory answer the
+    reworded questions it is actually asked.
+    """
+    a, b = _with_article(sentence, subject)
+    subj = sentence[a:b]
+    subj = subj[0].lower() + subj[1:] if subj.startswith("The ") else subj
+    rest = sentence[b:].strip().rstrip(".")
+    t_a, t_b, wh = _wh(sentence, target)
+    t_a -= b + 1  # offsets inside `rest`
+    t_b -= b + 1
+    if t_a < 0:
+        return None
+    before, after = rest[:t_a].rstrip(), rest[t_b:].strip()
+    if target["kind"] == "number":  # "138 staff members": the whole noun phrase goes into "how many ..."
+        more = re.match(r"^((?:(?!(?:on|in|at|to|for|from|of|since|by|and|across)\b)[a-z][\w-]*\s?)*)", after)
+        if more and more.group(1).strip():
+            wh = f"{wh} {more.group(1).strip()}"
+            after = after[more.end():].strip()
+    if re.search(r"(\band|,)$", before) or re.match(r"^(and\b|,)", after) or re.search(r"\d$", before):
+        return None  # one item of a list, or a name glued to a number: no clean question
+    if target["kind"] in ("year", "date") or wh == "whom":
+        before = re.sub(r"\s(in|on|since|by|at)$", "", before)  # the wh-word replaces the preposition
+    without = re.sub(r"\s+", " ", f"{before} {after}".strip())
+    if re.match(r"^(has|have|had) \w+ed\b", without):
+        return None  # present perfect: no simple fronted form by rule
+    passive = _PASSIVE.match(without)
+    if passive:
+        aux, part, tail = passive.groups()
+        if target["kind"] == "name" and wh == "whom":
+            return f"By whom {aux} {subj} {part}{tail}?"
+        wh = {"which year": "When", "which date": "On which date"}.get(wh, wh)
+        return f"{wh[0].upper() + wh[1:]} {aux} {subj} {part}{tail}?" if wh in ("When", "where", "On which date") \
+            or wh.startswith("how many") else None
+    verb, _, complement = without.partition(" ")
+    lemma = _lemma(verb)
+    if not lemma or verb[0].isupper() or verb in ("is", "was", "are", "were"):
+        return None
+    aux = "does" if verb.endswith("s") and verb not in _IRREGULAR or verb == "has" else "did"
+    if target["kind"] == "number" and rest[t_a - 1:t_a] == " " and not target["noun"]:
+        return None
+    wh = {"which year": "When", "which date": "On which date", "whom": "Whom", "where": "Where",
+          "from where": "From where"}.get(wh, wh)
+    complement = re.sub(r"\b(in|at|on|by)\s*$", "", complement).strip()
+    q = f"{wh[0].upper() + wh[1:]} {aux} {subj} {lemma} {complement}".strip()
+    return re.sub(r"\s+([,;])", r"\1", re.sub(r"\s+", " ", q)) + "?"
+
+
 def check_self_contained(question: str, answer: str) -> str | None:
     """The verification step's rules: return the violation, or None when the pair stands alone."""
     for text in (question, answer):
@@ -211,7 +287,7 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 2) -> tuple[lis
         targets = [sp for sp in spans if sp is not subject]
         targets.sort(key=lambda sp: (sp["kind"] == "name", -sp["start"]))
         for sp in targets[:max_direct_per_sentence]:
-            add("direct", cloze(s, sp), s)
+            add("direct", (subject and fronted(s, subject, sp)) or cloze(s, sp), s)
     for entity, facts in facts_about.items():
         if len(facts) >= 3:
             head = _head(entity)
