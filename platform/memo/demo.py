@@ -76,23 +76,24 @@ def run(args) -> dict:
     print("\n== 4/4 check questions: closed-book base model vs executive + memory ==", flush=True)
     t0 = time.time()
     executive = ex.LocalLLM(DEFAULT_BASE_MODEL)
-    rows, cb_ok, memo_ok = [], 0, 0
+    rows, cb_ok, memo_ok, mem_ok = [], 0, 0, 0
     for i, q in enumerate(questions, 1):
         cb = ex.closed_book(q["question"], executive)
         tr = ex.single_turn(q["question"], executive, memory)
         # The executive is the 135M base model; count a hit when its answer, or the memory's direct
         # answer it was given, contains the reference (both are shown).
         direct = next(s["answer"] for s in tr.steps if s["role"] == "memory")
-        ok_cb, ok_memo = matches(cb, q), matches(tr.answer, q)
+        ok_cb, ok_memo, ok_mem = matches(cb, q), matches(tr.answer, q), matches(direct, q)
         cb_ok += ok_cb
         memo_ok += ok_memo
+        mem_ok += ok_mem
         rows.append({"id": q.get("id"), "kind": q.get("kind", ""), "question": q["question"], "reference": q["answer"],
                      "closed_book": cb, "memo": tr.answer, "memory_answer": direct, "closed_book_ok": ok_cb,
                      "memo_ok": ok_memo, "memory_version": tr.memory_version, "memory_calls": tr.memory_calls})
         print(f"\n[{i}/{len(questions)}] ({q.get('kind', '')}) {q['question']}\n"
               f"  reference:    {q['answer']}\n"
               f"  closed-book:  {cb}  {'OK' if ok_cb else 'x'}\n"
-              f"  memory said:  {direct}\n"
+              f"  memory said:  {direct}  {'OK' if ok_mem else 'x'}\n"
               f"  MeMo answer:  {tr.answer}  {'OK' if ok_memo else 'x'}   (memo-demo v{tr.memory_version}, "
               f"{tr.memory_calls} memory calls, {tr.seconds:.1f} s)", flush=True)
     timings["questions_s"] = round(time.time() - t0, 1)
@@ -101,13 +102,15 @@ def run(args) -> dict:
 
     serve.shutdown()
     summary = {"version": version, "alias": "champion", "questions": len(questions), "closed_book_correct": cb_ok,
-               "memo_correct": memo_ok, "train_recall": result.get("train_recall"), "timings": timings}
+               "memo_correct": memo_ok, "memory_direct_correct": mem_ok, "train_recall": result.get("train_recall"),
+               "timings": timings}
     out = registry.memo_home() / "demo_results.json"
     out.write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
     print("\n== summary ==")
     print(f"registered model memo-demo version {version}, alias champion (and candidate)")
-    print(f"closed-book base model: {cb_ok}/{len(questions)} correct;  MeMo (executive + memory): "
-          f"{memo_ok}/{len(questions)} correct")
+    n = len(questions)
+    print(f"closed-book base model: {cb_ok}/{n} correct;  MeMo (executive + memory): {memo_ok}/{n} correct;  "
+          f"the memory's own answer to the question: {mem_ok}/{n}")
     print("timings: " + ", ".join(f"{k}={v}" for k, v in timings.items()))
     print(f"details: {out}")
     return summary
