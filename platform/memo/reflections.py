@@ -287,7 +287,11 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 2) -> tuple[lis
         targets = [sp for sp in spans if sp is not subject]
         targets.sort(key=lambda sp: (sp["kind"] == "name", -sp["start"]))
         for sp in targets[:max_direct_per_sentence]:
-            add("direct", (subject and fronted(s, subject, sp)) or cloze(s, sp), s)
+            # Two phrasings of the same question where rules allow: a small model only learns to
+            # answer reworded questions when each fact was asked more than one way.
+            for q in dict.fromkeys([subject and fronted(s, subject, sp), cloze(s, sp)]):
+                if q:
+                    add("direct", q, s)
     for entity, facts in facts_about.items():
         if len(facts) >= 3:
             head = _head(entity)
@@ -316,7 +320,7 @@ def entity_mentions(chunk: dict) -> list[dict]:
     return rows
 
 
-def cross_doc_group(group: pd.DataFrame, per_entity: int = 4) -> pd.DataFrame:
+def cross_doc_group(group: pd.DataFrame, per_entity: int = 2) -> pd.DataFrame:
     """Ray Data `map_groups` body for one shared entity: converging-clue and bridge questions.
 
     Documents are grouped by the names they share, which any corpus has; the paper's code used each

@@ -45,9 +45,12 @@ def init_ray(address: str | None = None):
            "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     # "local" starts a fresh instance: without it ray.init() joins whatever cluster last ran on this
     # machine (/tmp/ray/ray_current_cluster), even a dead one, and waits for it.
+    # The dashboard (on loopback) also serves the state API, which Ray Train's placement-group cleaner
+    # polls; without it that thread logs a warning every few seconds and cannot clean up.
+    local = not (address or os.environ.get("RAY_ADDRESS"))
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", runtime_env={"env_vars": env},
-             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-             configure_logging=True)
+             logging_level=logging.WARNING, log_to_driver=True, configure_logging=True,
+             **({"include_dashboard": True, "dashboard_host": "127.0.0.1"} if local else {}))
     # Ray Data logs an execution plan per dataset at INFO; our own progress lines say what matters.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
