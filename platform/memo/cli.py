@@ -121,7 +121,8 @@ def cmd_status(args) -> dict:
         for dep, s in st["serving"].items():
             print(f"  served by {dep}: v{s['version']} since {s['since']}")
         for h in st["alias_history"][-5:]:
-            print(f"  {h['at']}  {h['alias']}: v{h['from']} -> v{h['to']}  {h.get('reason', '')}")
+            was = f"v{h['from']}" if h['from'] else "(new)"
+            print(f"  {h['at']}  {h['alias']}: {was} -> v{h['to']}  {h.get('reason', '')}")
     return out
 
 

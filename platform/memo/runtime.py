@@ -52,6 +52,8 @@ def init_ray(address: str | None = None):
              logging_level=logging.WARNING, log_to_driver=True, configure_logging=True,
              **({"include_dashboard": True, "dashboard_host": "127.0.0.1"} if local else {}))
     # Ray Data logs an execution plan per dataset at INFO; our own progress lines say what matters.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # ray.init(configure_logging=True) resets levels, so the quiet ones are set again here.
+    for name in ("ray.data", "httpx", "mlflow", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray

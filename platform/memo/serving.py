@@ -200,6 +200,8 @@ def run(cfg: ServeConfig, blocking: bool = False):
     """Start Serve on cfg.host:cfg.port (loopback by default) and deploy the router; returns the base URL."""
     from dataclasses import asdict
 
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(asdict(cfg)), name="memo", route_prefix="/", blocking=blocking)
+    # Per-request access lines would bury the caller's own output; errors still reach the driver.
+    quiet_logs = {"log_level": "WARNING", "enable_access_log": False}
+    serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=quiet_logs)
+    serve.run(build_app(asdict(cfg)), name="memo", route_prefix="/", blocking=blocking, logging_config=quiet_logs)
     return f"http://{cfg.host}:{cfg.port}"
