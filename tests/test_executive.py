@@ -57,3 +57,14 @@ def test_empty_executive_answer_falls_back_to_the_memory_answer():
     tr = single_turn("Who leads the lab?", exe, Memory({"Who leads the lab?": "Wenna leads the lab."}))
     assert tr.answer == "Wenna leads the lab."
     assert tr.steps[-1]["step"] == "fallback"
+
+
+def test_an_answer_that_adds_no_fact_falls_back_to_the_memory():
+    q = "Who is the head of the Ketterline Lab?"
+    exe = Scripted("", "The head of the Ketterline Lab is the head of the Ketterline Lab.")
+    tr = single_turn(q, exe, Memory({q: "Wenna Ostrocliff leads the Ketterline Lab."}))
+    assert tr.answer == "Wenna Ostrocliff leads the Ketterline Lab."
+    assert tr.steps[-1]["step"] == "fallback"
+    exe = Scripted("", "Wenna Ostrocliff.")
+    tr = single_turn(q, exe, Memory({q: "Wenna Ostrocliff leads the Ketterline Lab."}))
+    assert tr.answer == "Wenna Ostrocliff." and tr.steps[-1]["step"] == "answer"

@@ -101,6 +101,17 @@ def parse_subquestions(text: str, limit: int) -> list[str]:
     return out[:limit]
 
 
+def adds_a_fact(answer: str, question: str, facts: list[str]) -> bool:
+    """True when the answer names something (a name, number or date) that the memory's answers name
+    and the question does not: the minimum an answer grounded in the memory must do."""
+    from memo.reflections import find_spans
+
+    if not answer.strip():
+        return False
+    fact_text, q = " ".join(facts).lower(), question.lower()
+    return any(sp["text"].lower() in fact_text and sp["text"].lower() not in q for sp in find_spans(answer))
+
+
 DECOMPOSE = ("Split the question into at most {n} short, simple questions that each ask for one fact. "
              "Write one question per line and nothing else.\n\nQuestion: {q}")
 ANSWER = ("Facts:\n{facts}\n\nUsing only these facts, answer the question in a few words.\n"
@@ -140,11 +151,14 @@ def single_turn(question: str, executive: ChatLLM, memory: MemoryClient, max_sub
         prompt = ANSWER.format(facts="\n".join(f"- {f}" for f in dict.fromkeys(facts)), q=question)
         out = executive.complete([{"role": "user", "content": prompt}], max_tokens=48)
         tr.steps.append({"role": "executive", "step": "answer", "output": out})
-        # An empty reply (a weak executive stopping at once) must not reach the user as "": fall back to
-        # the memory's answer to the user's own question, and say so in the trace.
-        tr.answer = out.strip() or facts[0]
-        if not out.strip():
-            tr.steps.append({"role": "executive", "step": "fallback", "output": facts[0]})
+        # A reply that carries no fact (empty, or naming nothing the question did not already name, as a
+        # weak executive's "The lab is led by the head of the lab") must not reach the user: fall back to
+        # the memory's own answer and say so in the trace.
+        tr.answer = out.strip()
+        if not adds_a_fact(tr.answer, question, facts):
+            tr.answer = facts[0]
+            tr.steps.append({"role": "executive", "step": "fallback", "output": facts[0],
+                             "why": "the executive's answer named no name, number or date from the memory's answers"})
     tr.seconds = time.time() - t0
     return tr
 
