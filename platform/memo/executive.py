@@ -42,7 +42,12 @@ class OpenAILLM:
     """Any OpenAI-compatible endpoint (vLLM, a hosted API, or this project's own router)."""
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
+        import logging
+
         from openai import OpenAI
+
+        # httpx logs every request at INFO, and Ray Serve's start-up resets logger levels: set it here.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
         self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=2)
         self.model = model
