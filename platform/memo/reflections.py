@@ -399,7 +399,6 @@ def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
     Re-running with the same corpus and config reuses the finished output instead of redoing it.
     """
     import ray
-    from ray.data import ActorPoolStrategy  # noqa: F401  (LLM engines use actor pools; rules are tasks)
 
     docs = load_documents(cfg.corpus)
     chash = corpus_hash(docs)
