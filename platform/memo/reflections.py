@@ -263,7 +263,7 @@ def chunk_sentences(chunk: dict) -> list[str]:
     return [rewrite_sentence(s, chunk["title"], chunk["doc_date"]) for s in split_sentences(chunk["text"])]
 
 
-def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 2) -> tuple[list[dict], list[dict]]:
+def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1) -> tuple[list[dict], list[dict]]:
     """Steps direct, entity, consolidated for one chunk; returns (reflections, rejects)."""
     domain, cid = chunk["domain"], chunk["chunk_id"]
     out, rejects = [], []
@@ -300,7 +300,7 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 2) -> tuple[lis
     return out, rejects
 
 
-def synthesize_batch(batch: pd.DataFrame, max_direct_per_sentence: int = 2) -> pd.DataFrame:
+def synthesize_batch(batch: pd.DataFrame, max_direct_per_sentence: int = 1) -> pd.DataFrame:
     """Ray Data `map_batches` body: chunks in, reflection rows out (rejects flagged by a non-empty reason)."""
     rows = []
     for chunk in batch.to_dict("records"):

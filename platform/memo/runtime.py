@@ -6,6 +6,9 @@ import logging
 import os
 import warnings
 
+# Libraries whose INFO chatter (per request, per dataset, per migration) would bury our progress lines.
+QUIET_LOGGERS = ("mlflow", "alembic", "ray", "ray.data", "urllib3", "httpx", "transformers", "filelock")
+
 
 def quiet() -> None:
     """Keep the user's terminal for progress lines: library warnings that need no action stay hidden."""
@@ -18,7 +21,7 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("mlflow", "alembic", "ray", "urllib3", "httpx", "transformers", "filelock"):
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         import transformers
@@ -53,7 +56,7 @@ def init_ray(address: str | None = None):
              **({"include_dashboard": True, "dashboard_host": "127.0.0.1"} if local else {}))
     # Ray Data logs an execution plan per dataset at INFO; our own progress lines say what matters.
     # ray.init(configure_logging=True) resets levels, so the quiet ones are set again here.
-    for name in ("ray.data", "httpx", "mlflow", "urllib3"):
+    for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
