@@ -41,13 +41,35 @@ def test_chunk_steps_answer_with_the_source_sentence():
     good, bad = synthesize_chunk(chunk(text))
     assert not bad
     steps = {r["step"] for r in good}
-    assert steps == {"direct", "entity", "consolidated"}
+    assert steps == {"direct", "indirect", "entity", "consolidated"}
     for r in good:
         assert set(r) == set(COLUMNS)
         assert r["source_chunk_ids"] == ["d1#0"] and r["verified"] is True
         if r["step"] != "consolidated":
             assert r["answer"] in text  # answers are verbatim corpus sentences: nothing invented
     assert any(r["question"] == "Which cooperative has headquarters in Velmora?" for r in good)
+    # both directions of the founding relation, and the verb reworded
+    indirect = {r["question"] for r in good if r["step"] == "indirect"}
+    assert {"Who founded the Halvenmere Cooperative in 1987?", "Who started the Halvenmere Cooperative in 1987?",
+            "How many researchers does the Halvenmere Cooperative have on staff?"} <= indirect
+
+
+def test_fronted_synonym_and_agent_questions_stay_grammatical():
+    from memo.reflections import active_agent, fronted, with_synonym
+    s = "The Amberlin Prize is awarded by the Velmora Maritime Society."
+    sp = {x["text"]: x for x in find_spans(s)}
+    assert active_agent(s, sp["Amberlin Prize"], sp["Velmora Maritime Society"]) == "Which society awards the Amberlin Prize?"
+    s = "Each Corvane Cell weighs 36 kilograms."
+    sp = {x["text"]: x for x in find_spans(s)}
+    assert fronted(s, sp["Corvane Cell"], sp["36 kilograms"]) == "How many kilograms does each Corvane Cell weigh?"
+    s = "Wenna Ostrocliff leads the Ketterline Lab."
+    sp = {x["text"]: x for x in find_spans(s)}
+    assert with_synonym(s, sp["Wenna Ostrocliff"]) == "Wenna Ostrocliff heads the Ketterline Lab."
+    s = "The Vessamere Lantern is assembled at the Drossel Yard factory in Ondwick."
+    sp = {x["text"]: x for x in find_spans(s)}
+    assert fronted(s, sp["Vessamere Lantern"], sp["Drossel Yard"]) is None  # "factory" would be left dangling
+    good, _ = synthesize_chunk(chunk("Wenna Ostrocliff spoke at the 2014 Quillstead Tide Summit."))
+    assert not any("which year Quillstead" in r["question"] or "2014 which" in r["question"] for r in good)
 
 
 def test_verification_rewrites_pronouns_and_relative_dates_then_rejects_the_rest():
@@ -73,6 +95,11 @@ def test_cross_doc_groups_by_shared_entity_and_bridges_documents():
     assert all("Ondwick" in ans and "Glimmerfield" in ans for ans in rows.answer)
     # a name in one document only forms no group
     assert cross_doc_group(mentions[mentions.entity == "Ondwick"]).empty
+    # a mention inside a list gives no garbled description
+    c = chunk("The Halvenmere Cooperative operates the Glimmerfield Division, the Saltmarrow Works and the Ketterline Lab.", "doc-c")
+    d = chunk("The Saltmarrow Works is based in Quillstead.", "doc-d")
+    m2 = pd.DataFrame(entity_mentions(c) + entity_mentions(d))
+    assert cross_doc_group(m2[m2.entity == "Saltmarrow Works"]).empty
 
 
 def test_stable_id_ignores_case_and_punctuation():

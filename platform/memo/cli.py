@@ -66,6 +66,11 @@ def cmd_train(args) -> dict:
     if bool(args.reflections) == bool(args.corpus):
         raise MemoError("give exactly one of --reflections DIR (synthesized already) or --corpus PATH "
                         "(synthesize first)")
+    if args.parent:  # a missing parent is an error before any synthesis or worker starts
+        from memo import registry
+
+        if not args.parent.isdigit():
+            registry.resolve_version(args.domain, args.parent)
     reflections = args.reflections
     synth_cfg = None
     if args.corpus:
@@ -74,7 +79,8 @@ def cmd_train(args) -> dict:
                                                     "out": reflections, "generator": args.generator})
     cfg = build_config(TrainConfig, _config_values(args, {
         "domain": args.domain, "reflections": reflections, "base_model": args.base_model, "workers": args.workers,
-        "epochs": args.epochs, "lr": args.lr, "device": args.device,
+        "epochs": args.epochs, "lr": args.lr, "device": args.device, "parent": args.parent,
+        "finetune": args.finetune,
         "register": False if args.no_register else None}))
     init_ray()
     t0 = time.time()
@@ -192,6 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int)
     t.add_argument("--lr", type=float)
     t.add_argument("--device", choices=["cpu", "cuda"])
+    t.add_argument("--finetune", choices=["full", "lora"], help="full SFT (default) or LoRA adapters")
+    t.add_argument("--from", dest="parent", metavar="ALIAS_OR_VERSION",
+                   help="continual update: fine-tune this version of memo-<domain> (e.g. champion) on the new "
+                        "reflections plus a replay share of earlier ones")
     t.add_argument("--no-register", action="store_true", help="train and export only")
     _common(t)
     t.set_defaults(fn=cmd_train)

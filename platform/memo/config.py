@@ -50,7 +50,8 @@ class SynthesizeConfig:
     chunk_words: int = 400          # paper: ~6,400 words for books; short corpora fit one chunk per document
     chunk_overlap: float = 0.1      # paper: 10% overlap between consecutive chunks
     max_cross_doc_pairs: int = 400  # cap on cross-document reflections (they grow quadratically with sharing)
-    max_direct_per_sentence: int = 1  # direct questions per sentence (names, numbers, dates)
+    cross_doc_per_entity: int = 4   # bridge/converging questions per entity shared by 2+ documents
+    max_direct_per_sentence: int = 2  # facts asked per sentence (numbers first, then dates, years, names)
     abstain_ratio: float = 0.05     # share of "I don't know" rows about entities the corpus never mentions
     workers: int = 2                # Ray Data actors synthesizing chunks in parallel
 
@@ -64,6 +65,8 @@ class SynthesizeConfig:
             raise MemoError(f"chunk_overlap={self.chunk_overlap}: use a fraction in [0, 0.5)")
         if self.workers < 1:
             raise MemoError(f"--workers {self.workers}: use 1 or more")
+        if self.cross_doc_per_entity < 0 or self.max_direct_per_sentence < 1:
+            raise MemoError("cross_doc_per_entity must be >= 0 and max_direct_per_sentence >= 1")
         if not 0 <= self.abstain_ratio < 0.5:
             raise MemoError(f"abstain_ratio={self.abstain_ratio}: use a fraction in [0, 0.5)")
         return self
@@ -77,19 +80,31 @@ class TrainConfig:
     workers: int = 1                # Ray Train workers; on 2 CPU cores one 2-thread worker is fastest
     cpus_per_worker: int = 0        # 0: split this node's CPUs evenly between workers
     device: str = "cpu"             # cpu (gloo) or cuda (NCCL)
-    epochs: int | None = None       # None: chosen from model and data size, see memory.default_schedule
-    lr: float | None = None         # None: chosen from model size, see memory.default_schedule
-    batch_size: int = 8             # examples per optimizer step per worker
+    recipe: str = "auto"            # auto: epochs/lr from model and data size; paper: 3 epochs, lr 2e-5 (2e-4 LoRA)
+    epochs: int | None = None       # None: from `recipe`, see memory.default_schedule
+    lr: float | None = None         # None: from `recipe`, see memory.default_schedule
+    batch_size: int = 8             # examples per micro-batch per worker
+    effective_batch_size: int = 0   # examples per optimizer step over all workers (gradient accumulation);
+                                    # 0 = batch_size x workers. The paper uses 256-512 on large corpora.
+    finetune: str = "full"          # full SFT, or lora (peft adapters on every attention and MLP projection)
+    lora_r: int = 16
+    lora_alpha: int = 0             # 0 = 2 x lora_r
+    lora_dropout: float = 0.05
+    lora_export: str = "merged"     # merged: a plain HF folder (serves anywhere); adapter: adapter files only
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    parent: str = ""                # continual update: alias or version of memo-<domain> to fine-tune further
+    replay_ratio: float = 0.3       # continual update: earlier reflections replayed, as a share of the new rows
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     max_seq_len: int = 256          # longer examples are dropped and counted, never truncated
     precision: str = "auto"         # auto: bf16 on GPUs and CPUs with bf16 units, else fp32; or bf16 / fp32
-    export_dtype: str = "float32"   # dtype of the exported HF folder
+    export_dtype: str = "auto"      # exported weights: auto = bfloat16 when trained in bf16, else float32
     checkpoint_every: int = 0       # optimizer steps between checkpoints; 0 = about 3 per run, at epoch ends
     max_failures: int = 2           # Ray Train restarts the workers from the last checkpoint this often
     seed: int = 0
     eval_sample: int = 24           # training reflections re-asked after training (memorization check)
+    eval_questions: str = ""        # optional held-out QA JSONL (question, answer, aliases) asked after training
     register: bool = True           # register the result as a new version of memo-<domain>
     alias: str = "candidate"        # alias given to the new version
 
@@ -109,8 +124,24 @@ class TrainConfig:
             raise MemoError(f"--device {self.device!r}: use cpu or cuda")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise MemoError(f"precision={self.precision!r}: use auto, bf16 or fp32")
-        if self.export_dtype not in ("float32", "bfloat16"):
-            raise MemoError(f"export_dtype={self.export_dtype!r}: use float32 or bfloat16")
+        if self.export_dtype not in ("auto", "float32", "bfloat16"):
+            raise MemoError(f"export_dtype={self.export_dtype!r}: use auto, float32 or bfloat16")
+        if self.recipe not in ("auto", "paper"):
+            raise MemoError(f"recipe={self.recipe!r}: use auto (size-based) or paper (3 epochs, lr 2e-5)")
+        if self.finetune not in ("full", "lora"):
+            raise MemoError(f"finetune={self.finetune!r}: use full or lora")
+        if self.finetune == "lora" and (self.lora_r < 1 or not 0 <= self.lora_dropout < 1):
+            raise MemoError(f"lora_r={self.lora_r}, lora_dropout={self.lora_dropout}: use r >= 1 and dropout in [0, 1)")
+        if self.lora_export not in ("merged", "adapter"):
+            raise MemoError(f"lora_export={self.lora_export!r}: use merged or adapter")
+        micro = self.batch_size * self.workers
+        if self.effective_batch_size and (self.effective_batch_size < micro or self.effective_batch_size % micro):
+            raise MemoError(f"effective_batch_size={self.effective_batch_size}: use a multiple of batch_size x workers "
+                            f"= {micro} (or 0 for no gradient accumulation)")
+        if not 0 <= self.replay_ratio <= 10:
+            raise MemoError(f"replay_ratio={self.replay_ratio}: use a share in [0, 10] of the new rows")
+        if self.eval_questions and not Path(self.eval_questions).exists():
+            raise MemoError(f"eval_questions={self.eval_questions}: no such file")
         if not 0 <= self.warmup_ratio < 1:
             raise MemoError(f"warmup_ratio={self.warmup_ratio}: use a fraction in [0, 1)")
         return self

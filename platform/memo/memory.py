@@ -65,19 +65,22 @@ def tokenize_reflections(df: pd.DataFrame, tok, max_seq_len: int) -> tuple[pd.Da
     return out[keep].reset_index(drop=True), int((~keep).sum())
 
 
-def default_schedule(n_params: float, n_rows: int) -> tuple[int, float, str]:
+def default_schedule(n_params: float, n_rows: int, recipe: str = "auto", finetune: str = "full") -> tuple[int, float, str]:
     """Epochs and learning rate when the user sets neither.
 
-    The paper's full-SFT recipe (3 epochs, lr 2e-5) is for a 14B model on ~1M pairs. A ~100M model on a
-    few hundred pairs barely moves at 2e-5: measured on SmolLM2-135M, 60 facts x 4 epochs recalled
-    7/60 at 2e-5 and 41/60 at 3e-4, and 12 epochs at 3e-4 recalled 59/60. On the 131 demo reflections
-    at 3e-4 the loss was 0.002 after 8 epochs and 10 epochs reproduced 24/24 sampled pairs exactly.
+    The paper's full-SFT recipe (3 epochs, lr 2e-5; LoRA 2e-4) is for a 14B model on ~1M pairs. A ~100M
+    model on a few hundred pairs barely moves at 2e-5: measured on SmolLM2-135M, 60 facts x 4 epochs
+    recalled 7/60 at 2e-5 and 41/60 at 3e-4, and 12 epochs at 3e-4 recalled 59/60. The rules generator
+    asks each demo fact 3-5 ways (direct, indirect, entity, consolidated, cross-document), so every fact
+    is seen ~20 times in 6 epochs. LoRA moves fewer weights and takes a higher rate (10x, as in the
+    paper's own full/LoRA pair); the small-model LoRA rate is that ratio applied, not a measured optimum.
     """
-    if n_params < 1e9 and n_rows < 20_000:
-        return 8, 3e-4, "small model and corpus: lr 3e-4, 8 epochs (paper's 2e-5 x 3 barely memorizes at this size)"
-    if n_params < 1e9:
-        return 4, 1e-4, "small model, larger corpus: lr 1e-4, 4 epochs"
-    return 3, 2e-5, "paper recipe for large memory models: lr 2e-5, 3 epochs"
+    lora = finetune == "lora"
+    if recipe == "paper" or n_params >= 1e9:
+        return 3, (2e-4 if lora else 2e-5), "paper recipe: 3 epochs, lr " + ("2e-4 (LoRA)" if lora else "2e-5")
+    if n_rows < 20_000:
+        return 6, (1e-3 if lora else 3e-4), "small model and corpus: 6 epochs at a high rate (paper's 2e-5 x 3 barely memorizes at this size)"
+    return 4, (1e-3 if lora else 1e-4), "small model, larger corpus: 4 epochs"
 
 
 def length_grouped_batches(data: pd.DataFrame, batch_size: int, workers: int) -> pd.DataFrame:
@@ -127,7 +130,7 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
-def answer_loss(model, ids, labels, mask):
+def answer_loss(model, ids, labels, mask, reduction: str = "mean"):
     """Mean next-token loss over answer tokens, computing vocabulary logits only where they count.
 
     The LM head (49k x 576 for SmolLM2, ~21% of the model's FLOPs) and the softmax are applied only to
@@ -140,7 +143,61 @@ def answer_loss(model, ids, labels, mask):
     targets_at = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(-1)  # positions p predicting p+1
     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=targets_at).logits
     targets = labels[:, targets_at + 1]
-    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction=reduction)
+
+
+def target_count(labels) -> int:
+    """Answer tokens that carry loss in a micro-batch (each label predicts from the position before it)."""
+    return int((labels[:, 1:] != IGNORE).sum())
+
+
+def accumulation_step(model, micro_batches: list, autocast: bool = False, world: int = 1) -> tuple[float, int]:
+    """Forward and backward over the micro-batches of one optimizer step (gradient accumulation).
+
+    Each micro-batch's summed loss is divided by the answer-token count of the whole step over all
+    workers, so the gradient equals the one of a single big batch however the examples were split;
+    data-parallel gradient averaging divides by `world`, hence the factor. With FSDP, gradients are
+    reduce-scattered once, after the last micro-batch. Returns (mean loss over this worker's tokens,
+    this worker's tokens processed).
+    """
+    import torch
+    import torch.distributed as dist
+
+    counts = torch.tensor([float(sum(target_count(lab) for _, lab, _ in micro_batches))], device=micro_batches[0][0].device)
+    if world > 1:
+        dist.all_reduce(counts)
+    scale = world / max(float(counts[0]), 1.0)
+    total, local_targets, tokens = 0.0, 0, 0
+    for k, (ids, labels, mask) in enumerate(micro_batches):
+        if world > 1 and hasattr(model, "set_requires_gradient_sync"):
+            model.set_requires_gradient_sync(k == len(micro_batches) - 1)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = answer_loss(model, ids, labels, mask, reduction="sum")
+        (loss * scale).backward()
+        total += float(loss.detach())
+        local_targets += target_count(labels)
+        tokens += int(mask.sum())
+    return total / max(local_targets, 1), tokens
+
+
+def decoder_layers(model) -> list:
+    """The repeated transformer blocks (the FSDP units), found by structure so peft-wrapped and other
+    architectures work too: the first non-empty ModuleList named `...layers`/`...h`/`...blocks`."""
+    import torch.nn as nn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return list(mod)
+    raise MemoError("cannot find the model's decoder layers (a ModuleList named layers, h or blocks) to shard")
+
+
+def lora_config(cfg: dict):
+    from peft import LoraConfig
+
+    # all-linear: every attention and MLP projection, not the output head (as the paper's LoRA runs).
+    return LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def _lr_lambda(warmup_steps: int):
@@ -167,16 +224,26 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     model = AutoModelForCausalLM.from_pretrained(cfg["base_path"], dtype=torch.float32, local_files_only=True)
     model.config.use_cache = False
+    if cfg.get("activation_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.get("finetune") == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(cfg))
+        if rank == 0:
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"[train] LoRA r={cfg['lora_r']}: {n_train / 1e6:.2f}M trainable parameters", flush=True)
     model.to(device)
     if world > 1:
         # FSDP2: shard each decoder layer, then the root (embeddings, final norm, tied head). On CPU,
         # prepare_model(parallel_strategy="fsdp") refuses and FSDP1 needs device_id; FSDP2 works on
         # gloo. With one worker there is nothing to shard and the all-gather/reduce-scatter copies are
         # pure overhead, so the model stays a plain module (the state-dict calls below handle both).
-        for layer in model.model.layers:
+        for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                            weight_decay=cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"]))
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -218,33 +285,34 @@ def train_loop_per_worker(cfg: dict) -> None:
     total, t_start, tokens_seen, loss_val = cfg["total_steps"], time.time(), 0, float("nan")
     start_step = step
     autocast = cfg["precision"] == "bf16"
+    accum = cfg.get("accum", 1)
     while epoch < cfg["epochs"]:
         # One row is one length-grouped micro-batch; their order is shuffled per epoch with a seed, so a
         # resumed run replays the same order.
         batches = shard.iter_batches(batch_size=1, batch_format="numpy",
                                      local_shuffle_buffer_size=cfg["shuffle_buffer"],
                                      local_shuffle_seed=cfg["seed"] + epoch)
-        i = -1
+        group = []
         for i, batch in enumerate(batches):
             if i < skip:  # resuming mid-epoch: the same seed replays the same order; skip what was done
                 continue
             if i >= cfg["steps_per_epoch"]:
                 break
-            ids, labels, mask = (t.to(device) for t in collate(batch["input_ids"][0], batch["labels"][0], cfg["pad_id"]))
+            group.append(tuple(t.to(device) for t in collate(batch["input_ids"][0], batch["labels"][0], cfg["pad_id"])))
+            if len(group) < accum and i + 1 < cfg["steps_per_epoch"]:
+                continue
             t0 = time.time()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = answer_loss(model, ids, labels, mask)
-            loss.backward()
+            loss_val, n_local = accumulation_step(model, group, autocast, world)
+            group = []
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             step += 1
-            n_tok = torch.tensor([int(mask.sum())], device=device)
+            n_tok = torch.tensor([n_local], device=device)
             if world > 1:
                 dist.all_reduce(n_tok)
             tokens_seen += int(n_tok)
-            loss_val = float(loss.detach())
             dt = time.time() - t0
             if rank == 0:
                 elapsed = time.time() - t_start
@@ -274,12 +342,24 @@ def train_loop_per_worker(cfg: dict) -> None:
 
 
 def export_model(state_dict: dict, cfg: dict, out: Path) -> None:
-    """Write the trained weights as a Hugging Face folder (safetensors, tokenizer, chat template)."""
+    """Write the trained weights as a Hugging Face folder (safetensors, tokenizer, chat template).
+
+    LoRA runs export either merged into the base weights (a plain folder any server loads) or as the
+    adapter alone (small; `memo.models.load_model` merges it onto its base at load time).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(cfg["base_path"], dtype=torch.float32, local_files_only=True)
-    model.load_state_dict(state_dict)
+    if cfg.get("finetune") == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(cfg))
+        model.load_state_dict(state_dict)
+        if cfg.get("lora_export") == "merged":
+            model = model.merge_and_unload()
+    else:
+        model.load_state_dict(state_dict)
     model.to(getattr(torch, cfg["export_dtype"]))
     model.config.use_cache = True
     model.save_pretrained(out)
@@ -347,7 +427,22 @@ def train(cfg, progress=print) -> dict:
 
     t0 = time.time()
     df = load_reflections(cfg.reflections)
-    base_path = resolve_base_model(cfg.base_model)
+    new_rows = len(df)
+    sources = [str(Path(cfg.reflections).resolve())]
+    parent_version, base_model, replay = None, cfg.base_model, 0
+    if cfg.parent:
+        # Continual update: the current version (e.g. champion) is the base, and a replay share of the
+        # reflections it was trained on keeps old facts from being overwritten by the new ones.
+        parent_version = cfg.parent if cfg.parent.isdigit() else registry.resolve_version(cfg.domain, cfg.parent)
+        parent_dir = registry.download_version(cfg.domain, parent_version)
+        base_path = str(materialize_full_model(parent_dir))
+        base_model = f"models:/{registry.registered_name(cfg.domain)}/{parent_version}"
+        df, replay, old_sources = with_replay(df, read_manifest(parent_dir), cfg.replay_ratio, cfg.seed, progress)
+        sources += [s for s in old_sources if s not in sources]
+        progress(f"[train] continual update of {base_model} ({cfg.parent}): {new_rows} new reflections "
+                 f"+ {replay} replayed")
+    else:
+        base_path = resolve_base_model(cfg.base_model)
     tok = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     check_chat_template(tok, f"--base-model {cfg.base_model}")
     data, dropped = tokenize_reflections(df, tok, cfg.max_seq_len)
@@ -356,20 +451,26 @@ def train(cfg, progress=print) -> dict:
     if len(data) < cfg.workers:
         raise MemoError(f"--workers {cfg.workers}: more workers than training examples ({len(data)})")
     n_params = count_params(base_path)
-    epochs, lr, why = default_schedule(n_params, len(data))
+    epochs, lr, why = default_schedule(n_params, len(data), cfg.recipe, cfg.finetune)
     epochs, lr = cfg.epochs or epochs, cfg.lr or lr
     batches = length_grouped_batches(data, cfg.batch_size, cfg.workers)
-    spe = len(batches) // cfg.workers
-    total = spe * epochs
+    spe = len(batches) // cfg.workers  # micro-batches per worker per epoch
+    accum = max(1, cfg.effective_batch_size // (cfg.batch_size * cfg.workers)) if cfg.effective_batch_size else 1
+    opt_steps_per_epoch = math.ceil(spe / accum)
+    total = opt_steps_per_epoch * epochs
     precision = resolve_precision(cfg.precision, cfg.device)
+    export_dtype = cfg.export_dtype if cfg.export_dtype != "auto" else ("bfloat16" if precision == "bf16" else "float32")
     stats_file = Path(cfg.reflections) / "stats.json" if Path(cfg.reflections).is_dir() else None
     synth = json.loads(stats_file.read_text()) if stats_file and stats_file.exists() else {}
     progress(f"[train] {len(data)} examples ({dropped} over {cfg.max_seq_len} tokens dropped), "
-             f"{n_params / 1e6:.1f}M params, {cfg.workers} worker(s), {epochs} epochs x {spe} steps = {total} steps, "
-             f"lr {lr:g}, {precision}" + ("" if cfg.epochs and cfg.lr else f" ({why})"))
+             f"{n_params / 1e6:.1f}M params, {cfg.finetune}, {cfg.workers} worker(s), {epochs} epochs x "
+             f"{opt_steps_per_epoch} steps = {total} steps of {cfg.batch_size * cfg.workers * accum} examples"
+             f"{f' ({accum} accumulated micro-batches)' if accum > 1 else ''}, lr {lr:g}, {precision}"
+             + ("" if cfg.epochs and cfg.lr else f" ({why})"))
 
     params = {**vars(cfg), "epochs": epochs, "lr": lr, "precision": precision, "base_path": base_path,
-              "examples": len(data), "dropped_too_long": dropped, "total_steps": total, "n_params": n_params}
+              "examples": len(data), "dropped_too_long": dropped, "total_steps": total, "n_params": n_params,
+              "accumulation": accum, "export_dtype": export_dtype, "replay_rows": replay}
     run_id = registry.start_run(cfg.domain, "train", params)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = cfg.cpus_per_worker or max(1, cpus // cfg.workers)
@@ -377,12 +478,15 @@ def train(cfg, progress=print) -> dict:
         "base_path": base_path, "lr": lr, "epochs": epochs, "batch_size": cfg.batch_size,
         "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "precision": precision,
         "warmup_steps": int(cfg.warmup_ratio * total), "steps_per_epoch": spe, "total_steps": total,
+        "accum": accum, "finetune": cfg.finetune, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha or 2 * cfg.lora_r,
+        "lora_dropout": cfg.lora_dropout, "lora_export": cfg.lora_export,
+        "activation_checkpointing": cfg.activation_checkpointing,
         # A full checkpoint of a 135M model with AdamW state is ~1.6 GB written twice (worker, then
         # storage): ~15 s on this CPU, so by default only ~3 per run, at epoch boundaries.
-        "checkpoint_every": cfg.checkpoint_every or spe * max(1, math.ceil(epochs / 3)),
+        "checkpoint_every": cfg.checkpoint_every or opt_steps_per_epoch * max(1, math.ceil(epochs / 3)),
         "seed": cfg.seed, "threads": threads, "device": cfg.device,
         "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        "export_dtype": cfg.export_dtype, "shuffle_buffer": len(batches),
+        "export_dtype": export_dtype, "shuffle_buffer": len(batches),
         "mlflow_run_id": run_id, "tracking_uri": registry.tracking_uri(),
         "fail_at_step": int(os.environ.get("MEMO_TEST_FAIL_AT_STEP", 0)) or None,
     }
@@ -411,11 +515,16 @@ def train(cfg, progress=print) -> dict:
              f"({metrics.get('tokens_per_s', 0):.0f} tok/s), final loss {metrics.get('loss', float('nan')):.4f}")
 
     check = memorization_check(out, df, cfg.eval_sample, progress)
+    if cfg.eval_questions:
+        check.update(heldout_check(out, cfg.eval_questions, progress))
     manifest = {
-        "domain": cfg.domain, "base_model": cfg.base_model, "base_path": base_path,
-        "corpus_hash": synth.get("corpus_hash", ""), "reflections": str(Path(cfg.reflections).resolve()),
-        "reflections_hash": dataset_hash(df), "reflection_rows": len(df), "generator": synth.get("generator", ""),
-        "parent_version": None, "run_id": run_id, "training_config": params, "metrics": {**metrics, **check},
+        "domain": cfg.domain, "base_model": base_model, "base_path": base_path,
+        "root_base_model": read_manifest(base_path).get("root_base_model", cfg.base_model),
+        "corpus_hash": synth.get("corpus_hash", ""), "reflections": sources[0], "reflection_sources": sources,
+        "reflections_hash": dataset_hash(df), "reflection_rows": len(df), "new_rows": new_rows, "replay_rows": replay,
+        "generator": synth.get("generator", ""), "finetune": cfg.finetune,
+        "lora_export": cfg.lora_export if cfg.finetune == "lora" else None,
+        "parent_version": parent_version, "run_id": run_id, "training_config": params, "metrics": {**metrics, **check},
     }
     (out / "memo_manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
     c = registry.client()
@@ -426,7 +535,7 @@ def train(cfg, progress=print) -> dict:
     version = None
     if cfg.register:
         lineage = {k: manifest[k] for k in ("base_model", "corpus_hash", "reflections_hash", "reflection_rows",
-                                            "generator", "parent_version")}
+                                            "generator", "parent_version", "finetune", "replay_rows")}
         lineage.update(train_recall=check.get("train_recall"), epochs=epochs, lr=lr)
         version = registry.register_memory(cfg.domain, out, run_id, lineage, cfg.alias)
         progress(f"[train] registered {registry.registered_name(cfg.domain)} version {version} "
@@ -434,6 +543,81 @@ def train(cfg, progress=print) -> dict:
     c.set_terminated(run_id)
     return {"run_id": run_id, "model_dir": str(out), "version": version, "alias": cfg.alias if version else None,
             "seconds": round(train_seconds, 1), **metrics, **check}
+
+
+def materialize_full_model(model_dir: Path) -> Path:
+    """A full HF folder for a registered version: itself, or (adapter exports) merged onto its base once."""
+    if (Path(model_dir) / "config.json").exists():
+        return Path(model_dir)
+    merged = Path(model_dir).with_name(Path(model_dir).name + "-merged")
+    if not (merged / "config.json").exists():
+        from memo.models import load_model
+
+        model, tok = load_model(str(model_dir))
+        tmp = merged.with_name(merged.name + f".tmp-{os.getpid()}")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        shutil.copy(Path(model_dir) / "memo_manifest.json", tmp / "memo_manifest.json")
+        os.replace(tmp, merged)
+    return merged
+
+
+def with_replay(new: pd.DataFrame, parent_manifest: dict, ratio: float, seed: int, progress=print):
+    """New reflections plus a replay sample of the ones every earlier version was trained on."""
+    from memo.reflections import load_reflections
+
+    sources = parent_manifest.get("reflection_sources") or [parent_manifest.get("reflections")]
+    pools = []
+    for src in filter(None, sources):
+        try:
+            pools.append(load_reflections(src))
+        except MemoError as e:
+            progress(f"[train] replay source skipped: {e}")
+    n = int(round(ratio * len(new)))
+    if not pools or n == 0:
+        return new, 0, [s for s in sources if s]
+    pool = pd.concat(pools, ignore_index=True)
+    if "id" in pool.columns and "id" in new.columns:
+        pool = pool[~pool["id"].isin(set(new["id"]))].drop_duplicates("id")
+    replay = pool.sample(n=min(n, len(pool)), random_state=seed)
+    return pd.concat([new, replay], ignore_index=True), len(replay), [s for s in sources if s]
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD-style token F1 after normalisation."""
+    from collections import Counter
+
+    p, r = normalize_answer(pred).split(), normalize_answer(ref).split()
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or not common:
+        return float(p == r)
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def heldout_check(model_dir: Path, questions_path: str, progress=print) -> dict:
+    """Ask held-out reworded questions (never trained on): the share whose reference answer (or an alias)
+    appears in the memory's reply, plus the best token F1 over aliases."""
+    from memo.corpus import read_jsonl
+    from memo.models import load_model
+
+    rows = []
+    for n, r in read_jsonl(Path(questions_path), "a question object"):
+        if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+            raise MemoError(f"{questions_path}:{n}: needs string fields question and answer")
+        rows.append(r)
+    model, tok = load_model(str(model_dir))
+    answers = []
+    for i in range(0, len(rows), 8):
+        answers += ask_memory(model, tok, [r["question"] for r in rows[i:i + 8]], max_new_tokens=48)
+    hits, f1s = 0, []
+    for r, a in zip(rows, answers):
+        refs = [r["answer"], *r.get("aliases", [])]
+        hits += any(normalize_answer(x) in normalize_answer(a) for x in refs)
+        f1s.append(max(token_f1(a, x) for x in refs))
+    progress(f"[train] held-out questions ({questions_path}): {hits}/{len(rows)} answered with the reference")
+    return {"heldout_contains": round(hits / len(rows), 4), "heldout_f1": round(sum(f1s) / len(f1s), 4),
+            "heldout_n": len(rows)}
 
 
 def normalize_answer(s: str) -> str:
@@ -459,6 +643,8 @@ def memorization_check(model_dir: Path, df: pd.DataFrame, sample: int, progress=
     for i in range(0, len(rows), 8):
         answers += ask_memory(model, tok, list(rows["question"][i:i + 8]), max_new_tokens=max_new)
     hits = [normalize_answer(a) == normalize_answer(ref) for a, ref in zip(answers, rows["answer"])]
+    f1 = sum(token_f1(a, ref) for a, ref in zip(answers, rows["answer"])) / len(hits)
     recall = sum(hits) / len(hits)
-    progress(f"[train] memorization check: {sum(hits)}/{len(hits)} sampled training reflections reproduced exactly")
-    return {"train_recall": round(recall, 4), "train_recall_n": len(hits)}
+    progress(f"[train] memorization check: {sum(hits)}/{len(hits)} sampled training reflections reproduced exactly "
+             f"(normalized EM {recall:.0%}, token F1 {f1:.2f})")
+    return {"train_recall": round(recall, 4), "train_f1": round(f1, 4), "train_recall_n": len(hits)}

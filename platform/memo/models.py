@@ -111,9 +111,28 @@ def load_model(spec_or_path: str, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_base_model(spec_or_path)
+    adapter = Path(spec_or_path) / "adapter_config.json"
+    path = spec_or_path if adapter.exists() else resolve_base_model(spec_or_path)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
+    if adapter.exists():
+        # A LoRA export holds the adapter only: merge it onto its base, found offline like any base model.
+        import json
+
+        from peft import PeftModel
+
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        try:
+            base_path = resolve_base_model(base)
+        except MemoError:
+            manifest = Path(path) / "memo_manifest.json"
+            spec = json.loads(manifest.read_text()).get("root_base_model") if manifest.exists() else None
+            if not spec:
+                raise
+            base_path = resolve_base_model(spec)
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype), local_files_only=True)
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), local_files_only=True)
     model.eval()
     return model, tok
 

@@ -1,7 +1,9 @@
 """Reflection synthesis: corpus -> question/answer pairs (Parquet) with Ray Data.
 
 This module holds the offline `rules` GENERATOR, which implements the method's steps without an LLM:
-  direct        cloze questions on a sentence's names, numbers, years and dates;
+  direct        questions on a sentence's names, numbers, years and dates, fronted and cloze forms;
+  indirect      the same fact from another angle: the relation asked in the other direction ("was founded
+                by Y" -> "Who founded X?") and the verb replaced by a common synonym;
   entity        the sentence's subject described without naming it (against the reversal curse);
   consolidated  per document, what is known about its main entity (>= 3 facts);
   cross_doc     converging clues and bridge questions over entities shared by 2+ documents, grouped
@@ -102,6 +104,9 @@ def _with_article(sentence: str, span: dict) -> tuple[int, int]:
     for art in ("the ", "The "):
         if sentence[max(0, a - 4):a] == art:
             return a - 4, span["end"]
+    for det in ("Each ", "Every "):  # "Each Corvane Cell weighs ...": the determiner belongs to the subject
+        if sentence[:a] == det:
+            return 0, span["end"]
     return a, span["end"]
 
 
@@ -122,6 +127,17 @@ def _wh(sentence: str, span: dict) -> tuple[int, int, str]:
         return a, b, "whom"
     head = _head(span["text"])
     return a, b, f"which {head}" if head else "what"
+
+
+def is_modifier(sentence: str, span: dict) -> bool:
+    """True when the span modifies a noun phrase ("the 2010 Quillstead Tide Summit", "the Drossel Yard
+    factory"): replacing it with a wh-word leaves a broken question."""
+    after = sentence[span["end"]:]
+    if span["kind"] in ("year", "number", "date") and (sentence[:span["start"]].endswith("the ") or re.match(r"^\s+[A-Z]", after)):
+        return True
+    if span["kind"] == "name" and re.search(r"\d $", sentence[:span["start"]]):
+        return True
+    return span["kind"] == "name" and bool(re.match(r"^\s+(?!(?:on|in|at|to|for|from|of|since|by|and|with|is|was|are|were)\b)[a-z]", after))
 
 
 def cloze(sentence: str, span: dict, replacement: str | None = None) -> str:
@@ -184,7 +200,7 @@ def fronted(sentence: str, subject: dict, target: dict) -> str | None:
     """
     a, b = _with_article(sentence, subject)
     subj = sentence[a:b]
-    subj = subj[0].lower() + subj[1:] if subj.startswith("The ") else subj
+    subj = subj[0].lower() + subj[1:] if subj.startswith(("The ", "Each ", "Every ")) else subj
     rest = sentence[b:].strip().rstrip(".")
     t_a, t_b, wh = _wh(sentence, target)
     t_a -= b + 1  # offsets inside `rest`
@@ -199,6 +215,8 @@ def fronted(sentence: str, subject: dict, target: dict) -> str | None:
             after = after[more.end():].strip()
     if re.search(r"(\band|,)$", before) or re.match(r"^(and\b|,)", after) or re.search(r"\d$", before):
         return None  # one item of a list, or a name glued to a number: no clean question
+    if target["kind"] == "name" and re.match(r"^(?!(?:on|in|at|to|for|from|of|since|by|and|with)\b)[a-z]", after):
+        return None  # the name modifies a noun ("the Drossel Yard factory"): asking for it alone breaks the phrase
     if target["kind"] in ("year", "date") or wh == "whom":
         before = re.sub(r"\s(in|on|since|by|at)$", "", before)  # the wh-word replaces the preposition
     without = re.sub(r"\s+", " ", f"{before} {after}".strip())
@@ -224,6 +242,107 @@ def fronted(sentence: str, subject: dict, target: dict) -> str | None:
     complement = re.sub(r"\b(in|at|on|by)\s*$", "", complement).strip()
     q = f"{wh[0].upper() + wh[1:]} {aux} {subj} {lemma} {complement}".strip()
     return re.sub(r"\s+([,;])", r"\1", re.sub(r"\s+", " ", q)) + "?"
+
+
+# Common relation verbs and everyday synonyms (base forms). A user rarely repeats the corpus's verb;
+# a small model answers a reworded question far more often when it was trained on more than one
+# wording. General English, not tuned to any corpus; an LLM generator paraphrases on its own.
+SYNONYMS = {
+    "found": ["start", "establish"], "establish": ["found", "set up"], "create": ["make", "set up"],
+    "lead": ["head", "run"], "head": ["lead", "run"], "direct": ["lead", "run"], "manage": ["run", "lead"],
+    "run": ["operate", "manage"], "operate": ["run", "manage"], "own": ["hold", "have"],
+    "hold": ["own", "have"], "build": ["make", "produce"], "make": ["produce", "build"],
+    "produce": ["make", "build"], "manufacture": ["make", "produce"], "assemble": ["put together", "build"],
+    "design": ["create", "develop"], "develop": ["create", "design"], "invent": ["create", "come up with"],
+    "write": ["author", "pen"], "publish": ["release", "put out"], "release": ["put out", "publish"],
+    "issue": ["send out", "release"], "send": ["dispatch", "deliver"], "award": ["give", "hand out"],
+    "give": ["present", "deliver"], "grant": ["give", "award"], "present": ["give", "show"],
+    "receive": ["get", "win"], "win": ["receive", "earn"], "earn": ["receive", "get"],
+    "host": ["organize", "hold"], "organize": ["host", "run"], "demonstrate": ["show", "present"],
+    "show": ["display", "present"], "study": ["learn", "train in"], "teach": ["instruct in", "give lessons in"],
+    "join": ["enter", "become part of"], "leave": ["quit", "depart from"], "use": ["rely on", "employ"],
+    "store": ["keep", "hold"], "sell": ["market", "offer"], "buy": ["purchase", "acquire"],
+    "acquire": ["buy", "purchase"], "open": ["launch", "start"], "launch": ["start", "open"],
+    "close": ["shut", "shut down"], "employ": ["have on staff", "engage"], "fund": ["finance", "pay for"],
+    "support": ["back", "help"], "discover": ["find", "uncover"], "locate": ["place", "situate"],
+}
+_PARTICIPLE_AS_PAST = re.compile(r"^(\w+ed|built|held|made|sold|run|led|won|sent|taught|brought|found|bought)$")
+
+
+def _third_person(lemma: str) -> str:
+    if lemma in ("have", "do", "go"):
+        return {"have": "has", "do": "does", "go": "goes"}[lemma]
+    if lemma.endswith(("s", "sh", "ch", "x", "z")):
+        return lemma + "es"
+    if lemma.endswith("y") and lemma[-2:-1] not in "aeiou":
+        return lemma[:-1] + "ies"
+    return lemma + "s"
+
+
+def active_agent(sentence: str, subject: dict, agent: dict) -> str | None:
+    """The relation asked in the other direction: "X was founded in 1987 by Y." -> "Who founded X in
+    1987?" (and "Which society awards X?" for "X is awarded by the Velmora Maritime Society")."""
+    a, b = _with_article(sentence, subject)
+    subj = sentence[a:b]
+    subj = subj[0].lower() + subj[1:] if subj.startswith(("The ", "Each ", "Every ")) else subj
+    g_a, _ = _with_article(sentence, agent)
+    m = re.match(r"^\s*(is|was|are|were) (\w+)\b(.*)\bby\s*$", sentence[b:g_a])
+    if not m or sentence[agent["end"]:].strip(" .") or not _PARTICIPLE_AS_PAST.match(m.group(2)):
+        return None
+    aux, part, tail = m.groups()
+    lemma = _lemma(part)
+    if not lemma:
+        return None
+    verb = part if aux in ("was", "were") else _third_person(lemma)
+    head = _head(agent["text"])
+    wh = f"Which {head}" if head else "Who"
+    q = re.sub(r"\s+", " ", f"{wh} {verb} {subj} {tail.strip()}").strip()
+    return re.sub(r"\s+([,;])", r"\1", q) + "?"
+
+
+_PAST = {"set": "set", "put": "put", "run": "ran", "hold": "held", "make": "made", "give": "gave", "send": "sent",
+         "win": "won", "get": "got", "find": "found", "keep": "kept", "buy": "bought", "shut": "shut",
+         "pay": "paid", "come": "came", "become": "became", "have": "had", "quit": "quit", "lead": "led",
+         "build": "built", "sell": "sold", "teach": "taught", "leave": "left", "show": "showed"}
+
+
+# So _lemma() can undo every past tense _past() forms.
+_IRREGULAR.update({past: lemma for lemma, past in _PAST.items() if past not in _IRREGULAR and past != lemma + "ed"})
+
+
+def _past(lemma: str) -> str:
+    if lemma in _PAST:
+        return _PAST[lemma]
+    if lemma.endswith("e"):
+        return lemma + "d"
+    if lemma.endswith("y") and lemma[-2:-1] not in "aeiou":
+        return lemma[:-1] + "ied"
+    return lemma + "ed"
+
+
+def with_synonym(sentence: str, subject: dict, index: int = 0) -> str | None:
+    """The sentence with the verb after its subject swapped for a synonym in the same form
+    ("Wenna Ostrocliff leads the Ketterline Lab." -> "... heads ..."); None when the verb has none.
+    Questions are then built from it by the same rules, so word order stays grammatical."""
+    _, b = _with_article(sentence, subject)
+    m = re.match(r"^(\s+(?:is |was |are |were )?)(\w+)\b", sentence[b:])
+    if not m:
+        return None
+    aux, verb = m.group(1).strip(), m.group(2)
+    lemma = verb if verb in SYNONYMS else _lemma(verb)
+    if not lemma or lemma not in SYNONYMS:
+        return None
+    syn = SYNONYMS[lemma][index % len(SYNONYMS[lemma])]
+    first, _, rest = syn.partition(" ")
+    if aux or verb.endswith("ed") or verb in _IRREGULAR and verb not in ("has",):
+        if aux and not _PARTICIPLE_AS_PAST.match(_past(first)):
+            return None  # a passive needs a participle we can form by rule
+        first = _past(first)
+    elif verb.endswith("s"):
+        first = _third_person(first)
+    new = " ".join(x for x in (first, rest) if x)
+    at = b + m.start(2)
+    return sentence[:at] + new + sentence[at + len(verb):]
 
 
 def check_self_contained(question: str, answer: str) -> str | None:
@@ -285,13 +404,31 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1) -> tuple[lis
             add("entity", cloze(s, subject).replace("What ", "Who or what ", 1), s)
         # Prefer numbers, dates and the last names: they carry the facts users ask about.
         targets = [sp for sp in spans if sp is not subject]
-        targets.sort(key=lambda sp: (sp["kind"] == "name", -sp["start"]))
-        for sp in targets[:max_direct_per_sentence]:
-            # Two phrasings of the same question where rules allow: a small model only learns to
+        targets.sort(key=lambda sp: (["number", "date", "year", "name"].index(sp["kind"]), -sp["start"]))
+        for k, sp in enumerate(targets[:max_direct_per_sentence]):
+            # Two phrasings of the first question where rules allow: a small model only learns to
             # answer reworded questions when each fact was asked more than one way.
-            for q in dict.fromkeys([subject and fronted(s, subject, sp), cloze(s, sp)]):
-                if q:
+            # Each fact is asked two ways: the fronted question and, for the sentence's main fact, the
+            # same with a synonym verb (indirect) or else the cloze form.
+            asked = [q for q in dict.fromkeys([subject and fronted(s, subject, sp),
+                                               None if is_modifier(s, sp) else cloze(s, sp)]) if q]
+            reworded = subject and k == 0 and with_synonym(s, subject)
+            span = reworded and next((x for x in find_spans(reworded) if x["text"] == sp["text"]), None)
+            synonym_q = span and fronted(reworded, subject, span)
+            if synonym_q and synonym_q not in asked:
+                add("direct", asked[0], s)
+                add("indirect", synonym_q, s)
+            else:
+                for q in asked[:2 if k == 0 else 1]:
                     add("direct", q, s)
+        agent = subject and next((sp for sp in targets if sp["kind"] == "name" and active_agent(s, subject, sp)), None)
+        if agent:
+            add("indirect", active_agent(s, subject, agent), s)
+            reworded = with_synonym(s, subject)
+            span = reworded and next((x for x in find_spans(reworded) if x["text"] == agent["text"]), None)
+            q = span and active_agent(reworded, subject, span)
+            if q:
+                add("indirect", q, s)
     for entity, facts in facts_about.items():
         if len(facts) >= 3:
             head = _head(entity)
@@ -320,43 +457,62 @@ def entity_mentions(chunk: dict) -> list[dict]:
     return rows
 
 
-def cross_doc_group(group: pd.DataFrame, per_entity: int = 2) -> pd.DataFrame:
-    """Ray Data `map_groups` body for one shared entity: converging-clue and bridge questions.
+def cross_doc_group(group: pd.DataFrame, per_entity: int = 4) -> pd.DataFrame:
+    """Ray Data `map_groups` body for one shared entity: bridge and converging-clue questions.
 
     Documents are grouped by the names they share, which any corpus has; the paper's code used each
-    benchmark question's gold evidence, which no real deployment has.
+    benchmark question's gold evidence, which no real deployment has. Bridges name the entity only
+    through a fact of document A and ask for another fact of document B; every fact of B gets its turn
+    (round robin over document pairs) before a pair gets a second one, up to `per_entity` rows.
     """
-    rows: list[dict] = []
-    mentions = group.drop_duplicates(["doc_id", "sentence"]).to_dict("records")
+    entity = group["entity"].iloc[0] if len(group) else ""
+    # A mention inside a list ("operates A, B and C") gives garbled descriptions; leave those out.
+    listed = re.compile(rf"(,\s*(the\s+)?{re.escape(entity)}|{re.escape(entity)}\s*,|\band\s+(the\s+)?{re.escape(entity)}"
+                        rf"|{re.escape(entity)}\s+and\b)")
+    mentions = [m for m in group.drop_duplicates(["doc_id", "sentence"]).to_dict("records")
+                if not listed.search(m["sentence"])]
     docs = sorted({m["doc_id"] for m in mentions})
     if len(docs) < 2:
-        return pd.DataFrame(rows, columns=COLUMNS + ["reason"])
-    entity, domain = mentions[0]["entity"], mentions[0]["domain"]
+        return pd.DataFrame([], columns=COLUMNS + ["reason"])
+    domain = mentions[0]["domain"]
     by_doc = {d: [m for m in mentions if m["doc_id"] == d] for d in docs}
-    for da, db in itertools.permutations(docs, 2):
-        if len(rows) >= per_entity:
-            break
-        ma, mb = by_doc[da][0], by_doc[db][0]
-        span_a = next(sp for sp in find_spans(ma["sentence"]) if sp["kind"] == "name" and sp["text"] == entity)
-        span_b = next(sp for sp in find_spans(mb["sentence"]) if sp["kind"] == "name" and sp["text"] == entity)
-        desc_a = describe(ma["sentence"], span_a)
-        ids = [ma["chunk_id"], mb["chunk_id"]]
-        answer = f"{ma['sentence']} {mb['sentence']}"
-        # Bridge: ask for another fact of sentence B, naming the entity only through sentence A.
+
+    def span_of(m):
+        return next(sp for sp in find_spans(m["sentence"]) if sp["kind"] == "name" and sp["text"] == entity)
+
+    def bridge(ma, mb):
+        span_b = span_of(mb)
+        desc_a = describe(ma["sentence"], span_of(ma))
         a, b = _with_article(mb["sentence"], span_b)
-        target = next((sp for sp in find_spans(mb["sentence"]) if sp["end"] <= a or sp["start"] >= b), None)
-        if target:
-            sent_b = mb["sentence"]
-            q = cloze(sent_b, target, replacement=lambda q, s=sent_b, a=a, b=b: q.replace(s[a:b], desc_a, 1))
-            q = re.sub(r"^What ", "Who or what ", re.sub(r"\s+([,;?])", r"\1", q))
-            rows.append({**_row(domain, "cross_doc", q, answer, ids), "reason": ""})
-        # Converging clues: both sentences describe the entity; the answer names it.
-        if da < db:
-            desc_b = describe(mb["sentence"], span_b)
-            clue_b = desc_b.split(" that ", 1)[1]
-            q = f"Which is {desc_a}, and also that {clue_b}?"
-            rows.append({**_row(domain, "cross_doc", q[0].upper() + q[1:], f"{entity}. {answer}", ids), "reason": ""})
-    return pd.DataFrame(rows[:per_entity], columns=COLUMNS + ["reason"])
+        target = next((sp for sp in find_spans(mb["sentence"])
+                       if (sp["end"] <= a or sp["start"] >= b) and not is_modifier(mb["sentence"], sp)), None)
+        if not target:
+            return None
+        sent_b = mb["sentence"]
+        q = cloze(sent_b, target, replacement=lambda q, s=sent_b, a=a, b=b: q.replace(s[a:b], desc_a, 1))
+        q = re.sub(r"^What ", "Who or what ", re.sub(r"\s+([,;?])", r"\1", q))
+        return _row(domain, "cross_doc", q, f"{ma['sentence']} {mb['sentence']}", [ma["chunk_id"], mb["chunk_id"]])
+
+    def converging(ma, mb):
+        desc_a, desc_b = describe(ma["sentence"], span_of(ma)), describe(mb["sentence"], span_of(mb))
+        q = f"Which is {desc_a}, and also that {desc_b.split(' that ', 1)[1]}?"
+        return _row(domain, "cross_doc", q[0].upper() + q[1:], f"{entity}. {ma['sentence']} {mb['sentence']}",
+                    [ma["chunk_id"], mb["chunk_id"]])
+
+    # Candidates in rounds: each round takes one more fact of each document, so coverage spreads out.
+    rounds = max(len(v) for v in by_doc.values())
+    rows: list[dict] = []
+    for k in range(rounds):
+        for j, (da, db) in enumerate(itertools.permutations(docs, 2)):
+            ma_list, mb_list = by_doc[da], by_doc[db]
+            if k < len(mb_list):  # pairs start at different facts, so a cap still covers each document
+                row = bridge(ma_list[(j + k) % len(ma_list)], mb_list[(j + k) % len(mb_list)])
+                if row:
+                    rows.append(row)
+        if k == 0:
+            rows += [converging(by_doc[da][0], by_doc[db][0]) for da, db in itertools.combinations(docs, 2)][:1]
+    rows = list({r["id"]: r for r in rows}.values())[:per_entity]
+    return pd.DataFrame([{**r, "reason": ""} for r in rows], columns=COLUMNS + ["reason"])
 
 
 def abstain_rows(reflections: pd.DataFrame, corpus_text: str, ratio: float, domain: str) -> list[dict]:
@@ -424,7 +580,8 @@ def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
              f"{int((local.reason != '').sum())} rejected")
     mentions = chunks.flat_map(entity_mentions)
     if mentions.count():
-        cross = mentions.groupby("entity", num_partitions=4).map_groups(cross_doc_group, batch_format="pandas").to_pandas()
+        cross = mentions.groupby("entity", num_partitions=4).map_groups(
+            cross_doc_group, batch_format="pandas", fn_kwargs={"per_entity": cfg.cross_doc_per_entity}).to_pandas()
     else:
         cross = pd.DataFrame(columns=COLUMNS + ["reason"])
     cross = cross.head(cfg.max_cross_doc_pairs)

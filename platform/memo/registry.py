@@ -133,7 +133,7 @@ def download_version(domain: str, version: str) -> Path:
     c = client()
     mv = c.get_model_version(registered_name(domain), version)
     dst = memo_home() / "cache" / registered_name(domain) / str(version)
-    if (dst / "config.json").exists():
+    if (dst / "config.json").exists() or (dst / "adapter_config.json").exists():  # full or LoRA-adapter export
         return dst
     tmp = dst.with_name(f"{version}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,177 @@
+"""Training throughput: `memo train` (Ray Train) against a plain PyTorch loop, 2 workers against 1,
+and achieved FLOP/s against this machine's own matmul peak (an MFU figure).
+
+All three runs use the same model, the same length-grouped micro-batches (built by the same code as
+`memo train`), the same precision and AdamW settings, and count throughput the same way: tokens
+processed (prompt + answer, no padding) over the wall time of the optimizer loop, first step included.
+
+    python benchmarks/bench_training.py                      # SmolLM2-135M on the demo reflections, CPU
+    python benchmarks/bench_training.py --rows 32 --quick    # smaller, for a smoke run
+    python benchmarks/bench_training.py --device cuda --random-init   # on a GPU box (no weights needed)
+
+Last line: RESULT {"tokens_per_s", "plain_tokens_per_s", "ratio_vs_plain", "scaling_2_vs_1", "mfu", "device"}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(0)}"
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or "unknown"
+    return f"cpu: {model}, {os.cpu_count()} cores"
+
+
+def matmul_peak(device: str, dtype, n: int = 2048, seconds: float = 3.0) -> float:
+    """FLOP/s of a large square matmul in the training dtype: the ceiling the model's matmuls approach."""
+    import torch
+
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+        if device == "cuda":
+            torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def plain_loop(base_path: str, batches, lr: float, precision: str, device: str, pad_id: int) -> dict:
+    """The baseline: one process, all cores, no Ray, the same micro-batches and loss as `memo train`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from memo.memory import accumulation_step, collate
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, local_files_only=True).to(device)
+    model.config.use_cache = False
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    tokens, t0 = 0, time.time()
+    for ids, labels in zip(batches["input_ids"], batches["labels"]):
+        mb = tuple(t.to(device) for t in collate(ids, labels, pad_id))
+        _, n = accumulation_step(model, [mb], precision == "bf16")
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += n
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.time() - t0
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--base-model", default="smollm2-135m")
+    ap.add_argument("--reflections", help="reflections folder (default: synthesize the demo corpus)")
+    ap.add_argument("--rows", type=int, default=64, help="training examples per run (one epoch)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--random-init", action="store_true", help="random weights from the base model's config")
+    ap.add_argument("--quick", action="store_true", help="skip the 2-worker run")
+    args = ap.parse_args()
+
+    os.environ.setdefault("MEMO_HOME", tempfile.mkdtemp(prefix="memo-bench-"))
+    sys.path.insert(0, str(REPO / "platform"))
+    import pandas as pd
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from memo.config import SynthesizeConfig, TrainConfig, build_config
+    from memo.memory import count_params, length_grouped_batches, resolve_precision, tokenize_reflections, train
+    from memo.models import resolve_base_model
+    from memo.reflections import load_reflections, synthesize
+    from memo.runtime import init_ray, quiet
+
+    quiet()
+    init_ray()
+    base_path = resolve_base_model(args.base_model)
+    if args.random_init:  # weights cannot travel to a lent GPU box; the config and tokenizer are enough
+        path = Path(os.environ["MEMO_HOME"]) / "random-init"
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path)).save_pretrained(path)
+        AutoTokenizer.from_pretrained(base_path).save_pretrained(path)
+        base_path = str(path)
+    refl = args.reflections
+    if not refl:
+        refl = str(Path(os.environ["MEMO_HOME"]) / "bench-reflections")
+        synthesize(build_config(SynthesizeConfig, {"domain": "bench", "corpus": str(REPO / "examples/demo/corpus.jsonl"),
+                                                   "out": refl}), progress=lambda *_: None)
+    df = load_reflections(refl).sample(frac=1.0, random_state=0).head(args.rows)
+    subset = Path(os.environ["MEMO_HOME"]) / "bench-subset"
+    subset.mkdir(parents=True, exist_ok=True)
+    df.to_parquet(subset / "reflections.parquet")
+    precision = resolve_precision("auto", args.device)
+    tok = AutoTokenizer.from_pretrained(base_path)
+    data, _ = tokenize_reflections(df, tok, 256)
+    batches = length_grouped_batches(data, args.batch_size, 1)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    n_params = count_params(base_path)
+    lr = 3e-4
+
+    print(f"[bench] {device_name(args.device)}; {n_params / 1e6:.1f}M params, {len(data)} examples in "
+          f"{len(batches)} micro-batches of <= {args.batch_size}, {precision}", flush=True)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    peak = matmul_peak(args.device, dtype)
+    print(f"[bench] matmul peak ({precision}): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    plain = plain_loop(base_path, batches, lr, precision, args.device, pad_id)
+    print(f"[bench] plain loop: {plain['tokens_per_s']:.1f} tok/s", flush=True)
+
+    def memo_run(workers: int) -> dict:
+        cfg = build_config(TrainConfig, {"domain": "bench", "reflections": str(subset), "base_model": base_path,
+                                         "workers": workers, "epochs": 1, "lr": lr, "batch_size": args.batch_size,
+                                         "device": args.device, "eval_sample": 0, "register": False,
+                                         "checkpoint_every": 10**6})
+        r = train(cfg, progress=lambda *_: None)
+        print(f"[bench] memo train, {workers} worker(s): {r['tokens_per_s']:.1f} tok/s", flush=True)
+        return r
+
+    one = memo_run(1)
+    two = None if args.quick else memo_run(2)
+    achieved = 6 * n_params * one["tokens_per_s"]
+    result = {
+        "tokens_per_s": round(one["tokens_per_s"], 2),
+        "plain_tokens_per_s": round(plain["tokens_per_s"], 2),
+        "ratio_vs_plain": round(one["tokens_per_s"] / plain["tokens_per_s"], 3),
+        "scaling_2_vs_1": round(two["tokens_per_s"] / one["tokens_per_s"], 3) if two else None,
+        "mfu": round(achieved / peak, 4),
+        "device": device_name(args.device),
+    }
+    rows = [("plain PyTorch loop (1 process)", plain["tokens_per_s"], "baseline"),
+            ("memo train, 1 Ray Train worker", one["tokens_per_s"], f"{result['ratio_vs_plain']:.2f}x plain"),
+            ("memo train, 2 workers (FSDP2)", two["tokens_per_s"] if two else float("nan"),
+             f"{result['scaling_2_vs_1']:.2f}x 1 worker" if two else "skipped")]
+    print(f"\n{'run':<34} {'tok/s':>9}  vs")
+    for name, tps, vs in rows:
+        print(f"{name:<34} {tps:>9.1f}  {vs}")
+    print(f"{'achieved FLOP/s (6 N tokens/s)':<34} {achieved / 1e9:>9.1f}G  MFU {result['mfu']:.1%} of "
+          f"{peak / 1e9:.1f} GFLOP/s matmul peak")
+    print("RESULT " + json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Production training options: gradient accumulation, LoRA (merged and adapter exports), continual
+updates with replay and lineage, and the errors that must come before any worker starts."""
+
+import pandas as pd
+import pytest
+
+from conftest import DEMO_CORPUS
+from memo.errors import MemoError
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tiny_model, tok):
+    """Two micro-batches of different lengths and answer-token counts, accumulated, must give the same
+    gradient as all four examples in one batch (the loss is normalised by the step's token count)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from memo.memory import accumulation_step, collate, encode_example
+
+    pairs = [("Who leads the Ketterline Lab?", "Wenna Ostrocliff leads the Ketterline Lab."),
+             ("Where is it?", "Velmora."),
+             ("When did the Vessamere Lantern enter production?", "The Vessamere Lantern entered production in 1998."),
+             ("How many?", "138 staff members work in the Glimmerfield Division, based in Skarreth Point.")]
+    enc = [encode_example(tok, q, a) for q, a in pairs]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+
+    accumulation_step(model, [collate(*zip(*enc), pad)])
+    big = _grads(model)
+    model.zero_grad(set_to_none=True)
+    accumulation_step(model, [collate(*zip(*enc[:2]), pad), collate(*zip(*enc[2:]), pad)])
+    acc = _grads(model)
+    assert big.keys() == acc.keys() and big
+    for n in big:
+        torch.testing.assert_close(acc[n], big[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_decoder_layers_are_found_through_a_peft_wrapper(tiny_model):
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from memo.memory import decoder_layers, lora_config
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    assert len(decoder_layers(model)) == 2
+    peft = get_peft_model(model, lora_config({"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}))
+    assert len(decoder_layers(peft)) == 2
+    trainable = {n.split(".")[-4] for n, p in peft.named_parameters() if p.requires_grad}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= trainable
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"effective_batch_size": 12, "batch_size": 8}, "multiple of batch_size x workers"),
+    ({"finetune": "qlora"}, "full or lora"),
+    ({"recipe": "fast"}, "auto .*paper"),
+    ({"epochs": 0}, "use 1 or more"),
+    ({"eval_questions": "/nope.jsonl"}, "no such file"),
+])
+def test_training_config_errors_name_the_field(values, message):
+    from memo.config import TrainConfig, build_config
+
+    with pytest.raises(MemoError, match=message):
+        build_config(TrainConfig, {"domain": "d", "reflections": "r", **values})
+
+
+def test_paper_recipe_and_lora_rates():
+    from memo.memory import default_schedule
+
+    assert default_schedule(135e6, 200, "paper")[:2] == (3, 2e-5)
+    assert default_schedule(135e6, 200, "paper", "lora")[:2] == (3, 2e-4)
+    assert default_schedule(14e9, 10**6)[:2] == (3, 2e-5)
+    assert default_schedule(135e6, 200, "auto", "lora")[1] > default_schedule(135e6, 200)[1]
+
+
+@pytest.fixture(scope="module")
+def demo_reflections(ray_local, tmp_path_factory):
+    from memo.config import SynthesizeConfig, build_config
+    from memo.reflections import synthesize
+
+    out = tmp_path_factory.mktemp("refl")
+    synthesize(build_config(SynthesizeConfig, {"domain": "cont", "corpus": str(DEMO_CORPUS), "out": str(out)}))
+    return out
+
+
+@pytest.mark.slow
+def test_lora_continual_update_registers_a_child_with_replay_and_lineage(ray_local, tiny_model, demo_reflections,
+                                                                         tmp_path):
+    """v1: full SFT with 2-step gradient accumulation. v2: LoRA adapter fine-tuned from v1 (`--from
+    candidate`) on new reflections plus a replay share of v1's; its lineage names v1 and it loads."""
+    import torch
+
+    from memo import registry
+    from memo.config import TrainConfig, build_config
+    from memo.memory import read_manifest, train
+    from memo.models import load_model
+    from memo.reflections import COLUMNS
+
+    base = {"domain": "cont", "base_model": tiny_model, "epochs": 1, "lr": 2e-3, "eval_sample": 2}
+    v1 = train(build_config(TrainConfig, {**base, "reflections": str(demo_reflections), "batch_size": 4,
+                                          "effective_batch_size": 8}), progress=print)
+    m1 = read_manifest(v1["model_dir"])
+    assert m1["training_config"]["accumulation"] == 2
+    assert v1["step"] == m1["training_config"]["total_steps"]
+
+    new = tmp_path / "new"
+    new.mkdir()
+    rows = [{"id": f"n{i}", "domain": "cont", "step": "direct", "question": f"What did survey {i} of Lake Orrin count?",
+             "answer": f"Survey {i} of Lake Orrin counted {40 + i} herons.", "source_chunk_ids": ["new#0"],
+             "generator": "rules", "verified": True} for i in range(10)]
+    pd.DataFrame(rows, columns=COLUMNS).to_parquet(new / "reflections.parquet")
+
+    v2 = train(build_config(TrainConfig, {**base, "reflections": str(new), "parent": "candidate",
+                                          "finetune": "lora", "lora_r": 4, "lora_export": "adapter",
+                                          "replay_ratio": 0.5}), progress=print)
+    m2 = read_manifest(v2["model_dir"])
+    assert int(v2["version"]) == int(v1["version"]) + 1
+    assert m2["parent_version"] == v1["version"] and m2["base_model"] == f"models:/memo-cont/{v1['version']}"
+    assert m2["new_rows"] == 10 and m2["replay_rows"] == 5 and m2["reflection_rows"] == 15
+    assert m2["reflection_sources"][1] == m1["reflections"]  # v1's data is the replay pool of later updates
+    assert m2["root_base_model"] == tiny_model
+    tags = registry.client().get_model_version("memo-cont", v2["version"]).tags
+    assert tags["memo.parent_version"] == v1["version"] and tags["memo.finetune"] == "lora"
+
+    folder = registry.download_version("cont", v2["version"])
+    assert (folder / "adapter_config.json").exists() and not (folder / "config.json").exists()
+    child, _ = load_model(str(folder))
+    parent, _ = load_model(str(registry.download_version("cont", v1["version"])))
+    diffs = [float((a - b).abs().max()) for a, b in zip(child.state_dict().values(), parent.state_dict().values())]
+    assert max(diffs) > 0  # the adapter changed the parent's weights
+    assert all(torch.isfinite(p).all() for p in child.parameters())
+
+
+def test_continual_update_from_a_missing_alias_fails_before_training(ray_local, tiny_model, demo_reflections):
+    from memo import registry
+    from memo.config import TrainConfig, build_config
+    from memo.memory import train
+
+    before = registry.list_domains()
+    with pytest.raises(MemoError, match="no alias 'nope'|unknown domain"):
+        train(build_config(TrainConfig, {"domain": "cont", "reflections": str(demo_reflections),
+                                         "base_model": tiny_model, "parent": "nope"}), progress=print)
+    assert registry.list_domains() == before
