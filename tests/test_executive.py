@@ -68,3 +68,16 @@ def test_an_answer_that_adds_no_fact_falls_back_to_the_memory():
     exe = Scripted("", "Wenna Ostrocliff.")
     tr = single_turn(q, exe, Memory({q: "Wenna Ostrocliff leads the Ketterline Lab."}))
     assert tr.answer == "Wenna Ostrocliff." and tr.steps[-1]["step"] == "answer"
+
+
+def test_an_answer_that_drops_what_the_memory_said_falls_back_with_a_trace():
+    """The memory named the person asked for; a weak executive's rewrite lost it."""
+    q = "Who came up with the power cell that the Vessamere Lantern has relied on since 2013?"
+    said = "Ilsabet Vornhollow came up with the Corvane Cell."
+    exe = Scripted("", "The Corvane Cell has relied on the Vessamere Lantern since 2013.")
+    tr = single_turn(q, exe, Memory({q: said}))
+    assert tr.answer == said
+    assert tr.steps[-1]["step"] == "fallback" and "Ilsabet Vornhollow" in tr.steps[-1]["why"]
+    # an answer that keeps the memory's facts stands
+    exe = Scripted("", "Ilsabet Vornhollow, who invented the Corvane Cell.")
+    assert single_turn(q, exe, Memory({q: said})).answer == "Ilsabet Vornhollow, who invented the Corvane Cell."

@@ -59,7 +59,7 @@ def test_missing_chat_template_is_a_clear_error(tmp_path):
 
 
 def test_defaults_follow_model_and_data_size():
-    assert default_schedule(135e6, 300)[:2] == (8, 3e-4)
+    assert default_schedule(135e6, 300)[:2] == (6, 3e-4)
     assert default_schedule(14e9, 600_000)[:2] == (3, 2e-5)  # the paper's recipe at the paper's scale
     assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("auto", "cuda") == "bf16"
@@ -86,3 +86,11 @@ def test_answer_only_logits_give_the_models_own_loss(tiny_model, tok):
     assert torch.allclose(got, expected, atol=1e-5)
     got.backward()
     assert model.lm_head.weight.grad is not None or model.get_input_embeddings().weight.grad is not None
+
+
+def test_degenerate_repetition_is_trimmed_and_normal_answers_are_untouched():
+    from memo.memory import trim_repetition
+
+    assert trim_repetition("Wenna Ostrocliff.Wenna Ostrocliff.Wenna Ostrocliff.Wenna Ostr") == "Wenna Ostrocliff."
+    for ok in ("The Ketterline Lab is based in Velmora. It operates the Thistlewire Relay.", "1998", ""):
+        assert trim_repetition(ok) == ok

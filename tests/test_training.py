@@ -121,7 +121,7 @@ def test_lora_continual_update_registers_a_child_with_replay_and_lineage(ray_loc
     pd.DataFrame(rows, columns=COLUMNS).to_parquet(new / "reflections.parquet")
 
     v2 = train(build_config(TrainConfig, {**base, "reflections": str(new), "parent": "candidate",
-                                          "finetune": "lora", "lora_r": 4, "lora_export": "adapter",
+                                          "finetune": "lora", "lora_r": 4, "lora_export": "adapter", "holdout_ratio": 0.0,
                                           "replay_ratio": 0.5}), progress=print)
     m2 = read_manifest(v2["model_dir"])
     assert int(v2["version"]) == int(v1["version"]) + 1

@@ -3,7 +3,9 @@ implementation (trl style): `python jobs/train.py ...` == `memo train ...`.
 
     memo synthesize --domain demo --corpus examples/demo/corpus.jsonl --out .memo/reflections/demo
     memo train --domain demo --corpus examples/demo/corpus.jsonl        # synthesize + train + register
-    memo promote --domain demo --to champion
+    memo promote --domain demo --to champion            # gated: refuses a worse candidate
+    memo rollback --domain demo
+    memo tenants add --file tenants.yaml --name team-a --domains demo --rpm 120
     memo status
     memo serve --domains demo
     memo ask --domain demo "Who started the Halvenmere Cooperative?"
@@ -95,13 +97,26 @@ def cmd_train(args) -> dict:
 
 
 def cmd_promote(args) -> dict:
-    from memo import registry
+    from memo.promotion import promote
 
-    version = args.version or registry.resolve_version(args.domain, args.from_alias)
-    previous = registry.set_alias(args.domain, args.to, version, reason=args.reason or f"promoted from {args.from_alias}")
-    print(f"memo-{args.domain}: alias {args.to!r} -> version {version}"
-          + (f" (was version {previous})" if previous else " (new alias)"))
-    return {"domain": args.domain, "alias": args.to, "version": version, "previous": previous}
+    return promote(args.domain, args.to, args.from_alias, args.version, args.qa, args.margin, args.force,
+                   args.reason or "")
+
+
+def cmd_rollback(args) -> dict:
+    from memo.promotion import rollback
+
+    return rollback(args.domain, args.alias)
+
+
+def cmd_tenants_add(args) -> dict:
+    from memo.tenants import add_tenant
+
+    key = add_tenant(args.file, args.name, [d for d in args.domains.split(",") if d], args.rpm)
+    # The key is shown once, on stdout only; the file keeps its sha256.
+    print(f"tenant {args.name!r} added to {args.file} (domains {args.domains}, {args.rpm or 'no'} requests/min limit)")
+    print(f"API key (shown once; store it in your secret manager): {key}")
+    return {"name": args.name}
 
 
 def cmd_status(args) -> dict:
@@ -126,6 +141,9 @@ def cmd_status(args) -> dict:
                   f"run={v['run_id'][:8]} {' '.join('@' + t for t in tags)}")
         for dep, s in st["serving"].items():
             print(f"  served by {dep}: v{s['version']} since {s['since']}")
+        for span in st["serving_history"][-6:]:
+            print(f"  {span['deployment']} served v{span['version']} from {span['since']} "
+                  f"to {span['until'] or 'now'}")
         for h in st["alias_history"][-5:]:
             was = f"v{h['from']}" if h['from'] else "(new)"
             print(f"  {h['at']}  {h['alias']}: {was} -> v{h['to']}  {h.get('reason', '')}")
@@ -138,7 +156,8 @@ def cmd_serve(args) -> None:
     from memo.runtime import init_ray
 
     cfg = build_config(ServeConfig, _config_values(args, {
-        "domains": args.domains, "alias": args.alias, "host": args.host, "port": args.port}))
+        "domains": args.domains, "alias": args.alias, "host": args.host, "port": args.port,
+        "tenants_file": args.tenants_file}))
     init_ray()
     url = serving.run(cfg)
     print(f"memo router on {url}  (GET {url}/v1/models, POST {url}/v1/chat/completions); Ctrl-C stops it",
@@ -211,8 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--to", default="champion")
     pr.add_argument("--from", dest="from_alias", default="candidate")
     pr.add_argument("--version", help="promote this version instead of the --from alias")
+    pr.add_argument("--qa", action="append", default=[], metavar="FILE.jsonl",
+                    help="extra held-out QA for the gate (question, answer, aliases); repeatable")
+    pr.add_argument("--margin", type=float, default=0.05,
+                    help="refuse when the candidate scores more than this below the current version")
+    pr.add_argument("--force", action="store_true", help="promote even if the gate fails (logged)")
     pr.add_argument("--reason")
     pr.set_defaults(fn=cmd_promote)
+
+    rb = sub.add_parser("rollback", help="point an alias back at its previous version")
+    rb.add_argument("--domain", required=True)
+    rb.add_argument("--alias", default="champion")
+    rb.set_defaults(fn=cmd_rollback)
+
+    tn = sub.add_parser("tenants", help="manage router API keys")
+    tsub = tn.add_subparsers(dest="tenants_command", required=True)
+    ta = tsub.add_parser("add", help="add a tenant and print its new API key once")
+    ta.add_argument("--file", required=True, help="tenants YAML (created if missing; mode 600)")
+    ta.add_argument("--name", required=True)
+    ta.add_argument("--domains", required=True, help="comma-separated domains, or * for all")
+    ta.add_argument("--rpm", type=int, default=0, help="requests per minute (0 = unlimited)")
+    ta.set_defaults(fn=cmd_tenants_add)
 
     st = sub.add_parser("status", help="domains, versions, aliases and what is served")
     st.add_argument("--domain")
@@ -224,6 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--alias")
     sv.add_argument("--host")
     sv.add_argument("--port", type=int)
+    sv.add_argument("--tenants-file", help="tenants YAML with hashed API keys (see `memo tenants add`)")
     _common(sv)
     sv.set_defaults(fn=cmd_serve)
 

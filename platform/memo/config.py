@@ -105,6 +105,7 @@ class TrainConfig:
     seed: int = 0
     eval_sample: int = 24           # training reflections re-asked after training (memorization check)
     eval_questions: str = ""        # optional held-out QA JSONL (question, answer, aliases) asked after training
+    holdout_ratio: float = 0.05     # paraphrases kept out of training to evaluate on (and gate promotions with)
     register: bool = True           # register the result as a new version of memo-<domain>
     alias: str = "candidate"        # alias given to the new version
 
@@ -138,6 +139,8 @@ class TrainConfig:
         if self.effective_batch_size and (self.effective_batch_size < micro or self.effective_batch_size % micro):
             raise MemoError(f"effective_batch_size={self.effective_batch_size}: use a multiple of batch_size x workers "
                             f"= {micro} (or 0 for no gradient accumulation)")
+        if not 0 <= self.holdout_ratio < 0.5:
+            raise MemoError(f"holdout_ratio={self.holdout_ratio}: use a share in [0, 0.5)")
         if not 0 <= self.replay_ratio <= 10:
             raise MemoError(f"replay_ratio={self.replay_ratio}: use a share in [0, 10] of the new rows")
         if self.eval_questions and not Path(self.eval_questions).exists():
@@ -154,15 +157,40 @@ class ServeConfig:
     max_new_tokens: int = 64        # default reply length
     max_tokens_cap: int = 256       # largest max_tokens a request may ask for
     max_models_per_replica: int = 4  # LRU of loaded memory versions per replica (@serve.multiplexed)
+    replica_cpus: float = 1.0       # CPUs reserved per memory replica
+    replica_gpus: float = 0.0       # GPUs per memory replica (vllm engine: 1)
+    engine: str = "transformers"    # transformers (CPU or GPU) or vllm (GPU; `pip install memo-platform[gpu]`)
     alias_refresh_s: float = 5.0    # how stale the router's alias -> version view may get
     host: str = "127.0.0.1"         # loopback by default; expose deliberately
     port: int = 8000
     memo_home: str = ""             # "": MEMO_HOME of the process that builds the app (made absolute)
     tracking_uri: str = ""          # "": MLFLOW_TRACKING_URI, else the SQLite file under memo_home
+    tenants_file: str = ""          # YAML of tenants (hashed API keys, allowed domains, rate limits), see
+                                    # memo.tenants; "" = no keys, allowed only on a loopback host
+    allow_anonymous: bool = False   # serve without keys on a non-loopback host (you know what you do)
+    max_prompt_chars: int = 4000    # longer questions get 413
+    max_batch_size: int = 8         # @serve.batch: questions generated together per replica (1 = off)
+    batch_wait_timeout_s: float = 0.02  # how long a replica waits to fill a batch
+    dedicated_domains: list[str] = field(default_factory=list)  # hot domains with their own autoscaled deployment
+    dedicated_min_replicas: int = 1
+    dedicated_max_replicas: int = 2
 
     def validate(self) -> "ServeConfig":
-        for d in self.domains:
+        for d in self.domains + self.dedicated_domains:
             check_domain(d, "domains")
+        if self.domains and not set(self.dedicated_domains) <= set(self.domains):
+            raise MemoError(f"dedicated_domains={self.dedicated_domains}: each must also be in domains={self.domains}")
+        if not self.tenants_file and not self.allow_anonymous and self.host not in ("127.0.0.1", "localhost", "::1"):
+            raise MemoError(f"host={self.host}: a non-loopback router needs API keys; set tenants_file "
+                            "(see `memo tenants add`) or allow_anonymous=true")
+        if self.engine not in ("transformers", "vllm"):
+            raise MemoError(f"engine={self.engine!r}: use transformers or vllm")
+        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
+            raise MemoError("max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
+        if self.max_prompt_chars < 1:
+            raise MemoError(f"max_prompt_chars={self.max_prompt_chars}: use 1 or more")
+        if not 1 <= self.dedicated_min_replicas <= self.dedicated_max_replicas:
+            raise MemoError("use 1 <= dedicated_min_replicas <= dedicated_max_replicas")
         if self.max_new_tokens < 1 or self.max_new_tokens > self.max_tokens_cap:
             raise MemoError(f"max_new_tokens={self.max_new_tokens}: use 1..max_tokens_cap ({self.max_tokens_cap})")
         if self.max_models_per_replica < 1:

@@ -40,7 +40,7 @@ def matches(prediction: str, row: dict) -> bool:
 def run(args) -> dict:
     from memo import executive as ex
     from memo import registry, serving
-    from memo.cli import cmd_train
+    from memo.cli import build_parser, cmd_train
     from memo.config import DEFAULT_BASE_MODEL, ServeConfig
     from memo.runtime import init_ray
 
@@ -53,16 +53,19 @@ def run(args) -> dict:
         result = {}
     else:
         print("== 1/4 synthesize + train + register (jobs/train.py) ==", flush=True)
-        train_args = type("A", (), dict(domain="demo", corpus=args.corpus, reflections=None, generator="rules",
-                                        base_model=None, workers=None, epochs=None, lr=None, device=None,
-                                        no_register=False, config=None, set=None))()
-        result = cmd_train(train_args)
+        # The same parser as `memo train`, so the demo runs exactly what a user's command would.
+        result = cmd_train(build_parser().parse_args(["train", "--domain", "demo", "--corpus", str(args.corpus)]))
         timings.update(result["timings"])
         version = result["version"]
 
     print("\n== 2/4 promote candidate -> champion ==", flush=True)
-    registry.set_alias("demo", "champion", version, reason="make demo")
-    print(f"memo-demo: alias 'champion' -> version {version}")
+    from memo.promotion import promote
+
+    try:  # through the gate, as a platform team would: a worse version does not replace the champion
+        promote("demo", "champion", version=version, reason="make demo")
+    except MemoError as e:
+        print(f"{e}\nserving the current champion instead", flush=True)
+        version = registry.resolve_version("demo", "champion")
 
     print("\n== 3/4 serve (Ray Serve router on 127.0.0.1) ==", flush=True)
     t0 = time.time()

@@ -106,6 +106,15 @@ def parse_subquestions(text: str, limit: int) -> list[str]:
     return out[:limit]
 
 
+def dropped_facts(answer: str, question: str, direct: str) -> list[str]:
+    """Names, numbers and dates the memory gave for the user's own question (and the question does not
+    name) that the executive's answer leaves out."""
+    from memo.reflections import find_spans
+
+    a, q = answer.lower(), question.lower()
+    return [sp["text"] for sp in find_spans(direct) if sp["text"].lower() not in q and sp["text"].lower() not in a]
+
+
 def adds_a_fact(answer: str, question: str, facts: list[str]) -> bool:
     """True when the answer names something (a name, number or date) that the memory's answers name
     and the question does not: the minimum an answer grounded in the memory must do."""
@@ -160,10 +169,20 @@ def single_turn(question: str, executive: ChatLLM, memory: MemoryClient, max_sub
         # weak executive's "The lab is led by the head of the lab") must not reach the user: fall back to
         # the memory's own answer and say so in the trace.
         tr.answer = out.strip()
+        direct = answers[0] if not is_idk(answers[0]) else ""
+        lost = dropped_facts(tr.answer, question, direct) if direct else []
         if not adds_a_fact(tr.answer, question, facts):
             tr.answer = facts[0]
             tr.steps.append({"role": "executive", "step": "fallback", "output": facts[0],
                              "why": "the executive's answer named no name, number or date from the memory's answers"})
+        elif lost:
+            # Grounding guard: the memory answered the user's own question and the executive's rewrite
+            # lost part of it (a weak executive drops the very name or number asked for); the memory's
+            # answer is returned instead, and the trace says what was lost.
+            tr.answer = direct
+            tr.steps.append({"role": "executive", "step": "fallback", "output": direct,
+                             "why": f"the executive's answer dropped {', '.join(lost)} from the memory's answer "
+                                    "to the question"})
     tr.seconds = time.time() - t0
     return tr
 

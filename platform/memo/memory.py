@@ -388,9 +388,25 @@ def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int = 
     return [tok.decode(o[n:], skip_special_tokens=True).strip() for o in out]
 
 
+def trim_repetition(text: str) -> str:
+    """Cut a small model's degenerate loop ("Wenna Ostrocliff.Wenna Ostrocliff.Wenna Ostr"): keep each
+    sentence once, in order, and drop a trailing fragment that only restarts an earlier sentence."""
+    import re
+
+    parts = [p for p in re.split(r"(?<=[.!?])", text) if p.strip()]
+    kept: list[str] = []
+    for p in parts:
+        if p.strip() not in (k.strip() for k in kept):
+            kept.append(p)
+    if len(kept) > 1 and not re.search(r"[.!?]\s*$", kept[-1]) and any(
+            k.strip().startswith(kept[-1].strip()) for k in kept[:-1]):
+        kept.pop()
+    return "".join(kept).strip() if len(kept) < len(parts) else text
+
+
 def ask_memory(model, tok, questions: list[str], max_new_tokens: int = 64) -> list[str]:
     """One fresh single-turn chat per question, in the exact training format."""
-    return generate(model, tok, [memory_messages(q) for q in questions], max_new_tokens)
+    return [trim_repetition(a) for a in generate(model, tok, [memory_messages(q) for q in questions], max_new_tokens)]
 
 
 def read_manifest(model_dir: str | Path) -> dict:
@@ -443,6 +459,8 @@ def train(cfg, progress=print) -> dict:
                  f"+ {replay} replayed")
     else:
         base_path = resolve_base_model(cfg.base_model)
+    data_hash, data_rows = dataset_hash(df), len(df)  # the input dataset, as the synthesize stage hashed it
+    df, heldout = split_heldout(df, cfg.holdout_ratio, cfg.seed)
     tok = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     check_chat_template(tok, f"--base-model {cfg.base_model}")
     data, dropped = tokenize_reflections(df, tok, cfg.max_seq_len)
@@ -462,7 +480,8 @@ def train(cfg, progress=print) -> dict:
     export_dtype = cfg.export_dtype if cfg.export_dtype != "auto" else ("bfloat16" if precision == "bf16" else "float32")
     stats_file = Path(cfg.reflections) / "stats.json" if Path(cfg.reflections).is_dir() else None
     synth = json.loads(stats_file.read_text()) if stats_file and stats_file.exists() else {}
-    progress(f"[train] {len(data)} examples ({dropped} over {cfg.max_seq_len} tokens dropped), "
+    progress(f"[train] {len(data)} examples ({dropped} over {cfg.max_seq_len} tokens dropped, "
+             f"{len(heldout)} paraphrases held out for evaluation), "
              f"{n_params / 1e6:.1f}M params, {cfg.finetune}, {cfg.workers} worker(s), {epochs} epochs x "
              f"{opt_steps_per_epoch} steps = {total} steps of {cfg.batch_size * cfg.workers * accum} examples"
              f"{f' ({accum} accumulated micro-batches)' if accum > 1 else ''}, lr {lr:g}, {precision}"
@@ -515,13 +534,21 @@ def train(cfg, progress=print) -> dict:
              f"({metrics.get('tokens_per_s', 0):.0f} tok/s), final loss {metrics.get('loss', float('nan')):.4f}")
 
     check = memorization_check(out, df, cfg.eval_sample, progress)
+    if len(heldout):
+        rows = heldout[["question", "answer"]].to_dict("records")
+        (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        check.update(heldout_check(out, rows, "heldout paraphrases", progress))
     if cfg.eval_questions:
-        check.update(heldout_check(out, cfg.eval_questions, progress))
+        from memo.promotion import load_eval_items
+
+        check.update(heldout_check(out, load_eval_items([cfg.eval_questions]), "questions from eval_questions",
+                                   progress))
     manifest = {
         "domain": cfg.domain, "base_model": base_model, "base_path": base_path,
         "root_base_model": read_manifest(base_path).get("root_base_model", cfg.base_model),
         "corpus_hash": synth.get("corpus_hash", ""), "reflections": sources[0], "reflection_sources": sources,
-        "reflections_hash": dataset_hash(df), "reflection_rows": len(df), "new_rows": new_rows, "replay_rows": replay,
+        "reflections_hash": data_hash, "reflection_rows": data_rows, "new_rows": new_rows, "replay_rows": replay,
+        "heldout_rows": len(heldout),
         "generator": synth.get("generator", ""), "finetune": cfg.finetune,
         "lora_export": cfg.lora_export if cfg.finetune == "lora" else None,
         "parent_version": parent_version, "run_id": run_id, "training_config": params, "metrics": {**metrics, **check},
@@ -595,29 +622,39 @@ def token_f1(pred: str, ref: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def heldout_check(model_dir: Path, questions_path: str, progress=print) -> dict:
-    """Ask held-out reworded questions (never trained on): the share whose reference answer (or an alias)
-    appears in the memory's reply, plus the best token F1 over aliases."""
-    from memo.corpus import read_jsonl
-    from memo.models import load_model
+def split_heldout(df: pd.DataFrame, ratio: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep some paraphrases out of training: (train, heldout).
 
-    rows = []
-    for n, r in read_jsonl(Path(questions_path), "a question object"):
-        if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
-            raise MemoError(f"{questions_path}:{n}: needs string fields question and answer")
-        rows.append(r)
+    Only direct/indirect questions whose answer (the same fact) stays in training under another
+    question are eligible, one per fact, so the held-out set measures whether the memory answers a
+    reworded question about something it learned, never whether it can guess an unseen fact. The
+    promotion gate and the post-training check use these questions.
+    """
+    n = int(round(ratio * len(df)))
+    if n == 0 or "step" not in df.columns:
+        return df, df.iloc[0:0]
+    counts = df["answer"].value_counts()
+    eligible = df[df["step"].isin(["direct", "indirect"]) & df["answer"].map(counts).gt(1)]
+    eligible = eligible.sample(frac=1.0, random_state=seed).drop_duplicates("answer").head(n)
+    return df.drop(index=eligible.index).reset_index(drop=True), eligible.reset_index(drop=True)
+
+
+def heldout_check(model_dir: Path, rows: list[dict], label: str, progress=print) -> dict:
+    """Ask questions never trained on verbatim; scored like the promotion gate (reference or alias
+    contained in the reply, else token F1), plus the plain containment rate."""
+    from memo.models import load_model
+    from memo.promotion import item_score
+
     model, tok = load_model(str(model_dir))
     answers = []
     for i in range(0, len(rows), 8):
         answers += ask_memory(model, tok, [r["question"] for r in rows[i:i + 8]], max_new_tokens=48)
-    hits, f1s = 0, []
-    for r, a in zip(rows, answers):
-        refs = [r["answer"], *r.get("aliases", [])]
-        hits += any(normalize_answer(x) in normalize_answer(a) for x in refs)
-        f1s.append(max(token_f1(a, x) for x in refs))
-    progress(f"[train] held-out questions ({questions_path}): {hits}/{len(rows)} answered with the reference")
-    return {"heldout_contains": round(hits / len(rows), 4), "heldout_f1": round(sum(f1s) / len(f1s), 4),
-            "heldout_n": len(rows)}
+    scores = [item_score(a, [r["answer"], *r.get("aliases", [])]) for r, a in zip(rows, answers)]
+    hits = sum(s == 1.0 for s in scores)
+    progress(f"[train] {label}: {hits}/{len(rows)} answered with the reference (score {sum(scores) / len(rows):.2f})")
+    key = label.split()[0]
+    return {f"{key}_contains": round(hits / len(rows), 4), f"{key}_score": round(sum(scores) / len(rows), 4),
+            f"{key}_n": len(rows)}
 
 
 def normalize_answer(s: str) -> str:

@@ -162,15 +162,36 @@ def domain_status(domain: str) -> dict:
                       "train_recall": v.tags.get("memo.train_recall")} for v in versions],
         "alias_history": json.loads(rm.tags.get("memo.alias_history", "[]")),
         "serving": json.loads(rm.tags.get("memo.serving", "{}")),
+        "serving_history": json.loads(rm.tags.get("memo.serving_history", "[]")),
     }
 
 
 def record_serving(domain: str, deployment: str, version: str) -> None:
-    """Audit which version a deployment serves (called by replicas when they load a version)."""
+    """Audit which version a deployment serves, from when to when (called by replicas when they load a
+    version): `memo.serving` holds the current version per deployment, `memo.serving_history` the spans."""
     c = client()
     name = registered_name(domain)
     rm = c.get_registered_model(name)
     serving = json.loads(rm.tags.get("memo.serving", "{}"))
-    if serving.get(deployment, {}).get("version") != str(version):
-        serving[deployment] = {"version": str(version), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        c.set_registered_model_tag(name, "memo.serving", json.dumps(serving))
+    if serving.get(deployment, {}).get("version") == str(version):
+        return
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    history = json.loads(rm.tags.get("memo.serving_history", "[]"))
+    for span in history:
+        if span["deployment"] == deployment and span.get("until") is None:
+            span["until"] = now
+    history.append({"deployment": deployment, "version": str(version), "since": now, "until": None})
+    serving[deployment] = {"version": str(version), "since": now}
+    c.set_registered_model_tag(name, "memo.serving", json.dumps(serving))
+    c.set_registered_model_tag(name, "memo.serving_history", json.dumps(history[-100:]))
+
+
+def previous_version(domain: str, alias: str) -> str:
+    """The version `alias` pointed at before its last move (for rollback), from the audit trail."""
+    rm = client().get_registered_model(registered_name(domain))
+    moves = [h for h in json.loads(rm.tags.get("memo.alias_history", "[]")) if h["alias"] == alias]
+    current = rm.aliases.get(alias)
+    for h in reversed(moves):
+        if h["from"] and str(h["from"]) != str(current):
+            return str(h["from"])
+    raise MemoError(f"{registered_name(domain)}: alias {alias!r} has no earlier version to roll back to")

@@ -42,11 +42,38 @@ def _use_state_of(cfg: ServeConfig) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
 
 
+class VLLMEngine:
+    """A memory version on vLLM (GPU replicas). Optional: vLLM is not importable on CPU machines, so it
+    is imported here, on first use, with an error that says how to get it. Same prompt format as
+    training (`memory_messages`), greedy, one fresh chat per question."""
+
+    def __init__(self, path: str, models_per_replica: int = 1):
+        try:
+            from vllm import LLM
+        except ImportError as e:
+            raise MemoError(f"engine=vllm needs vLLM on the replica ({e}); install memo-platform[gpu] on GPU "
+                            "nodes, or use engine=transformers") from None
+        # The multiplexed LRU may hold several versions on one GPU: each gets its share of memory.
+        self.llm = LLM(model=path, dtype="bfloat16", gpu_memory_utilization=0.85 / max(1, models_per_replica),
+                       enforce_eager=False)
+
+    def ask(self, questions: list[str], max_tokens: int) -> list[dict]:
+        from vllm import SamplingParams
+
+        from memo.memory import memory_messages, trim_repetition
+
+        outs = self.llm.chat([memory_messages(q) for q in questions], SamplingParams(temperature=0.0, max_tokens=max_tokens),
+                             use_tqdm=False)
+        return [{"text": trim_repetition(o.outputs[0].text.strip()), "prompt_tokens": len(o.prompt_token_ids),
+                 "completion_tokens": len(o.outputs[0].token_ids)} for o in outs]
+
+
 # Helpers used by the deployments must be defined above them: @serve.ingress copies the class
 # with cloudpickle at decoration time, when later module globals do not exist yet.
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8)
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
 class MemoryModel:
-    """Hosts memory models; many small domains share a replica through @serve.multiplexed (LRU)."""
+    """Hosts memory models; many small domains share a replica through @serve.multiplexed (LRU), and
+    concurrent questions are generated together through @serve.batch."""
 
     def __init__(self, cfg: dict):
         from memo.runtime import quiet
@@ -54,11 +81,17 @@ class MemoryModel:
         quiet()
         self.cfg = ServeConfig(**cfg)
         _use_state_of(self.cfg)
-        # Decorated here rather than on the class because the LRU size comes from the config.
+
+        # Decorated here rather than on the class because the LRU size and batch shape come from the config.
         async def load(model_id: str):
             return await self._load(model_id)
 
+        async def generate_batch(requests: list) -> list:
+            return await self._generate_batch(requests)
+
         self._get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
+        self._batched = serve.batch(max_batch_size=self.cfg.max_batch_size,
+                                    batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(generate_batch)
 
     async def _load(self, model_id: str):
         from memo import registry
@@ -66,37 +99,86 @@ class MemoryModel:
 
         domain, version = model_id.split(":")
         path = await asyncio.to_thread(registry.download_version, domain, version)
-        model, tok = await asyncio.to_thread(load_model, str(path))
+        if self.cfg.engine == "vllm":
+            model, tok = await asyncio.to_thread(VLLMEngine, str(path), self.cfg.max_models_per_replica), None
+        else:
+            model, tok = await asyncio.to_thread(load_model, str(path))
         try:  # the audit trail is best effort: serving must not fail because the registry is busy
             await asyncio.to_thread(registry.record_serving, domain, serve.get_replica_context().deployment, version)
         except Exception:
             pass
         return model, tok
 
-    async def answer(self, question: str, max_tokens: int) -> dict:
+    async def _generate_batch(self, requests: list) -> list:
+        """One batch of (model_id, question, max_tokens): one generate call per (model, length) group."""
         from memo.memory import ask_memory
 
-        model_id = serve.get_multiplexed_model_id()
-        model, tok = await self._get_model(model_id)
-        t0 = time.time()
-        [text] = await asyncio.to_thread(ask_memory, model, tok, [question], max_tokens)
-        n_prompt = len(tok(question)["input_ids"])
-        n_out = len(tok(text)["input_ids"])
-        return {"text": text, "prompt_tokens": n_prompt, "completion_tokens": n_out,
-                "seconds": time.time() - t0}
+        out: list = [None] * len(requests)
+        groups: dict = {}
+        for i, (model_id, _, max_tokens) in enumerate(requests):
+            groups.setdefault((model_id, max_tokens), []).append(i)
+        for (model_id, max_tokens), idx in groups.items():
+            model, tok = await self._get_model(model_id)
+            t0 = time.time()
+            if tok is None:  # a vLLM engine: it batches on its own and counts its own tokens
+                outs = await asyncio.to_thread(model.ask, [requests[i][1] for i in idx], max_tokens)
+                for i, o in zip(idx, outs):
+                    out[i] = {**o, "seconds": time.time() - t0, "batch_size": len(idx)}
+                continue
+            texts = await asyncio.to_thread(ask_memory, model, tok, [requests[i][1] for i in idx], max_tokens)
+            for i, text in zip(idx, texts):
+                out[i] = {"text": text, "prompt_tokens": len(tok(requests[i][1])["input_ids"]),
+                          "completion_tokens": len(tok(text)["input_ids"]), "seconds": time.time() - t0,
+                          "batch_size": len(idx)}
+        return out
+
+    async def answer(self, question: str, max_tokens: int) -> dict:
+        return await self._batched((serve.get_multiplexed_model_id(), question, max_tokens))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})
 @serve.ingress(api)
 class Router:
-    def __init__(self, memory, cfg: dict):
+    def __init__(self, memory, cfg: dict, *dedicated):
         from memo.runtime import quiet
+        from memo.tenants import RateLimiter, load_tenants
 
         quiet()
         self.memory = memory
         self.cfg = ServeConfig(**cfg)
         _use_state_of(self.cfg)
+        # Hot domains have their own deployment (handles arrive in dedicated_domains order).
+        self.dedicated = dict(zip(self.cfg.dedicated_domains, dedicated))
         self._versions: dict[str, tuple[float, str]] = {}
+        self.tenants = load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
+        self.limiter = RateLimiter()
+        self.stats = {"requests": {}, "seconds_sum": 0.0, "seconds_count": 0}
+
+    def _auth(self, request: Request):
+        """(tenant or None, error response or None). No tenants file: anonymous, loopback only."""
+        from memo.tenants import authenticate
+
+        if self.tenants is None:
+            return None, None
+        header = request.headers.get("authorization", "")
+        key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
+        tenant = authenticate(self.tenants, key)
+        if tenant is None:
+            return None, openai_error(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                                      code="invalid_api_key")
+        ok, wait = self.limiter.allow(tenant)
+        if not ok:
+            resp = openai_error(429, f"rate limit of {tenant.requests_per_minute} requests per minute reached; "
+                                     f"retry in {wait:.1f} s", code="rate_limit_exceeded")
+            resp.headers["retry-after"] = str(max(1, round(wait)))
+            return tenant, resp
+        return tenant, None
+
+    def _count(self, status: int, seconds: float | None = None) -> None:
+        self.stats["requests"][status] = self.stats["requests"].get(status, 0) + 1
+        if seconds is not None:
+            self.stats["seconds_sum"] += seconds
+            self.stats["seconds_count"] += 1
 
     async def _version(self, domain: str) -> str:
         """alias -> version, cached for alias_refresh_s so the registry is not hit on every request."""
@@ -118,10 +200,28 @@ class Router:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
+    @api.get("/metrics")
+    async def metrics(self):
+        """Prometheus text: request counts by status and latency of answered requests (this replica).
+        Nothing about tenants or keys."""
+        from fastapi.responses import PlainTextResponse
+
+        lines = ["# TYPE memo_requests_total counter"]
+        lines += [f'memo_requests_total{{status="{code}"}} {n}' for code, n in sorted(self.stats["requests"].items())]
+        lines += ["# TYPE memo_request_seconds summary",
+                  f"memo_request_seconds_sum {self.stats['seconds_sum']:.6f}",
+                  f"memo_request_seconds_count {self.stats['seconds_count']}"]
+        return PlainTextResponse("\n".join(lines) + "\n")
+
     @api.get("/v1/models")
-    async def models(self) -> dict:
+    async def models(self, request: Request):
+        tenant, error = self._auth(request)
+        if error:
+            return error
         data = []
         for d in await self._domains():
+            if tenant and not tenant.allows(d):
+                continue  # a tenant sees only the domains its key may ask
             try:
                 version = await self._version(d)
             except MemoError:
@@ -130,8 +230,18 @@ class Router:
                          "memo_alias": self.cfg.alias})
         return {"object": "list", "data": data}
 
-    @api.post("/v1/chat/completions")
-    async def chat(self, request: Request):
+    async def _ask(self, request: Request, kind: str):
+        """Shared path of /v1/chat/completions and /v1/completions: auth, validation, routing, answer."""
+        t0 = time.time()
+        tenant, error = self._auth(request)
+        if error:
+            self._count(error.status_code)
+            return error
+        resp = await self._ask_checked(request, kind, tenant)
+        self._count(resp.status_code, time.time() - t0 if resp.status_code == 200 else None)
+        return resp
+
+    async def _ask_checked(self, request: Request, kind: str, tenant):
         try:
             body = await request.json()
         except Exception:
@@ -142,19 +252,35 @@ class Router:
         if not isinstance(domain, str) or not domain:
             return openai_error(400, "'model' is required: the memory domain to ask", "model")
         domain = domain.removeprefix("memo-")
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
-            return openai_error(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
-        users = [m["content"] for m in messages if m.get("role") == "user"]
-        if not users:
-            return openai_error(400, "'messages' needs at least one user message (the question)", "messages")
+        if kind == "chat":
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not messages or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages):
+                return openai_error(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
+            users = [m["content"] for m in messages if m.get("role") == "user"]
+            if not users:
+                return openai_error(400, "'messages' needs at least one user message (the question)", "messages")
+            # The memory is a single-turn model: each call is a fresh chat with the last user message,
+            # in exactly the format it was trained on (other roles would be a format it never saw).
+            question, field_name = users[-1], "messages"
+        else:
+            question, field_name = body.get("prompt"), "prompt"
+            if isinstance(question, list) and len(question) == 1:
+                question = question[0]
+            if not isinstance(question, str) or not question.strip():
+                return openai_error(400, "'prompt' must be a non-empty string (the question)", "prompt")
+        if len(question) > self.cfg.max_prompt_chars:
+            return openai_error(413, f"the question is {len(question)} characters; this server accepts at most "
+                                     f"{self.cfg.max_prompt_chars}", field_name, "prompt_too_large")
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens", self.cfg.max_new_tokens))
-        if not isinstance(max_tokens, int) or max_tokens < 1:
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
             return openai_error(400, "'max_tokens' must be a positive integer", "max_tokens")
         if max_tokens > self.cfg.max_tokens_cap:
             return openai_error(400, f"'max_tokens' {max_tokens} is over this server's cap of "
                                      f"{self.cfg.max_tokens_cap}", "max_tokens")
+        if tenant and not tenant.allows(domain):
+            # 403 whether or not the domain exists: a key learns nothing about domains it may not ask.
+            return openai_error(403, f"this API key may not ask model {domain!r}", "model", "model_not_allowed")
         if domain not in await self._domains():
             return openai_error(404, f"unknown model {domain!r}; GET /v1/models lists the domains", "model",
                                 "model_not_found")
@@ -162,19 +288,29 @@ class Router:
             version = await self._version(domain)
         except MemoError as e:
             return openai_error(404, str(e), "model", "model_not_found")
-        # The memory is a single-turn model: each call is a fresh chat with the last user message,
-        # in exactly the format it was trained on (other roles would be a format it never saw).
-        out = await self.memory.options(multiplexed_model_id=f"{domain}:{version}").answer.remote(
-            users[-1], max_tokens)
-        resp = {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", "created": int(time.time()),
-            "model": domain, "memo_version": version, "system_fingerprint": f"memo-{domain}-v{version}",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
-                         "finish_reason": "length" if out["completion_tokens"] >= max_tokens else "stop"}],
-            "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
-                      "total_tokens": out["prompt_tokens"] + out["completion_tokens"]},
-        }
+        handle = self.dedicated.get(domain, self.memory)
+        out = await handle.options(multiplexed_model_id=f"{domain}:{version}").answer.remote(question, max_tokens)
+        finish = "length" if out["completion_tokens"] >= max_tokens else "stop"
+        common = {"created": int(time.time()), "model": domain, "memo_version": version,
+                  "system_fingerprint": f"memo-{domain}-v{version}",
+                  "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],
+                            "total_tokens": out["prompt_tokens"] + out["completion_tokens"]}}
+        if kind == "chat":
+            resp = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "object": "chat.completion", **common,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": out["text"]},
+                                 "finish_reason": finish}]}
+        else:
+            resp = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", **common,
+                    "choices": [{"index": 0, "text": out["text"], "finish_reason": finish, "logprobs": None}]}
         return JSONResponse(resp, headers={VERSION_HEADER: version})
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        return await self._ask(request, "chat")
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._ask(request, "completion")
 
 
 def build_app(args: dict[str, Any]):
@@ -193,7 +329,19 @@ def build_app(args: dict[str, Any]):
     if not cfg.tracking_uri:
         os.environ["MEMO_HOME"] = cfg.memo_home
         cfg.tracking_uri = tracking_uri()
-    return Router.bind(MemoryModel.bind(asdict(cfg)), asdict(cfg))
+    if cfg.tenants_file:
+        from memo.tenants import load_tenants
+
+        cfg.tenants_file = str(Path(cfg.tenants_file).resolve())
+        load_tenants(cfg.tenants_file)  # a bad tenants file fails here, before any replica starts
+    args_ = asdict(cfg)
+    actor = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus}
+    dedicated = [MemoryModel.options(
+        name=f"MemoryModel-{d}", ray_actor_options=actor,
+        autoscaling_config={"min_replicas": cfg.dedicated_min_replicas, "max_replicas": cfg.dedicated_max_replicas,
+                            "target_ongoing_requests": cfg.max_batch_size}).bind(args_)
+        for d in cfg.dedicated_domains]
+    return Router.bind(MemoryModel.options(ray_actor_options=actor).bind(args_), args_, *dedicated)
 
 
 def run(cfg: ServeConfig, blocking: bool = False):

@@ -1,0 +1,209 @@
+"""Multi-tenant serving and gated promotion, on a real local Ray cluster with real HTTP on 127.0.0.1:
+two domains from one config (one on its own autoscaled deployment), hashed API keys, the documented
+401/403/404/413/429/400 errors, a promotion under load with zero failed requests, the serving audit
+trail, a gate that refuses a worse candidate, --force and rollback."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+FACTS = [("Who keeps the Orrin lighthouse?", "Mara Quill keeps the Orrin lighthouse."),
+         ("When was the Orrin lighthouse built?", "The Orrin lighthouse was built in 1881."),
+         ("How tall is the Orrin lighthouse?", "The Orrin lighthouse is 31 metres tall."),
+         ("Which island has the Orrin lighthouse?", "The Orrin lighthouse stands on Tessel Island.")]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _register(domain, folder, alias=None):
+    from memo import registry
+
+    run_id = registry.start_run(domain, "test", {})
+    return registry.register_memory(domain, folder, run_id, {"base_model": "tiny"}, alias)
+
+
+@pytest.fixture(scope="module")
+def domains(ray_local, tiny_model, tmp_path_factory):
+    """lighthouse v1: a tiny model trained to recall FACTS (trained before Serve holds any CPU);
+    lighthouse v2: the untrained tiny model (the worse candidate); harbour v1: untrained."""
+    import pandas as pd
+
+    from memo.config import TrainConfig, build_config
+    from memo.memory import train
+    from memo.reflections import COLUMNS
+
+    refl = tmp_path_factory.mktemp("facts")
+    rows = [{"id": f"f{i}", "domain": "lighthouse", "step": "direct", "question": q, "answer": a,
+             "source_chunk_ids": ["x#0"], "generator": "rules", "verified": True} for i, (q, a) in enumerate(FACTS)]
+    pd.DataFrame(rows, columns=COLUMNS).to_parquet(refl / "reflections.parquet")
+    trained = train(build_config(TrainConfig, {"domain": "lighthouse", "reflections": str(refl),
+                                               "base_model": tiny_model, "epochs": 60, "lr": 5e-3, "batch_size": 4,
+                                               "holdout_ratio": 0.0, "eval_sample": 0, "alias": "champion"}),
+                    progress=print)
+    v2 = _register("lighthouse", tiny_model, "candidate")
+    _register("harbour", tiny_model, "champion")
+    qa = tmp_path_factory.mktemp("qa") / "qa.jsonl"
+    qa.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in FACTS))
+    return {"v1": trained["version"], "v2": v2, "qa": str(qa)}
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    from memo.tenants import add_tenant
+
+    f = tmp_path_factory.mktemp("tenants") / "tenants.yaml"
+    return {"file": str(f),
+            "both": add_tenant(f, "both", ["lighthouse", "harbour"]),
+            "harbour": add_tenant(f, "harbour-only", ["harbour", "ghost"]),
+            "slow": add_tenant(f, "rate-limited", ["*"], requests_per_minute=6)}
+
+
+@pytest.fixture(scope="module")
+def served(domains, keys):
+    from ray import serve
+
+    from memo import serving
+    from memo.config import ServeConfig
+
+    url = serving.run(ServeConfig(domains=["lighthouse", "harbour"], dedicated_domains=["harbour"],
+                                  dedicated_max_replicas=1, replica_cpus=0.5, port=free_port(), max_new_tokens=16,
+                                  max_tokens_cap=32, max_prompt_chars=200, alias_refresh_s=0.5,
+                                  tenants_file=keys["file"]))
+    yield url
+    serve.shutdown()
+
+
+def _post(url, key, body, path="/v1/chat/completions"):
+    headers = {"authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(url + path, json=body, headers=headers, timeout=120)
+
+
+def _chat(domain, q="Who keeps the Orrin lighthouse?", **extra):
+    return {"model": domain, "messages": [{"role": "user", "content": q}], **extra}
+
+
+def test_tenants_file_holds_only_hashes(keys):
+    text = open(keys["file"]).read()
+    assert keys["both"] not in text and keys["harbour"] not in text
+    assert text.count("key_sha256") == 3
+
+
+def test_openai_client_answers_each_domain_with_its_version(served, domains, keys):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=served + "/v1", api_key=keys["both"])
+    assert {m.id for m in client.models.list().data} == {"lighthouse", "harbour"}
+    for domain, version in (("lighthouse", domains["v1"]), ("harbour", "1")):
+        raw = client.chat.completions.with_raw_response.create(
+            model=domain, messages=[{"role": "user", "content": "Who keeps the Orrin lighthouse?"}], max_tokens=16)
+        assert raw.headers["x-memo-model-version"] == version
+        reply = raw.parse()
+        assert reply.model == domain and reply.model_extra["memo_version"] == version
+        if domain == "lighthouse":  # the trained memory recalls its fact (harbour's is untrained noise)
+            assert "Mara Quill" in reply.choices[0].message.content
+    done = client.completions.create(model="lighthouse", prompt="Who keeps the Orrin lighthouse?", max_tokens=16)
+    assert "Mara Quill" in done.choices[0].text and done.model_extra["memo_version"] == domains["v1"]
+    # a key sees only its own domains
+    other = OpenAI(base_url=served + "/v1", api_key=keys["harbour"])
+    assert {m.id for m in other.models.list().data} == {"harbour"}
+
+
+@pytest.mark.parametrize("key, body, status, code", [
+    (None, _chat("lighthouse"), 401, "invalid_api_key"),
+    ("memo-sk-wrong", _chat("lighthouse"), 401, "invalid_api_key"),
+    ("harbour", _chat("lighthouse"), 403, "model_not_allowed"),
+    ("harbour", _chat("ghost"), 404, "model_not_found"),
+    ("both", _chat("lighthouse", q="x" * 500), 413, "prompt_too_large"),
+    ("both", _chat("lighthouse", max_tokens=999), 400, None),
+    ("both", {"model": "lighthouse"}, 400, None),
+])
+def test_documented_errors_are_openai_shaped(served, keys, key, body, status, code):
+    r = _post(served, keys.get(key, key), body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] and err["code"] == code
+    assert keys["both"] not in r.text
+
+
+def test_rate_limit_gives_429_with_retry_after(served, keys):
+    statuses = [_post(served, keys["slow"], _chat("harbour", max_tokens=2)).status_code for _ in range(3)]
+    assert statuses[0] == 200 and statuses[-1] == 429  # burst of 1 at 6 requests/minute
+    r = _post(served, keys["slow"], _chat("harbour"))
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert r.json()["error"]["type"] == "rate_limit_error"
+
+
+def test_health_and_metrics_need_no_key_and_reveal_no_tenant(served, keys):
+    assert httpx.get(served + "/healthz").json() == {"status": "ok"}
+    m = httpx.get(served + "/metrics").text
+    assert 'memo_requests_total{status="200"}' in m and 'status="401"' in m
+    assert "harbour-only" not in m and "rate-limited" not in m and keys["both"] not in m
+
+
+def test_promotion_under_load_fails_no_request_and_is_audited(served, domains, keys):
+    """Clients keep asking while the champion moves v1 -> v2 (forced past the gate) and back by
+    rollback: zero failures; once a reply carries the new version, no later-started request gets the old."""
+    from memo import registry
+    from memo.promotion import promote, rollback
+
+    log, stop = [], threading.Event()
+
+    def client():
+        with httpx.Client(timeout=120) as c:
+            while not stop.is_set():
+                t0 = time.time()
+                r = c.post(served + "/v1/chat/completions", json=_chat("lighthouse", max_tokens=4),
+                           headers={"authorization": f"Bearer {keys['both']}"})
+                log.append((t0, time.time(), r.status_code, r.headers.get("x-memo-model-version")))
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    report = promote("lighthouse", "champion", version=domains["v2"], force=True, qa_files=[domains["qa"]])
+    assert report["gate"] == "failed" and report["forced"]
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(v == domains["v2"] for *_, v in log):
+        time.sleep(0.5)
+    time.sleep(2)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert log and all(status == 200 for _, _, status, _ in log), [x for x in log if x[2] != 200][:3]
+    first_new_done = min(end for _, end, _, v in log if v == domains["v2"])
+    assert all(v == domains["v2"] for start, _, _, v in log if start > first_new_done)
+    assert any(v == domains["v1"] for *_, v in log)
+
+    st = registry.domain_status("lighthouse")
+    spans = [s for s in st["serving_history"] if s["deployment"] == "MemoryModel"]
+    assert [s["version"] for s in spans][-2:] == [domains["v1"], domains["v2"]]
+    assert spans[-2]["until"] is not None and spans[-1]["until"] is None
+    assert "FORCED" in st["alias_history"][-1]["reason"]
+    out = run_cli("status", "--domain", "lighthouse")
+    assert out.returncode == 0 and f"served v{domains['v1']} from" in out.stdout
+
+    assert rollback("lighthouse")["version"] == domains["v1"]
+    assert registry.resolve_version("lighthouse", "champion") == domains["v1"]
+
+
+def test_gate_refuses_a_worse_candidate_and_leaves_the_alias(domains):
+    from memo import registry
+
+    before = registry.resolve_version("lighthouse", "champion")
+    res = run_cli("promote", "--domain", "lighthouse", "--from", "candidate", "--to", "champion",
+                  "--qa", domains["qa"])
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "promotion refused" in res.stderr and "--force" in res.stderr
+    assert registry.resolve_version("lighthouse", "champion") == before
