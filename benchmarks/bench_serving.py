@@ -40,7 +40,7 @@ def drive(url: str, key: str, domains: list[str], clients: int, seconds: float, 
     """C client threads, each sending requests back to back, round-robin over the domains."""
     import httpx
 
-    lat, errors, stop = [], [0], time.time() + seconds
+    lat, errors, stop, lock = [], [0], time.time() + seconds, threading.Lock()
 
     def client(i: int) -> None:
         with httpx.Client(timeout=300, headers={"authorization": f"Bearer {key}"}) as c:
@@ -54,7 +54,8 @@ def drive(url: str, key: str, domains: list[str], clients: int, seconds: float, 
                     ok = r.status_code == 200
                 except httpx.HTTPError:
                     ok = False
-                (lat.append(time.time() - t0) if ok else errors.__setitem__(0, errors[0] + 1))
+                with lock:
+                    (lat.append(time.time() - t0) if ok else errors.__setitem__(0, errors[0] + 1))
                 n += 1
 
     t0 = time.time()

@@ -143,7 +143,7 @@ def main() -> int:
     def memo_run(workers: int) -> dict:
         cfg = build_config(TrainConfig, {"domain": "bench", "reflections": str(subset), "base_model": base_path,
                                          "workers": workers, "epochs": 1, "lr": lr, "batch_size": args.batch_size,
-                                         "device": args.device, "eval_sample": 0, "register": False,
+                                         "device": args.device, "eval_sample": 0, "register": False, "holdout_ratio": 0.0,
                                          "checkpoint_every": 10**6})
         r = train(cfg, progress=lambda *_: None)
         print(f"[bench] memo train, {workers} worker(s): {r['tokens_per_s']:.1f} tok/s", flush=True)

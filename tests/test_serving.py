@@ -204,6 +204,6 @@ def test_gate_refuses_a_worse_candidate_and_leaves_the_alias(domains):
     before = registry.resolve_version("lighthouse", "champion")
     res = run_cli("promote", "--domain", "lighthouse", "--from", "candidate", "--to", "champion",
                   "--qa", domains["qa"])
-    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.returncode == 3, res.stdout + res.stderr  # refused by the gate (2 is bad input)
     assert "promotion refused" in res.stderr and "--force" in res.stderr
     assert registry.resolve_version("lighthouse", "champion") == before

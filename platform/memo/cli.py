@@ -21,7 +21,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from memo.errors import MemoError
+from memo.errors import GateRefused, MemoError
 
 
 def _config_values(args, fields: dict) -> dict:
@@ -293,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
+    except GateRefused as e:
+        print(f"memo {args.command}: {e}", file=sys.stderr)
+        return 3
     except MemoError as e:
         print(f"memo {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -143,8 +143,10 @@ class TrainConfig:
             raise MemoError(f"holdout_ratio={self.holdout_ratio}: use a share in [0, 0.5)")
         if not 0 <= self.replay_ratio <= 10:
             raise MemoError(f"replay_ratio={self.replay_ratio}: use a share in [0, 10] of the new rows")
-        if self.eval_questions and not Path(self.eval_questions).exists():
-            raise MemoError(f"eval_questions={self.eval_questions}: no such file")
+        if self.eval_questions:
+            from memo.promotion import load_eval_items
+
+            load_eval_items([self.eval_questions])  # missing, malformed or empty: fail before training
         if not 0 <= self.warmup_ratio < 1:
             raise MemoError(f"warmup_ratio={self.warmup_ratio}: use a fraction in [0, 1)")
         return self
@@ -185,6 +187,8 @@ class ServeConfig:
                             "(see `memo tenants add`) or allow_anonymous=true")
         if self.engine not in ("transformers", "vllm"):
             raise MemoError(f"engine={self.engine!r}: use transformers or vllm")
+        if self.engine == "vllm" and self.replica_gpus <= 0:
+            raise MemoError("engine=vllm: set replica_gpus (e.g. 1); vLLM runs on GPUs only")
         if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
             raise MemoError("max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
         if self.max_prompt_chars < 1:

@@ -393,7 +393,7 @@ def trim_repetition(text: str) -> str:
     sentence once, in order, and drop a trailing fragment that only restarts an earlier sentence."""
     import re
 
-    parts = [p for p in re.split(r"(?<=[.!?])", text) if p.strip()]
+    parts = [p for p in re.split(r"(?<=[.!?])(?=\s|$|[A-Z])", text) if p.strip()]  # "4.4.2" is one token
     kept: list[str] = []
     for p in parts:
         if p.strip() not in (k.strip() for k in kept):
@@ -453,7 +453,10 @@ def train(cfg, progress=print) -> dict:
         parent_dir = registry.download_version(cfg.domain, parent_version)
         base_path = str(materialize_full_model(parent_dir))
         base_model = f"models:/{registry.registered_name(cfg.domain)}/{parent_version}"
-        df, replay, old_sources = with_replay(df, read_manifest(parent_dir), cfg.replay_ratio, cfg.seed, progress)
+        held = parent_dir / "heldout.jsonl"
+        exclude = {json.loads(x)["question"] for x in held.read_text().splitlines()} if held.exists() else set()
+        df, replay, old_sources = with_replay(df, read_manifest(parent_dir), cfg.replay_ratio, cfg.seed, progress,
+                                              exclude)
         sources += [s for s in old_sources if s not in sources]
         progress(f"[train] continual update of {base_model} ({cfg.parent}): {new_rows} new reflections "
                  f"+ {replay} replayed")
@@ -528,6 +531,12 @@ def train(cfg, progress=print) -> dict:
     with result.checkpoint.as_directory() as d:
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(Path(d) / "model", out)
+    if (out / "adapter_config.json").exists():
+        # The adapter's base must resolve wherever the version is served, not only on this machine:
+        # the base model spec for a fresh run, the parent's registry URI for a continual update.
+        ac = json.loads((out / "adapter_config.json").read_text())
+        ac["base_model_name_or_path"] = base_model
+        (out / "adapter_config.json").write_text(json.dumps(ac, indent=2))
     metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
     train_seconds = time.time() - t0
     progress(f"[train] trained in {metrics.get('train_seconds', 0):.0f} s "
@@ -589,8 +598,10 @@ def materialize_full_model(model_dir: Path) -> Path:
     return merged
 
 
-def with_replay(new: pd.DataFrame, parent_manifest: dict, ratio: float, seed: int, progress=print):
-    """New reflections plus a replay sample of the ones every earlier version was trained on."""
+def with_replay(new: pd.DataFrame, parent_manifest: dict, ratio: float, seed: int, progress=print,
+                exclude: set | None = None):
+    """New reflections plus a replay sample of the ones every earlier version was trained on, never
+    the parent's held-out questions (the promotion gate scores on those)."""
     from memo.reflections import load_reflections
 
     sources = parent_manifest.get("reflection_sources") or [parent_manifest.get("reflections")]
@@ -601,9 +612,13 @@ def with_replay(new: pd.DataFrame, parent_manifest: dict, ratio: float, seed: in
         except MemoError as e:
             progress(f"[train] replay source skipped: {e}")
     n = int(round(ratio * len(new)))
-    if not pools or n == 0:
+    if n == 0:
         return new, 0, [s for s in sources if s]
+    if not pools:
+        raise MemoError(f"replay_ratio={ratio}: none of the parent's reflections are readable here "
+                        f"({', '.join(filter(None, sources))}); make them available or set replay_ratio=0")
     pool = pd.concat(pools, ignore_index=True)
+    pool = pool[~pool["question"].isin(exclude or set())]
     if "id" in pool.columns and "id" in new.columns:
         pool = pool[~pool["id"].isin(set(new["id"]))].drop_duplicates("id")
     replay = pool.sample(n=min(n, len(pool)), random_state=seed)

@@ -121,14 +121,15 @@ def load_model(spec_or_path: str, dtype: str = "float32"):
         from peft import PeftModel
 
         base = json.loads(adapter.read_text())["base_model_name_or_path"]
-        try:
+        if base.startswith("models:/"):  # a continual update's adapter sits on its parent version
+            from memo import registry
+            from memo.memory import materialize_full_model
+
+            domain, alias, version = registry.parse_model_uri(base)
+            parent = registry.download_version(domain, version or registry.resolve_version(domain, alias))
+            base_path = str(materialize_full_model(parent))
+        else:
             base_path = resolve_base_model(base)
-        except MemoError:
-            manifest = Path(path) / "memo_manifest.json"
-            spec = json.loads(manifest.read_text()).get("root_base_model") if manifest.exists() else None
-            if not spec:
-                raise
-            base_path = resolve_base_model(spec)
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=getattr(torch, dtype), local_files_only=True)
         model = PeftModel.from_pretrained(model, path).merge_and_unload()
     else:

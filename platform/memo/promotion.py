@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from memo.errors import MemoError
+from memo.errors import GateRefused, MemoError
 
 
 def load_eval_items(paths: list[str]) -> list[dict]:
@@ -29,6 +29,8 @@ def load_eval_items(paths: list[str]) -> list[dict]:
             if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
                 raise MemoError(f"{p}:{n}: needs string fields question and answer")
             items.append({"question": r["question"], "answer": r["answer"], "aliases": list(r.get("aliases", []))})
+        if not items:
+            raise MemoError(f"{p}: no questions in this file")
     return items
 
 
@@ -36,8 +38,8 @@ def item_score(answer: str, refs: list[str]) -> float:
     """1 when a reference (or alias) appears in the answer after normalisation, else the best token F1."""
     from memo.memory import normalize_answer, token_f1
 
-    a = normalize_answer(answer)
-    if any(normalize_answer(r) and normalize_answer(r) in a for r in refs):
+    a = f" {normalize_answer(answer)} "  # whole words: "10" must not match "2010"
+    if any(normalize_answer(r) and f" {normalize_answer(r)} " in a for r in refs):
         return 1.0
     return max(token_f1(answer, r) for r in refs)
 
@@ -108,7 +110,7 @@ def promote(domain: str, to_alias: str, from_alias: str = "candidate", version: 
                      f"(margin {margin}) -> {report['gate']}")
     _log(domain, report)
     if report["gate"] == "failed" and not force:
-        raise MemoError(f"memo-{domain}: promotion refused: candidate v{candidate} scores "
+        raise GateRefused(f"memo-{domain}: promotion refused: candidate v{candidate} scores "
                         f"{report['candidate_score']:.3f} vs {to_alias} v{current} {report['current_score']:.3f} on "
                         f"{report['n']} held-out questions (allowed margin {margin}); --force overrides (logged)")
     why = reason or f"promoted from {from_alias if not version else 'version ' + candidate}"

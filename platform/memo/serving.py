@@ -57,6 +57,19 @@ class VLLMEngine:
         self.llm = LLM(model=path, dtype="bfloat16", gpu_memory_utilization=0.85 / max(1, models_per_replica),
                        enforce_eager=False)
 
+    def __del__(self):
+        # The multiplexed LRU drops this engine: free its GPU memory before the next version loads.
+        self.llm = None
+        try:
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
+        except Exception:
+            pass
+
     def ask(self, questions: list[str], max_tokens: int) -> list[dict]:
         from vllm import SamplingParams
 
@@ -100,7 +113,10 @@ class MemoryModel:
         domain, version = model_id.split(":")
         path = await asyncio.to_thread(registry.download_version, domain, version)
         if self.cfg.engine == "vllm":
-            model, tok = await asyncio.to_thread(VLLMEngine, str(path), self.cfg.max_models_per_replica), None
+            from memo.memory import materialize_full_model
+
+            full = await asyncio.to_thread(materialize_full_model, path)  # vLLM needs merged weights
+            model, tok = await asyncio.to_thread(VLLMEngine, str(full), self.cfg.max_models_per_replica), None
         else:
             model, tok = await asyncio.to_thread(load_model, str(path))
         try:  # the audit trail is best effort: serving must not fail because the registry is busy
@@ -118,7 +134,12 @@ class MemoryModel:
         for i, (model_id, _, max_tokens) in enumerate(requests):
             groups.setdefault((model_id, max_tokens), []).append(i)
         for (model_id, max_tokens), idx in groups.items():
-            model, tok = await self._get_model(model_id)
+            try:  # one version failing to load must not fail the other domains batched with it
+                model, tok = await self._get_model(model_id)
+            except Exception as e:
+                for i in idx:
+                    out[i] = {"error": f"memory {model_id} could not be loaded: {type(e).__name__}: {e}"}
+                continue
             t0 = time.time()
             if tok is None:  # a vLLM engine: it batches on its own and counts its own tokens
                 outs = await asyncio.to_thread(model.ask, [requests[i][1] for i in idx], max_tokens)
@@ -159,7 +180,13 @@ class Router:
         from memo.tenants import authenticate
 
         if self.tenants is None:
-            return None, None
+            # No keys: loopback clients only, whatever address the proxy listens on (serve run with
+            # http_options.host 0.0.0.0 must not open an anonymous router to the network).
+            client = request.client.host if request.client else ""
+            if self.cfg.allow_anonymous or client in ("127.0.0.1", "::1", "localhost"):
+                return None, None
+            return None, openai_error(401, "this router has no tenants file: only loopback clients may call it",
+                                      code="invalid_api_key")
         header = request.headers.get("authorization", "")
         key = header[7:].strip() if header.lower().startswith("bearer ") else request.headers.get("x-api-key")
         tenant = authenticate(self.tenants, key)
@@ -237,7 +264,13 @@ class Router:
         if error:
             self._count(error.status_code)
             return error
-        resp = await self._ask_checked(request, kind, tenant)
+        try:
+            resp = await self._ask_checked(request, kind, tenant)
+        except Exception as e:  # counted and OpenAI-shaped; the details stay in the replica's log
+            import logging
+
+            logging.getLogger("ray.serve").exception("memo router: request failed")
+            resp = openai_error(500, f"the memory could not answer ({type(e).__name__})")
         self._count(resp.status_code, time.time() - t0 if resp.status_code == 200 else None)
         return resp
 
@@ -290,6 +323,8 @@ class Router:
             return openai_error(404, str(e), "model", "model_not_found")
         handle = self.dedicated.get(domain, self.memory)
         out = await handle.options(multiplexed_model_id=f"{domain}:{version}").answer.remote(question, max_tokens)
+        if "error" in out:
+            return openai_error(503, out["error"], "model", "model_unavailable")
         finish = "length" if out["completion_tokens"] >= max_tokens else "stop"
         common = {"created": int(time.time()), "model": domain, "memo_version": version,
                   "system_fingerprint": f"memo-{domain}-v{version}",

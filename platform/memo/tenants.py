@@ -132,6 +132,9 @@ def add_tenant(path: str | Path, name: str, domains: list[str], requests_per_min
     current = load_tenants(p) if p.exists() else []
     if any(t.name == name for t in current):
         raise MemoError(f"--name {name}: a tenant with this name is already in {p}")
+    domains = [d.strip() for d in domains if d.strip()]
+    if not domains:
+        raise MemoError("--domains: give at least one domain (or * for all)")
     for d in domains:
         if d != "*":
             check_domain(d, "--domains")
