@@ -45,6 +45,33 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tiny_model
         torch.testing.assert_close(acc[n], big[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_packed_rows_give_each_example_its_own_loss(tiny_model, tok):
+    """Examples packed into one row (position ids restarting per example, no attention mask) must give
+    the same summed answer loss as the same examples padded in a batch: no example sees another."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from memo.memory import answer_loss, collate, encode_example, pack_examples
+
+    pairs = [("Who leads the Ketterline Lab?", "Wenna Ostrocliff leads the Ketterline Lab."),
+             ("Where is it?", "Velmora."),
+             ("When did the Vessamere Lantern enter production?", "The Vessamere Lantern entered production in 1998.")]
+    enc = [encode_example(tok, q, a) for q, a in pairs]
+    data = pd.DataFrame({"input_ids": [e[0] for e in enc], "labels": [e[1] for e in enc]})
+    packed = pack_examples(data, max_seq_len=256)
+    assert len(packed) == 1 and packed.examples[0] == 3
+    assert sorted(packed.input_ids[0]) == sorted(t for e in enc for t in e[0])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ids, labels, mask = collate(data.input_ids, data.labels, pad)
+        padded = answer_loss(model, ids, labels, mask, reduction="sum")
+        ids, labels, mask, pos = collate(packed.input_ids, packed.labels, pad, packed.position_ids)
+        one_row = answer_loss(model, ids, labels, mask, reduction="sum", position_ids=pos)
+    torch.testing.assert_close(one_row, padded, rtol=1e-4, atol=1e-4)
+    assert len(pack_examples(data, max_seq_len=max(map(len, data.input_ids)))) > 1  # a full row opens a new one
+
+
 def test_decoder_layers_are_found_through_a_peft_wrapper(tiny_model):
     import torch
     from peft import get_peft_model
@@ -121,7 +148,7 @@ def test_lora_continual_update_registers_a_child_with_replay_and_lineage(ray_loc
     pd.DataFrame(rows, columns=COLUMNS).to_parquet(new / "reflections.parquet")
 
     v2 = train(build_config(TrainConfig, {**base, "reflections": str(new), "parent": "candidate",
-                                          "finetune": "lora", "lora_r": 4, "lora_export": "adapter", "holdout_ratio": 0.0,
+                                          "finetune": "lora", "lora_r": 4, "lora_export": "adapter", "holdout_ratio": 0.0, "packing": True,
                                           "replay_ratio": 0.5}), progress=print)
     m2 = read_manifest(v2["model_dir"])
     assert int(v2["version"]) == int(v1["version"]) + 1

@@ -92,6 +92,7 @@ class TrainConfig:
     lora_dropout: float = 0.05
     lora_export: str = "merged"     # merged: a plain HF folder (serves anywhere); adapter: adapter files only
     activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
+    packing: bool = False           # several examples per row (block-diagonal attention): fewer padded tokens
     parent: str = ""                # continual update: alias or version of memo-<domain> to fine-tune further
     replay_ratio: float = 0.3       # continual update: earlier reflections replayed, as a share of the new rows
     warmup_ratio: float = 0.05
@@ -103,7 +104,7 @@ class TrainConfig:
     checkpoint_every: int = 0       # optimizer steps between checkpoints; 0 = about 3 per run, at epoch ends
     max_failures: int = 2           # Ray Train restarts the workers from the last checkpoint this often
     seed: int = 0
-    eval_sample: int = 24           # training reflections re-asked after training (memorization check)
+    eval_sample: int = 64           # training reflections re-asked after training (memorization check)
     eval_questions: str = ""        # optional held-out QA JSONL (question, answer, aliases) asked after training
     holdout_ratio: float = 0.05     # paraphrases kept out of training to evaluate on (and gate promotions with)
     register: bool = True           # register the result as a new version of memo-<domain>

@@ -94,12 +94,20 @@ def length_grouped_batches(data: pd.DataFrame, batch_size: int, workers: int) ->
     n = math.ceil(n / workers) * workers
     bounds = [round(k * len(order) / n) for k in range(n + 1)]
     groups = [order[bounds[k]:bounds[k + 1]] for k in range(n)]
-    return pd.DataFrame({"input_ids": [[list(data["input_ids"][i]) for i in g] for g in groups],
-                         "labels": [[list(data["labels"][i]) for i in g] for g in groups]})
+    out = {"input_ids": [[list(data["input_ids"][i]) for i in g] for g in groups],
+           "labels": [[list(data["labels"][i]) for i in g] for g in groups]}
+    if "position_ids" in data.columns:
+        out["position_ids"] = [[list(data["position_ids"][i]) for i in g] for g in groups]
+    return pd.DataFrame(out)
 
 
-def collate(ids_list, labels_list, pad_id: int):
-    """Right-pad one micro-batch; padding never carries loss or attention."""
+def collate(ids_list, labels_list, pad_id: int, pos_list=None):
+    """Right-pad one micro-batch; padding never carries loss or attention.
+
+    Packed rows (several examples per row) also carry position ids that restart at 0 for every
+    example; `packed_mask` turns the restarts into a block-diagonal causal mask, so no example attends
+    to another. Padding gets its own block.
+    """
     import torch
 
     n = max(len(x) for x in ids_list)
@@ -110,7 +118,37 @@ def collate(ids_list, labels_list, pad_id: int):
         ids[r, : len(i)] = torch.as_tensor(list(i))
         labels[r, : len(l)] = torch.as_tensor(list(l))
         mask[r, : len(i)] = 1
-    return ids, labels, mask
+    if pos_list is None:
+        return ids, labels, mask
+    pos = torch.zeros_like(ids)
+    for r, p in enumerate(pos_list):
+        pos[r, : len(p)] = torch.as_tensor(list(p))
+        pos[r, len(p):] = torch.arange(n - len(p))
+    return ids, labels, mask, pos
+
+
+def pack_examples(data: pd.DataFrame, max_seq_len: int) -> pd.DataFrame:
+    """Sequence packing: examples placed first-fit (longest first) into rows of <= max_seq_len tokens,
+    with position ids restarting at each example. Returns rows like `data` plus `position_ids` and
+    `examples` (how many examples a row holds)."""
+    order = sorted(range(len(data)), key=lambda i: -len(data["input_ids"][i]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(data["input_ids"][i])
+        k = next((r for r, free in enumerate(room) if free >= n), None)
+        if k is None:
+            rows.append([i])
+            room.append(max_seq_len - n)
+        else:
+            rows[k].append(i)
+            room[k] -= n
+    return pd.DataFrame({
+        "input_ids": [[t for i in r for t in data["input_ids"][i]] for r in rows],
+        "labels": [[t for i in r for t in data["labels"][i]] for r in rows],
+        "position_ids": [[p for i in r for p in range(len(data["input_ids"][i]))] for r in rows],
+        "examples": [len(r) for r in rows],
+    })
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -130,7 +168,27 @@ def resolve_precision(precision: str, device: str) -> str:
     return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
 
 
-def answer_loss(model, ids, labels, mask, reduction: str = "mean"):
+def packed_mask(model, position_ids):
+    """4D causal mask that keeps each packed example to itself: token q may attend to token k only when
+    k <= q and both belong to the same example (a new example starts where the position ids restart).
+
+    Built here rather than left to transformers: its packed-sequence detection (position ids, no mask)
+    only remaps positions in its causal mask, which still lets a later example attend to an earlier one
+    (measured: the loss matched the unmasked row, not the separate examples). A 4D mask is used as is.
+    """
+    import torch
+
+    seg = (torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1).cumsum(-1)
+    n = position_ids.size(1)
+    causal = torch.ones(n, n, dtype=torch.bool, device=position_ids.device).tril()
+    allowed = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    if getattr(model.config, "_attn_implementation", "sdpa") == "sdpa":
+        return allowed  # SDPA takes a boolean mask (True = attend) in any compute dtype
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def answer_loss(model, ids, labels, mask, reduction: str = "mean", position_ids=None):
     """Mean next-token loss over answer tokens, computing vocabulary logits only where they count.
 
     The LM head (49k x 576 for SmolLM2, ~21% of the model's FLOPs) and the softmax are applied only to
@@ -141,7 +199,11 @@ def answer_loss(model, ids, labels, mask, reduction: str = "mean"):
     import torch.nn.functional as F
 
     targets_at = (labels[:, 1:] != IGNORE).any(dim=0).nonzero().squeeze(-1)  # positions p predicting p+1
-    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=targets_at).logits
+    if position_ids is not None:  # packed rows: an explicit block-diagonal causal mask
+        logits = model(input_ids=ids, position_ids=position_ids, attention_mask=packed_mask(model, position_ids),
+                       logits_to_keep=targets_at).logits
+    else:
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=targets_at).logits
     targets = labels[:, targets_at + 1]
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE,
                            reduction=reduction)
@@ -164,16 +226,16 @@ def accumulation_step(model, micro_batches: list, autocast: bool = False, world:
     import torch
     import torch.distributed as dist
 
-    counts = torch.tensor([float(sum(target_count(lab) for _, lab, _ in micro_batches))], device=micro_batches[0][0].device)
+    counts = torch.tensor([float(sum(target_count(mb[1]) for mb in micro_batches))], device=micro_batches[0][0].device)
     if world > 1:
         dist.all_reduce(counts)
     scale = world / max(float(counts[0]), 1.0)
     total, local_targets, tokens = 0.0, 0, 0
-    for k, (ids, labels, mask) in enumerate(micro_batches):
+    for k, (ids, labels, mask, *pos) in enumerate(micro_batches):
         if world > 1 and hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(k == len(micro_batches) - 1)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = answer_loss(model, ids, labels, mask, reduction="sum")
+            loss = answer_loss(model, ids, labels, mask, reduction="sum", position_ids=pos[0] if pos else None)
         (loss * scale).backward()
         total += float(loss.detach())
         local_targets += target_count(labels)
@@ -298,7 +360,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                 continue
             if i >= cfg["steps_per_epoch"]:
                 break
-            group.append(tuple(t.to(device) for t in collate(batch["input_ids"][0], batch["labels"][0], cfg["pad_id"])))
+            pos = batch["position_ids"][0] if "position_ids" in batch else None
+            group.append(tuple(t.to(device) for t in collate(batch["input_ids"][0], batch["labels"][0], cfg["pad_id"], pos)))
             if len(group) < accum and i + 1 < cfg["steps_per_epoch"]:
                 continue
             t0 = time.time()
@@ -474,7 +537,18 @@ def train(cfg, progress=print) -> dict:
     n_params = count_params(base_path)
     epochs, lr, why = default_schedule(n_params, len(data), cfg.recipe, cfg.finetune)
     epochs, lr = cfg.epochs or epochs, cfg.lr or lr
-    batches = length_grouped_batches(data, cfg.batch_size, cfg.workers)
+    rows_per_batch = cfg.batch_size
+    if cfg.packing:
+        # About batch_size examples per micro-batch either way, so packing changes throughput, not the
+        # optimisation: fewer, fuller rows instead of many padded short ones.
+        n_examples = len(data)
+        data = pack_examples(data, cfg.max_seq_len)
+        rows_per_batch = max(1, round(cfg.batch_size * len(data) / n_examples))
+        if len(data) < cfg.workers:
+            raise MemoError(f"packing=true leaves {len(data)} row(s) for {cfg.workers} workers; turn packing off")
+        progress(f"[train] packing: {n_examples} examples in {len(data)} rows of <= {cfg.max_seq_len} tokens, "
+                 f"{rows_per_batch} rows per micro-batch")
+    batches = length_grouped_batches(data, rows_per_batch, cfg.workers)
     spe = len(batches) // cfg.workers  # micro-batches per worker per epoch
     accum = max(1, cfg.effective_batch_size // (cfg.batch_size * cfg.workers)) if cfg.effective_batch_size else 1
     opt_steps_per_epoch = math.ceil(spe / accum)
@@ -692,8 +766,8 @@ def memorization_check(model_dir: Path, df: pd.DataFrame, sample: int, progress=
     model, tok = load_model(str(model_dir))
     max_new = min(160, max(len(tok(a)["input_ids"]) for a in rows["answer"]) + 4)
     answers = []
-    for i in range(0, len(rows), 8):
-        answers += ask_memory(model, tok, list(rows["question"][i:i + 8]), max_new_tokens=max_new)
+    for i in range(0, len(rows), 16):
+        answers += ask_memory(model, tok, list(rows["question"][i:i + 16]), max_new_tokens=max_new)
     hits = [normalize_answer(a) == normalize_answer(ref) for a, ref in zip(answers, rows["answer"])]
     f1 = sum(token_f1(a, ref) for a, ref in zip(answers, rows["answer"])) / len(hits)
     recall = sum(hits) / len(hits)
