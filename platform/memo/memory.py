@@ -345,6 +345,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         mlflow_client = mlflow.MlflowClient(cfg["tracking_uri"])
     shard = ray.train.get_dataset_shard("train")
     total, t_start, tokens_seen, loss_val = cfg["total_steps"], time.time(), 0, float("nan")
+    first_step_s, t_steady, tokens_at_steady = 0.0, t_start, 0
     start_step = step
     autocast = cfg["precision"] == "bf16"
     accum = cfg.get("accum", 1)
@@ -376,6 +377,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             if world > 1:
                 dist.all_reduce(n_tok)
             tokens_seen += int(n_tok)
+            if step == start_step + 1:  # warm-up (allocator, data pipeline start) is reported apart
+                first_step_s, t_steady, tokens_at_steady = time.time() - t_start, time.time(), tokens_seen
             dt = time.time() - t0
             if rank == 0:
                 elapsed = time.time() - t_start
@@ -400,8 +403,12 @@ def train_loop_per_worker(cfg: dict) -> None:
         skip = 0
         epoch += 1
     seconds = time.time() - t_start
-    save(0, {"step": step, "loss": loss_val, "epoch": epoch, "train_seconds": seconds,
-             "tokens_per_s": tokens_seen / max(seconds, 1e-9), "tokens": tokens_seen}, final=True)
+    steady = time.time() - t_steady
+    # tokens_per_s: steady state, after the first optimizer step (when there is more than one);
+    # first_step_s and train_seconds tell the whole story.
+    tps = (tokens_seen - tokens_at_steady) / steady if step - start_step > 1 and steady > 0 else tokens_seen / max(seconds, 1e-9)
+    save(0, {"step": step, "loss": loss_val, "epoch": epoch, "train_seconds": seconds, "first_step_s": first_step_s,
+             "tokens_per_s": tps, "tokens": tokens_seen}, final=True)
 
 
 def export_model(state_dict: dict, cfg: dict, out: Path) -> None:
