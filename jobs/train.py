@@ -7,6 +7,12 @@ On a Ray cluster (see README "Running on a Ray cluster"; the client needs RAY_AU
     ray job submit --working-dir . -- python jobs/train.py --domain demo --corpus examples/demo/corpus.jsonl
 From reflections already synthesized, on 2 workers, a few epochs (tiny CPU smoke run):
     python jobs/train.py --domain demo --reflections .memo/reflections/demo/<hash> --workers 2 --epochs 1
+Continual update of the champion on new reflections (plus a replay share of earlier ones), as LoRA:
+    ray job submit --working-dir . -- python jobs/train.py --domain demo --from champion \
+        --reflections /shared/reflections/demo-new --finetune lora
+GPU cluster, effective batch 256 over 8 workers:
+    ray job submit --working-dir . -- python jobs/train.py --domain demo --corpus /shared/corpus \
+        --device cuda --workers 8 --set effective_batch_size=256 --set recipe=paper
 Same as `memo train ...`; every flag is listed by `python jobs/train.py --help`.
 """
 
