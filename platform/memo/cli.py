@@ -195,6 +195,16 @@ def cmd_ask(args) -> dict:
     return asdict(tr)
 
 
+def cmd_corpus(args) -> dict:
+    from memo.evaluation import load_benchmark, write_benchmark
+
+    docs, questions = load_benchmark(args.benchmark, args.data, args.limit, args.noise)
+    out = write_benchmark(docs, questions, args.out)
+    print(f"{args.benchmark}: {out['questions']} questions over {out['documents']} paragraphs -> "
+          f"{args.out}/corpus.jsonl, {args.out}/questions.jsonl")
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memo", description="MeMo: memory as a model, on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -276,6 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--executive-local", help="local executive model (default: smollm2-135m)")
     a.add_argument("--json", action="store_true")
     a.set_defaults(fn=cmd_ask)
+
+    c = sub.add_parser("corpus", help="a benchmark file -> corpus.jsonl (for synthesize) + questions.jsonl")
+    c.add_argument("--benchmark", required=True, help="musique, hotpotqa, 2wiki or narrativeqa")
+    c.add_argument("--data", required=True, help="the benchmark's JSONL file (read in place, never copied)")
+    c.add_argument("--limit", type=int, help="first N questions (default: all)")
+    c.add_argument("--noise", type=float, default=0.0, help="extra distractors: paragraphs of noise x N more records")
+    c.add_argument("--out", required=True)
+    c.set_defaults(fn=cmd_corpus)
 
     d = sub.add_parser("demo", help="the whole loop on the demo corpus (what `make demo` runs)")
     d.add_argument("--corpus", default="examples/demo/corpus.jsonl")
