@@ -30,11 +30,10 @@ def load_questions(path: str) -> list[dict]:
 
 
 def matches(prediction: str, row: dict) -> bool:
-    """The reference (or an alias) appears in the prediction after QA normalisation."""
-    from memo.memory import normalize_answer
+    """The reference (or an alias) appears in the prediction after QA normalisation (as the gate scores)."""
+    from memo.memory import contains_reference
 
-    pred = f" {normalize_answer(prediction)} "
-    return any(f" {normalize_answer(r)} " in pred for r in [row["answer"], *row.get("aliases", [])] if r)
+    return contains_reference(prediction, [row["answer"], *row.get("aliases", [])])
 
 
 def run(args) -> dict:

@@ -474,9 +474,12 @@ def trim_repetition(text: str) -> str:
     return "".join(kept).strip() if len(kept) < len(parts) else text
 
 
-def ask_memory(model, tok, questions: list[str], max_new_tokens: int = 64) -> list[str]:
-    """One fresh single-turn chat per question, in the exact training format."""
-    return [trim_repetition(a) for a in generate(model, tok, [memory_messages(q) for q in questions], max_new_tokens)]
+def ask_memory(model, tok, questions: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+    """One fresh single-turn chat per question, in the exact training format, `batch_size` at a time."""
+    out: list[str] = []
+    for i in range(0, len(questions), batch_size):
+        out += generate(model, tok, [memory_messages(q) for q in questions[i:i + batch_size]], max_new_tokens)
+    return [trim_repetition(a) for a in out]
 
 
 def read_manifest(model_dir: str | Path) -> dict:
@@ -739,13 +742,8 @@ def heldout_check(model_dir: Path, rows: list[dict], label: str, progress=print)
     """Ask questions never trained on verbatim; scored like the promotion gate (reference or alias
     contained in the reply, else token F1), plus the plain containment rate."""
     from memo.models import load_model
-    from memo.promotion import item_score
 
-    model, tok = load_model(str(model_dir))
-    answers = []
-    for i in range(0, len(rows), 8):
-        answers += ask_memory(model, tok, [r["question"] for r in rows[i:i + 8]], max_new_tokens=48)
-    scores = [item_score(a, [r["answer"], *r.get("aliases", [])]) for r, a in zip(rows, answers)]
+    scores, _ = score_items(*load_model(str(model_dir)), rows)
     hits = sum(s == 1.0 for s in scores)
     progress(f"[train] {label}: {hits}/{len(rows)} answered with the reference (score {sum(scores) / len(rows):.2f})")
     key = label.split()[0]
@@ -763,6 +761,24 @@ def normalize_answer(s: str) -> str:
     return " ".join(s.split())
 
 
+def contains_reference(answer: str, refs: list[str]) -> bool:
+    """A reference (or alias) appears in the answer as whole words after normalisation ("10" is not in "2010")."""
+    a = f" {normalize_answer(answer)} "
+    return any(normalize_answer(r) and f" {normalize_answer(r)} " in a for r in refs)
+
+
+def item_score(answer: str, refs: list[str]) -> float:
+    """1 when the answer contains a reference, else the best token F1 (partial credit)."""
+    return 1.0 if contains_reference(answer, refs) else max(token_f1(answer, r) for r in refs)
+
+
+def score_items(model, tok, items: list[dict], max_new_tokens: int = 48) -> tuple[list[float], list[str]]:
+    """Ask every {question, answer, aliases?} item and score the replies: the one scoring rule of the
+    post-training held-out check and the promotion gate."""
+    answers = ask_memory(model, tok, [x["question"] for x in items], max_new_tokens)
+    return [item_score(a, [x["answer"], *x.get("aliases", [])]) for a, x in zip(answers, items)], answers
+
+
 def memorization_check(model_dir: Path, df: pd.DataFrame, sample: int, progress=print) -> dict:
     """Ask the trained memory a sample of its own reflections: exact match after normalisation."""
     if sample <= 0:
@@ -772,9 +788,7 @@ def memorization_check(model_dir: Path, df: pd.DataFrame, sample: int, progress=
     rows = df.sample(n=min(sample, len(df)), random_state=0)
     model, tok = load_model(str(model_dir))
     max_new = min(160, max(len(tok(a)["input_ids"]) for a in rows["answer"]) + 4)
-    answers = []
-    for i in range(0, len(rows), 16):
-        answers += ask_memory(model, tok, list(rows["question"][i:i + 16]), max_new_tokens=max_new)
+    answers = ask_memory(model, tok, list(rows["question"]), max_new_tokens=max_new)
     hits = [normalize_answer(a) == normalize_answer(ref) for a, ref in zip(answers, rows["answer"])]
     f1 = sum(token_f1(a, ref) for a, ref in zip(answers, rows["answer"])) / len(hits)
     recall = sum(hits) / len(hits)

@@ -34,27 +34,13 @@ def load_eval_items(paths: list[str]) -> list[dict]:
     return items
 
 
-def item_score(answer: str, refs: list[str]) -> float:
-    """1 when a reference (or alias) appears in the answer after normalisation, else the best token F1."""
-    from memo.memory import normalize_answer, token_f1
-
-    a = f" {normalize_answer(answer)} "  # whole words: "10" must not match "2010"
-    if any(normalize_answer(r) and f" {normalize_answer(r)} " in a for r in refs):
-        return 1.0
-    return max(token_f1(answer, r) for r in refs)
-
-
 def evaluate_version(domain: str, version: str, items: list[dict], max_new_tokens: int = 48) -> dict:
     """Ask one registered version every question (fresh single-turn chats, batched) and score it."""
     from memo import registry
-    from memo.memory import ask_memory
+    from memo.memory import score_items
     from memo.models import load_model
 
-    model, tok = load_model(str(registry.download_version(domain, version)))
-    answers = []
-    for i in range(0, len(items), 8):
-        answers += ask_memory(model, tok, [x["question"] for x in items[i:i + 8]], max_new_tokens)
-    scores = [item_score(a, [x["answer"], *x.get("aliases", [])]) for a, x in zip(answers, items)]
+    scores, answers = score_items(*load_model(str(registry.download_version(domain, version))), items, max_new_tokens)
     return {"version": version, "score": sum(scores) / max(len(scores), 1), "n": len(scores),
             "answers": answers}
 
