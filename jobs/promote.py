@@ -5,7 +5,7 @@
 
 The candidate and the current champion answer the same held-out questions (the paraphrases each
 version kept out of training, plus any --qa files); a candidate worse by more than --margin is
-refused with exit code 2 unless --force (logged in MLflow and the alias audit trail). Deployments
+refused with exit code 3 unless --force (logged in MLflow and the alias audit trail). Deployments
 follow the alias: the router sends new requests to the new version within `alias_refresh_s`
 seconds. Same as `memo promote ...`; `memo rollback --domain D` undoes the last move.
 """

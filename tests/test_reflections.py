@@ -162,3 +162,15 @@ def test_fronted_questions_use_the_word_order_people_ask_in(sentence, target, qu
     spans = find_spans(sentence)
     t = next(sp for sp in spans if sp["text"] == target)
     assert fronted(sentence, spans[0], t) == question
+
+
+def test_a_one_document_corpus_synthesizes_without_cross_document_pairs(tmp_path, ray_local):
+    """Regression: a corpus with no entity shared by two chunks (one NarrativeQA summary) crashed."""
+    from memo.config import SynthesizeConfig
+    from memo.reflections import synthesize
+
+    corpus = tmp_path / "one.jsonl"
+    corpus.write_text(json.dumps({"id": "d1", "title": "Orlen", "text": "The Orlen Hook Academy was founded in 1902 "
+                                  "by Wenna Ostrocliff. The academy teaches tidal chemistry."}) + "\n")
+    out = synthesize(SynthesizeConfig(domain="one", corpus=str(corpus), out=str(tmp_path / "r"), chunk_words=40))
+    assert out["rows"] > 0 and out["per_step"].get("cross_doc", 0) == 0

@@ -9,6 +9,7 @@ implementation (trl style): `python jobs/train.py ...` == `memo train ...`.
     memo status
     memo serve --domains demo
     memo ask --domain demo "Who started the Halvenmere Cooperative?"
+    memo eval --benchmark musique --data musique.jsonl --limit 20 --out eval/musique
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def _config_values(args, fields: dict) -> dict:
     values.update({k: v for k, v in fields.items() if v is not None})
     values.update(parse_overrides(getattr(args, "set", None)))
     return values
+
+
+def _executive_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executive-url", help="OpenAI-compatible base URL (key in MEMO_EXECUTIVE_API_KEY)")
+    p.add_argument("--executive-model")
+    p.add_argument("--executive-local", help="local executive model (default: smollm2-135m)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -198,11 +205,41 @@ def cmd_ask(args) -> dict:
 def cmd_corpus(args) -> dict:
     from memo.evaluation import load_benchmark, write_benchmark
 
-    docs, questions = load_benchmark(args.benchmark, args.data, args.limit, args.noise)
+    docs, questions = load_benchmark(args.benchmark, args.data, args.limit, args.noise, args.distractors)
     out = write_benchmark(docs, questions, args.out)
     print(f"{args.benchmark}: {out['questions']} questions over {out['documents']} paragraphs -> "
           f"{args.out}/corpus.jsonl, {args.out}/questions.jsonl")
     return out
+
+
+def cmd_eval(args) -> dict:
+    """Split --config/--set keys between the eval, executive-protocol and (memory built here) train configs."""
+    import dataclasses
+
+    from memo.config import EvalConfig, ExecutiveConfig, TrainConfig, build_config
+    from memo.evaluation import run_eval
+
+    values = _config_values(args, {
+        "benchmark": args.benchmark, "data": args.data, "out": args.out, "limit": args.limit, "noise": args.noise,
+        "distractors": args.distractors, "methods": args.methods, "memory": args.memory,
+        "memory_url": args.memory_url, "domain": args.domain, "executive_url": args.executive_url,
+        "executive_model": args.executive_model, "executive_local": args.executive_local,
+        "judge_url": args.judge_url, "judge_model": args.judge_model, "bm25_k": args.bm25_k})
+    fields = {c: {f.name for f in dataclasses.fields(c)} for c in (EvalConfig, ExecutiveConfig, TrainConfig)}
+    ev, exe, tr = {}, {}, dict(values.pop("train_overrides", None) or {})
+    for k, v in values.items():
+        if k in fields[EvalConfig]:
+            ev[k] = v
+        elif k in fields[ExecutiveConfig]:
+            exe[k] = v
+        elif k in fields[TrainConfig] and k not in ("domain", "reflections"):
+            tr[k] = v
+        else:
+            raise MemoError(f"unknown setting {k!r}: use a field of the eval config ({', '.join(sorted(fields[EvalConfig]))}), "
+                            f"the executive protocol ({', '.join(sorted(fields[ExecutiveConfig]))}) "
+                            "or the train config (for a memory built here)")
+    ev["train_overrides"] = tr
+    return run_eval(build_config(EvalConfig, ev), build_config(ExecutiveConfig, exe))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,9 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("question")
     a.add_argument("--url", help="router base URL (e.g. http://127.0.0.1:8000); default: load the memory here")
     a.add_argument("--alias", default="champion")
-    a.add_argument("--executive-url", help="OpenAI-compatible base URL (key in MEMO_EXECUTIVE_API_KEY)")
-    a.add_argument("--executive-model")
-    a.add_argument("--executive-local", help="local executive model (default: smollm2-135m)")
+    _executive_args(a)
     a.add_argument("--json", action="store_true")
     a.set_defaults(fn=cmd_ask)
 
@@ -292,8 +327,29 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", required=True, help="the benchmark's JSONL file (read in place, never copied)")
     c.add_argument("--limit", type=int, help="first N questions (default: all)")
     c.add_argument("--noise", type=float, default=0.0, help="extra distractors: paragraphs of noise x N more records")
+    c.add_argument("--distractors", type=int, help="keep at most K non-gold paragraphs per question (default: all)")
     c.add_argument("--out", required=True)
     c.set_defaults(fn=cmd_corpus)
+
+    e = sub.add_parser("eval", help="MeMo vs closed-book, BM25 RAG and oracle on a benchmark sample")
+    e.add_argument("--benchmark", required=True, help="musique, hotpotqa, 2wiki or narrativeqa")
+    e.add_argument("--data", required=True, help="the benchmark's JSONL file (read in place, never copied)")
+    e.add_argument("--out", required=True, help="results.json, results.md, results.png, predictions, traces")
+    e.add_argument("--limit", type=int, help="first N questions (default: all)")
+    e.add_argument("--noise", type=float, help="extra distractors: paragraphs of noise x N more records")
+    e.add_argument("--distractors", type=int, help="keep at most K non-gold paragraphs per question")
+    e.add_argument("--methods", help="comma-separated: closed_book,bm25,oracle,memo_single,memo_structured,"
+                                     "memo_gold_decomp (default: the first five)")
+    e.add_argument("--memory", help="models:/memo-X@alias, models:/memo-X/N or a model folder "
+                                    "(default: synthesize and train one for this corpus)")
+    e.add_argument("--memory-url", help="ask the memory through this router (with --domain; key in MEMO_API_KEY)")
+    e.add_argument("--domain", help="domain to register a memory built here under, or the router's model name")
+    _executive_args(e)
+    e.add_argument("--judge-url", help="optional LLM judge, OpenAI-compatible (key in MEMO_JUDGE_API_KEY)")
+    e.add_argument("--judge-model")
+    e.add_argument("--bm25-k", type=int, help="passages the BM25 baseline reads (default 9, as in the paper)")
+    _common(e)
+    e.set_defaults(fn=cmd_eval)
 
     d = sub.add_parser("demo", help="the whole loop on the demo corpus (what `make demo` runs)")
     d.add_argument("--corpus", default="examples/demo/corpus.jsonl")

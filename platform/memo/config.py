@@ -203,6 +203,97 @@ class ServeConfig:
         return self
 
 
+@dataclass
+class ExecutiveConfig:
+    """The executive <-> memory protocol. Budgets and temperatures default to the paper's."""
+    protocol: str = "single"          # single (decompose once) or structured (grounding, pinning, seeking)
+    max_subquestions: int = 3         # single: sub-questions from the one decomposition
+    grounding_phrasings: int = 3      # structured: phrasings asked for a strongly narrowing clue
+    pinning_turns: int = 7            # structured: entity-pinning turns
+    seeking_turns: int = 8            # structured: answer-seeking turns
+    idk_dead_end: int = 3             # a question that got "I don't know" this often is a dead end
+    demote_after: int = 2             # a candidate is demoted after this many IDKs, dropped one later
+    questions_per_turn: int = 3       # memory questions the executive may ask per turn
+    temperature: float = 0.4          # paper: executive 0.4 ...
+    seeking_temperature: float = 1.0  # ... answer seeking 1.0 ...
+    final_temperature: float = 0.3    # ... final synthesis 0.3
+    memory_temperature: float = 0.0   # paper: 0.1-0.3; greedy by default so a run is reproducible
+    executive_max_tokens: int = 160   # per executive turn (JSON state + questions)
+    memory_max_tokens: int = 64
+    json_retries: int = 1             # re-asks after an unparseable reply, before the fallback
+
+    def validate(self) -> "ExecutiveConfig":
+        if self.protocol not in ("single", "structured"):
+            raise MemoError(f"protocol={self.protocol!r}: use single or structured")
+        for name in ("max_subquestions", "grounding_phrasings", "pinning_turns", "seeking_turns", "idk_dead_end",
+                     "demote_after", "questions_per_turn", "executive_max_tokens", "memory_max_tokens"):
+            if getattr(self, name) < 1:
+                raise MemoError(f"{name}={getattr(self, name)}: use 1 or more")
+        if self.json_retries < 0:
+            raise MemoError(f"json_retries={self.json_retries}: use 0 or more")
+        for name in ("temperature", "seeking_temperature", "final_temperature", "memory_temperature"):
+            if not 0 <= getattr(self, name) <= 2:
+                raise MemoError(f"{name}={getattr(self, name)}: use a temperature in [0, 2]")
+        return self
+
+
+EVAL_METHODS = ("closed_book", "bm25", "oracle", "memo_single", "memo_structured", "memo_gold_decomp")
+
+
+@dataclass
+class EvalConfig:
+    """`memo eval`: one benchmark sample, several methods, the same executive as reader for all."""
+    benchmark: str
+    data: str
+    out: str
+    limit: int | None = None
+    noise: float = 0.0
+    distractors: int | None = None    # non-gold paragraphs kept per question (None: all)
+    methods: list[str] = field(default_factory=lambda: list(EVAL_METHODS[:5]))
+    memory: str = ""                  # models:/memo-X@alias, models:/memo-X/3, or a model folder; "": build it
+    memory_url: str = ""              # query the memory through this router instead (model name = domain)
+    domain: str = ""                  # registered domain when the memory is built here ("": <benchmark>-<hash>)
+    executive_url: str = ""           # OpenAI-compatible endpoint (key in MEMO_EXECUTIVE_API_KEY)
+    executive_model: str = ""
+    executive_local: str = DEFAULT_BASE_MODEL
+    judge_url: str = ""               # optional LLM judge (key in MEMO_JUDGE_API_KEY)
+    judge_model: str = ""
+    bm25_k: int = 9                   # paper: top 9 passages for every retrieval baseline
+    chunk_words: int = 200            # BM25 passage size (MuSiQue paragraphs stay whole)
+    reader_max_tokens: int = 48
+    train_overrides: dict = field(default_factory=dict)  # TrainConfig fields for a memory built here
+
+    def validate(self) -> "EvalConfig":
+        from memo.evaluation import BENCHMARKS
+
+        if self.benchmark not in BENCHMARKS:
+            raise MemoError(f"--benchmark {self.benchmark!r}: use one of {', '.join(BENCHMARKS)}")
+        if not Path(self.data).is_file():
+            raise MemoError(f"--data {self.data}: no such file")
+        bad = [m for m in self.methods if m not in EVAL_METHODS]
+        if bad or not self.methods:
+            raise MemoError(f"--methods {','.join(self.methods)}: unknown {', '.join(bad) or '(none given)'}; "
+                            f"use a comma-separated subset of {','.join(EVAL_METHODS)}")
+        if "memo_gold_decomp" in self.methods and self.benchmark != "musique":
+            raise MemoError("--methods memo_gold_decomp: needs MuSiQue's question_decomposition; "
+                            "use it with --benchmark musique only")
+        if self.memory and self.memory_url:
+            raise MemoError("give --memory (load it here) or --memory-url (ask a router), not both")
+        if self.memory_url and not self.domain:
+            raise MemoError("--memory-url needs --domain (the model name the router serves)")
+        if self.domain:
+            check_domain(self.domain)
+        if bool(self.executive_url) != bool(self.executive_model):
+            raise MemoError("--executive-url and --executive-model go together (base URL and the model it serves)")
+        if bool(self.judge_url) != bool(self.judge_model):
+            raise MemoError("--judge-url and --judge-model go together")
+        if self.bm25_k < 1 or self.chunk_words < 20 or self.reader_max_tokens < 1:
+            raise MemoError("use bm25_k >= 1, chunk_words >= 20 and reader_max_tokens >= 1")
+        if self.limit is not None and self.limit < 1:
+            raise MemoError(f"--limit {self.limit}: use 1 or more")
+        return self
+
+
 C = TypeVar("C")
 
 

@@ -474,11 +474,13 @@ def trim_repetition(text: str) -> str:
     return "".join(kept).strip() if len(kept) < len(parts) else text
 
 
-def ask_memory(model, tok, questions: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
+def ask_memory(model, tok, questions: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+               temperature: float = 0.0) -> list[str]:
     """One fresh single-turn chat per question, in the exact training format, `batch_size` at a time."""
     out: list[str] = []
     for i in range(0, len(questions), batch_size):
-        out += generate(model, tok, [memory_messages(q) for q in questions[i:i + batch_size]], max_new_tokens)
+        out += generate(model, tok, [memory_messages(q) for q in questions[i:i + batch_size]], max_new_tokens,
+                        temperature)
     return [trim_repetition(a) for a in out]
 
 

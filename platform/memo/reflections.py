@@ -584,6 +584,8 @@ def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
             cross_doc_group, batch_format="pandas", fn_kwargs={"per_entity": cfg.cross_doc_per_entity}).to_pandas()
     else:
         cross = pd.DataFrame(columns=COLUMNS + ["reason"])
+    if cross.empty:  # no entity in 2+ chunks (a one-document corpus): map_groups returns no columns
+        cross = pd.DataFrame(columns=COLUMNS + ["reason"])
     cross = cross.head(cfg.max_cross_doc_pairs)
     progress(f"[synthesize] cross-document step: {len(cross)} pairs over "
              f"{len({tuple(x) for x in cross['source_chunk_ids']})} chunk pairs")

@@ -1,0 +1,133 @@
+"""`memo eval`: baselines, the gold-decomposition diagnostic, the harness's outputs, resume and errors.
+The benchmark file here is written by the test in MuSiQue's public schema from the project's own demo
+corpus; the real third-party samples are exercised in test_evaluation.py."""
+
+import json
+
+import pytest
+
+from conftest import DEMO_CORPUS, run_cli
+from memo.evaluation import BM25Index, gold_subquestion, markdown_table, short_answer, summarize
+
+DOCS = {d["id"]: d for d in map(json.loads, DEMO_CORPUS.read_text().splitlines())}
+
+
+def musique_file(path):
+    """Two 2-hop questions in MuSiQue's schema; every other demo document is a distractor paragraph."""
+    questions = [
+        ("2hop__1", "Where was the founder of the Halvenmere Cooperative born?", "Quillstead", ["doc-01", "doc-02"],
+         [("Who founded the Halvenmere Cooperative?", "Ysolde Marrowfen"), ("#1 >> place of birth", "Quillstead")]),
+        ("2hop__2", "Which division designs the Vessamere Lantern, and where is it based?", "Skarreth Point",
+         ["doc-03", "doc-04"],
+         [("Which division designs the Vessamere Lantern?", "Glimmerfield Division"), ("Where is #1 based?",
+                                                                                       "Skarreth Point")]),
+    ]
+    with open(path, "w") as f:
+        for qid, q, a, gold, decomp in questions:
+            paragraphs = [{"idx": i, "title": d["title"], "paragraph_text": d["text"], "is_supporting": k in gold}
+                          for i, (k, d) in enumerate(DOCS.items())]
+            f.write(json.dumps({"id": qid, "paragraphs": paragraphs, "question": q, "answer": a, "answer_aliases": [],
+                                "answerable": True, "question_decomposition": [
+                                    {"id": i, "question": sq, "answer": sa, "paragraph_support_idx": 0}
+                                    for i, (sq, sa) in enumerate(decomp)]}) + "\n")
+    return path
+
+
+def test_gold_subquestions_substitute_earlier_answers_and_read_the_graph_form():
+    assert gold_subquestion("#1 >> place of birth", ["Ysolde Marrowfen"]) == \
+        "What is the place of birth of Ysolde Marrowfen?"
+    assert gold_subquestion("Where is #1 based?", ["Glimmerfield Division"]) == "Where is Glimmerfield Division based?"
+    assert gold_subquestion("who played susan walker", []) == "Who played susan walker?"
+    assert short_answer("Who founded the Halvenmere Cooperative?",
+                        "The Halvenmere Cooperative was founded in 1987 by Ysolde Marrowfen.") == "1987"
+    assert short_answer("In which year was the Halvenmere Cooperative founded?",
+                        "Ysolde Marrowfen founded it.") == "Ysolde Marrowfen"
+
+
+def test_bm25_ranks_the_passage_that_shares_the_rare_words_first():
+    passages = [{"doc_id": k, "title": d["title"], "text": d["text"]} for k, d in DOCS.items()]
+    top = BM25Index(passages).search("Where is the Vessamere Lantern assembled?", 3)
+    assert top[0]["doc_id"] == "doc-04" and len(top) == 3
+    assert len(BM25Index(passages[:2]).search("lantern", 9)) == 2  # k larger than the corpus
+
+
+def test_summary_and_table():
+    rows = [{"method": "bm25", "em": 1.0, "f1": 1.0, "contains": 1.0, "memory_calls": 0, "latency_s": 2.0,
+             "executive_tokens": 100, "judge": None},
+            {"method": "bm25", "em": 0.0, "f1": 0.5, "contains": 0.0, "memory_calls": 0, "latency_s": 4.0,
+             "executive_tokens": 300, "judge": None}]
+    res = summarize(rows, ["bm25", "oracle"], "musique", 2)
+    assert res["methods"] == {"bm25": {"em": 0.5, "f1": 0.75, "contains": 0.5, "memory_calls_per_q": 0.0,
+                                       "latency_s_per_q": 3.0, "executive_tokens_per_q": 200.0, "n": 2}}
+    assert "| bm25 | 0.500 | 0.750 | 0.500 | 0.0 | 3.0 | 200 |" in markdown_table(res)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--benchmark", "narrativeqa", "--methods", "memo_gold_decomp"], "needs MuSiQue's question_decomposition"),
+    (["--benchmark", "musique", "--methods", "bm25,rag9"], "unknown rag9"),
+    (["--benchmark", "musique", "--set", "pinning_turn=3"], "unknown setting 'pinning_turn'"),
+    (["--benchmark", "musique", "--set", "seeking_turns=0"], "seeking_turns=0: use 1 or more"),
+    (["--benchmark", "musique", "--executive-url", "http://127.0.0.1:9/v1"], "go together"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
+    data = musique_file(tmp_path / "m.jsonl")
+    res = run_cli("eval", "--data", str(data), "--out", str(tmp_path / "out"), *args)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+@pytest.mark.slow
+def test_eval_builds_the_memory_runs_every_method_and_resumes(tmp_path, tiny_model):
+    """No --memory: synthesize + train + register the corpus' memory, then all six methods with a tiny
+    model as executive and base; results, table, chart, predictions, traces, MLflow; a re-run resumes."""
+    import mlflow
+
+    from memo import registry
+
+    data, out = musique_file(tmp_path / "m.jsonl"), tmp_path / "out"
+    methods = "closed_book,bm25,oracle,memo_single,memo_structured,memo_gold_decomp"
+    args = ["eval", "--benchmark", "musique", "--data", str(data), "--out", str(out), "--methods", methods,
+            "--domain", "evaltest", "--executive-local", tiny_model, "--set", f"base_model={tiny_model}",
+            "--set", "epochs=1", "--set", "workers=1", "--set", "pinning_turns=2", "--set", "seeking_turns=2",
+            "--set", "executive_max_tokens=24", "--set", "memory_max_tokens=12", "--set", "eval_sample=4"]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["benchmark"] == "musique" and results["n"] == 2 and results["errors"] == 0
+    assert set(results["methods"]) == set(methods.split(","))
+    for name, m in results["methods"].items():
+        assert m["n"] == 2 and 0 <= m["em"] <= m["contains"] <= 1 and 0 <= m["f1"] <= 1 and m["latency_s_per_q"] > 0
+        assert (m["memory_calls_per_q"] > 0) == name.startswith("memo_")
+    assert results["methods"]["memo_gold_decomp"]["memory_calls_per_q"] >= 1
+    assert results["memory"].startswith("models:/memo-evaltest/")
+    table = (out / "results.md").read_text()
+    assert all(f"| {m} |" in table for m in methods.split(","))
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    preds = (out / "predictions.jsonl").read_text().splitlines()
+    assert len(preds) == 12
+    structured = [json.loads(line) for line in (out / "traces" / "memo_structured.jsonl").read_text().splitlines()]
+    assert len(structured) == 2 and all(t["protocol"] == "structured" for t in structured)
+    assert any(s["role"] == "state" for s in structured[0]["steps"])
+    bm25 = json.loads((out / "traces" / "bm25.jsonl").read_text().splitlines()[0])
+    assert len(bm25["passages"]) == 9
+    # MLflow: the run and its metrics, and the memory registered for this corpus
+    mlflow.set_tracking_uri(registry.tracking_uri())
+    run = mlflow.get_run(results["mlflow_run_id"])
+    assert run.data.metrics["memo_single.em"] == results["methods"]["memo_single"]["em"]
+    assert registry.resolve_version("evaltest", "candidate")
+
+    # the same command again: nothing is answered twice
+    again = run_cli(*args)
+    assert again.returncode == 0 and "12 answers already in" in again.stdout and "0 to go" in again.stdout
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 12
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["methods"] == results["methods"]
+    # other settings into the same folder: refused, nothing overwritten
+    other = run_cli(*args[:-2], "--limit", "1")
+    assert other.returncode == 2 and "other settings (limit)" in other.stderr
+    assert json.loads((out / "results.json").read_text()) == resumed
+    # a registered memory by alias, as a platform team evaluates a candidate
+    by_alias = run_cli("eval", "--benchmark", "musique", "--data", str(data), "--out", str(tmp_path / "alias"),
+                       "--methods", "memo_gold_decomp", "--memory", "models:/memo-evaltest@candidate",
+                       "--executive-local", tiny_model, "--set", "memory_max_tokens=12")
+    assert by_alias.returncode == 0, by_alias.stderr[-2000:]
+    assert json.loads((tmp_path / "alias" / "results.json").read_text())["memory"] == "models:/memo-evaltest/1"
