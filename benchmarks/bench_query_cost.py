@@ -41,23 +41,14 @@ def main() -> int:
         print(f"bench_query_cost: --data {args.data}: no such file", file=sys.stderr)
         return 2
 
-    from memo import registry
     from memo.config import ExecutiveConfig
     from memo.evaluation import BM25Index, load_benchmark, passages_of, read_passages
-    from memo.executive import LocalLLM, LocalMemory, single_turn
+    from memo.executive import LocalLLM, load_memory, single_turn
     from memo.runtime import quiet
 
     quiet()
     executive = LocalLLM(args.executive)
-    memory_path = args.memory
-    if memory_path.startswith("models:/"):
-        domain, alias, version = registry.parse_model_uri(memory_path)
-        memory_path = str(registry.download_version(domain, version or registry.resolve_version(domain, alias)))
-    elif not Path(memory_path).is_dir():
-        from memo.models import resolve_base_model
-
-        memory_path = resolve_base_model(memory_path)
-    memory = LocalMemory(memory_path, max_tokens=48)
+    memory = load_memory(args.memory, max_tokens=48)
     cfg = ExecutiveConfig(max_subquestions=2)
 
     rows = []

@@ -232,12 +232,12 @@ def short_answer(question: str, answer: str) -> str:
 
 def gold_decomposition(q: Question, memory) -> tuple[str, dict]:
     """Ask the memory the gold sub-questions in order, substituting earlier answers; answer with the last."""
+    from memo.executive import is_idk
+
     earlier: list[str] = []
     steps = []
     for d in q.decomposition:
         sub = gold_subquestion(d["question"], earlier)
-        from memo.executive import is_idk
-
         full = memory.ask([sub])[0]
         steps.append({"role": "memory", "question": sub, "answer": full, "gold": d.get("answer")})
         if is_idk(full):  # the chain breaks here: a later step would ask about "I don't know"
@@ -251,16 +251,17 @@ def gold_decomposition(q: Question, memory) -> tuple[str, dict]:
 # The harness: `memo eval`. Per-question rows are appended as they finish, so an interrupted run picks
 # up where it stopped (same settings) instead of paying for every answer again.
 
-def _settings(cfg) -> dict:
+def _settings(cfg, exec_cfg) -> dict:
+    """What an answer depends on: a resumed run must not mix answers made under other settings."""
     keep = ("benchmark", "data", "limit", "noise", "distractors", "memory", "memory_url", "domain", "executive_url",
             "executive_model", "executive_local", "bm25_k", "chunk_words", "reader_max_tokens")
-    return {k: getattr(cfg, k) for k in keep}
+    return {**{k: getattr(cfg, k) for k in keep}, **asdict(exec_cfg)}
 
 
-def _open_run(cfg, out: Path) -> dict[tuple[str, str], dict]:
+def _open_run(cfg, exec_cfg, out: Path) -> dict[tuple[str, str], dict]:
     """Rows already done in OUT for these settings; an OUT written with other settings is refused."""
     settings_file = out / "settings.json"
-    settings = _settings(cfg)
+    settings = _settings(cfg, exec_cfg)
     if settings_file.exists():
         before = json.loads(settings_file.read_text())
         if before != settings:
@@ -283,7 +284,7 @@ def _open_run(cfg, out: Path) -> dict[tuple[str, str], dict]:
 def _memory_client(cfg, docs: list[Document], out: Path, exec_cfg, progress):
     """The memory the memo_* methods question: a router, a registered/local model, or one built here."""
     from memo import registry
-    from memo.executive import HttpMemory, LocalMemory
+    from memo.executive import HttpMemory, LocalMemory, load_memory
 
     if cfg.memory_url:
         import os
@@ -291,18 +292,8 @@ def _memory_client(cfg, docs: list[Document], out: Path, exec_cfg, progress):
         return HttpMemory(cfg.memory_url, cfg.domain, os.environ.get("MEMO_API_KEY"), exec_cfg.memory_max_tokens,
                           exec_cfg.memory_temperature), f"{cfg.memory_url} ({cfg.domain})"
     if cfg.memory:
-        if cfg.memory.startswith("models:/"):
-            domain, alias, version = registry.parse_model_uri(cfg.memory)
-            version = version or registry.resolve_version(domain, alias)
-            path = str(registry.download_version(domain, version))
-            label = f"models:/{registry.registered_name(domain)}/{version}"
-        else:
-            if not Path(cfg.memory).is_dir():
-                raise MemoError(f"--memory {cfg.memory}: not a models:/ URI and not a model folder")
-            path, label = cfg.memory, cfg.memory
-        mem = LocalMemory(path, exec_cfg.memory_max_tokens, exec_cfg.memory_temperature)
-        mem.version = label
-        return mem, label
+        mem = load_memory(cfg.memory, exec_cfg.memory_max_tokens, exec_cfg.memory_temperature)
+        return mem, mem.version
     # No memory given: build one for this corpus with the platform's own stages.
     from memo.config import SynthesizeConfig, TrainConfig, build_config
     from memo.corpus import corpus_hash
@@ -331,9 +322,8 @@ def _answer(method: str, q: Question, ctx: dict) -> tuple[str, dict]:
 
     executive, cfg = ctx["executive"], ctx["cfg"]
     if method == "closed_book":
-        messages = [{"role": "user", "content": ex.CLOSED_BOOK.format(q=q.question)}]
-        out = executive.complete(messages, max_tokens=cfg.reader_max_tokens)
-        return out.strip(), {"messages": messages, "output": out}
+        out = ex.closed_book(q.question, executive, cfg.reader_max_tokens)
+        return out.strip(), {"prompt": ex.CLOSED_BOOK.format(q=q.question), "output": out}
     if method == "bm25":
         return read_passages(q.question, ctx["bm25"].search(q.question, cfg.bm25_k), executive, cfg.reader_max_tokens)
     if method == "oracle":
@@ -345,11 +335,6 @@ def _answer(method: str, q: Question, ctx: dict) -> tuple[str, dict]:
     exec_cfg = dataclasses.replace(ctx["exec_cfg"], protocol="structured" if method == "memo_structured" else "single")
     tr = ex.answer_question(q.question, executive, ctx["memory"], exec_cfg)
     return tr.answer, asdict(tr)
-
-
-def _usage(client) -> tuple[int, int]:
-    u = getattr(client, "usage", None) or {}
-    return u.get("calls", 0), u.get("prompt_tokens", 0) + u.get("completion_tokens", 0)
 
 
 def summarize(rows: list[dict], methods: list[str], benchmark: str, n: int) -> dict:
@@ -409,6 +394,8 @@ def bar_chart(results: dict, path: Path) -> None:
 
 def run_eval(cfg, exec_cfg=None, progress=print) -> dict:
     """`memo eval`: answer every question with every method, score, write OUT, log to MLflow."""
+    import os
+
     from memo import executive as ex
     from memo.config import ExecutiveConfig
     from memo.memory import contains_reference
@@ -416,8 +403,7 @@ def run_eval(cfg, exec_cfg=None, progress=print) -> dict:
     exec_cfg = exec_cfg or ExecutiveConfig()
     out = Path(cfg.out)
     docs, questions = load_benchmark(cfg.benchmark, cfg.data, cfg.limit, cfg.noise, cfg.distractors)
-    done = _open_run(cfg, out)
-    import os
+    done = _open_run(cfg, exec_cfg, out)
 
     executive = ex.make_executive(cfg.executive_url or None, cfg.executive_model or None,
                                   os.environ.get("MEMO_EXECUTIVE_API_KEY"), cfg.executive_local)
@@ -437,7 +423,7 @@ def run_eval(cfg, exec_cfg=None, progress=print) -> dict:
     with open(out / "predictions.jsonl", "a") as pred_f:
         for i, (method, q) in enumerate(pending, 1):
             refs = [q.answer] + q.aliases
-            e0, m0 = _usage(executive), _usage(ctx.get("memory"))
+            e0, m0 = ex.usage_of(executive), ex.usage_of(ctx.get("memory"))
             t0 = time.time()
             try:
                 prediction, trace = _answer(method, q, ctx)
@@ -447,7 +433,7 @@ def run_eval(cfg, exec_cfg=None, progress=print) -> dict:
             except Exception as e:  # one failing question (a timeout, a server error) must not end the run
                 prediction, trace, error = "", {}, f"{type(e).__name__}: {e}"
             latency = time.time() - t0
-            e1, m1 = _usage(executive), _usage(ctx.get("memory"))
+            e1, m1 = ex.usage_of(executive), ex.usage_of(ctx.get("memory"))
             memory_calls = trace.get("memory_calls", m1[0] - m0[0]) if method.startswith("memo_") else 0
             row = {"method": method, "qid": q.qid, "question": q.question, "reference": q.answer,
                    "aliases": q.aliases, "prediction": prediction, "em": exact_match(prediction, refs),
@@ -489,7 +475,7 @@ def _log_to_mlflow(cfg, exec_cfg, results: dict, out: Path) -> str:
                              "memo.memory": str(results.get("memory"))})
     from mlflow.entities import Param
 
-    params = {**_settings(cfg), "methods": ",".join(cfg.methods), "protocol_config": json.dumps(asdict(exec_cfg))}
+    params = {**_settings(cfg, exec_cfg), "methods": ",".join(cfg.methods)}
     c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
     now = int(time.time() * 1000)
     metrics = [Metric(f"{m}.{k}", float(v), now, 0) for m, vals in results["methods"].items()

@@ -18,6 +18,7 @@ import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from memo.errors import MemoError
@@ -103,6 +104,29 @@ class HttpMemory:
                 for q in questions]
 
 
+def load_memory(spec: str, max_tokens: int = 64, temperature: float = 0.0) -> "LocalMemory":
+    """A memory in this process from models:/memo-X@alias, models:/memo-X/N, a model folder or a base
+    model alias (smollm2-135m); its `version` says which one answered."""
+    from memo import registry
+
+    if spec.startswith("models:/"):
+        domain, alias, version = registry.parse_model_uri(spec)
+        version = version or registry.resolve_version(domain, alias)
+        mem = LocalMemory(str(registry.download_version(domain, version)), max_tokens, temperature)
+        mem.version = f"models:/{registry.registered_name(domain)}/{version}"
+        return mem
+    if not Path(spec).is_dir():
+        from memo.models import resolve_base_model
+
+        try:
+            spec = resolve_base_model(spec)
+        except MemoError:
+            raise MemoError(f"--memory {spec}: not a models:/ URI, a model folder or a known base model") from None
+    mem = LocalMemory(spec, max_tokens, temperature)
+    mem.version = spec
+    return mem
+
+
 class LocalMemory:
     """A memory model folder loaded in this process (tests, offline evaluation)."""
 
@@ -134,7 +158,8 @@ def parse_subquestions(text: str, limit: int) -> list[str]:
     work, because whatever the format, a sub-question is a run of words ending in "?"."""
     out: list[str] = []
     for m in re.finditer(r'[A-Za-z][^?\n"\[\]]*\?', text):
-        q = m.group().strip()
+        # A small model often echoes the prompt's "Question: ..." label: the label is not part of it.
+        q = re.sub(r"^(?:Question|Q)\s*:\s*", "", m.group().strip())
         if len(q) >= 8 and q not in out:
             out.append(q)
     return out[:limit]
@@ -182,7 +207,8 @@ class Trace:
     memory_version: str | None = None
 
 
-def _tokens(client) -> tuple[int, int]:
+def usage_of(client) -> tuple[int, int]:
+    """(calls, tokens) a client has spent so far; (0, 0) for one that keeps no usage."""
     u = getattr(client, "usage", None) or {}
     return u.get("calls", 0), u.get("prompt_tokens", 0) + u.get("completion_tokens", 0)
 
@@ -192,10 +218,10 @@ class _Meter:
 
     def __init__(self, executive, memory):
         self.executive, self.memory = executive, memory
-        self.e0, self.m0 = _tokens(executive), _tokens(memory)
+        self.e0, self.m0 = usage_of(executive), usage_of(memory)
 
     def close(self, tr: Trace, t0: float) -> Trace:
-        e, m = _tokens(self.executive), _tokens(self.memory)
+        e, m = usage_of(self.executive), usage_of(self.memory)
         tr.executive_calls, tr.executive_tokens = e[0] - self.e0[0], e[1] - self.e0[1]
         tr.memory_tokens = m[1] - self.m0[1]
         # Scripted test doubles keep no usage: count the questions the trace shows.
