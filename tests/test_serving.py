@@ -79,7 +79,7 @@ def served(domains, keys):
 
     url = serving.run(ServeConfig(domains=["lighthouse", "harbour"], dedicated_domains=["harbour"],
                                   dedicated_max_replicas=1, replica_cpus=0.5, port=free_port(), max_new_tokens=16,
-                                  max_tokens_cap=32, max_prompt_chars=200, alias_refresh_s=0.5,
+                                  max_tokens_cap=32, max_prompt_chars=4000, alias_refresh_s=0.5,
                                   tenants_file=keys["file"]))
     yield url
     serve.shutdown()
@@ -125,7 +125,7 @@ def test_openai_client_answers_each_domain_with_its_version(served, domains, key
     ("memo-sk-wrong", _chat("lighthouse"), 401, "invalid_api_key"),
     ("harbour", _chat("lighthouse"), 403, "model_not_allowed"),
     ("harbour", _chat("ghost"), 404, "model_not_found"),
-    ("both", _chat("lighthouse", q="x" * 500), 413, "prompt_too_large"),
+    ("both", _chat("lighthouse", q="x" * 5000), 413, "prompt_too_large"),
     ("both", _chat("lighthouse", max_tokens=999), 400, None),
     ("both", {"model": "lighthouse"}, 400, None),
 ])
@@ -207,3 +207,31 @@ def test_gate_refuses_a_worse_candidate_and_leaves_the_alias(domains):
     assert res.returncode == 3, res.stdout + res.stderr  # refused by the gate (2 is bad input)
     assert "promotion refused" in res.stderr and "--force" in res.stderr
     assert registry.resolve_version("lighthouse", "champion") == before
+
+
+def test_synthesis_through_the_router_as_an_http_generator(served, keys, tmp_path, monkeypatch):
+    """The http generator end to end against a real OpenAI-compatible server: this router, hosting a
+    (random, tiny) model. Its replies are not the JSON asked for, so every row must land in the rejects
+    with the reply, the job must finish, and each step's counts must add up."""
+    import pandas as pd
+
+    from memo.config import SynthesizeConfig, build_config
+    from memo.reflections import synthesize
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "a", "title": "Orrin", "text": "Mara Quill keeps the Orrin lighthouse."}) + "\n"
+                      + json.dumps({"id": "b", "title": "Quill", "text": "Mara Quill was born on Tessel Island."}) + "\n")
+    monkeypatch.setenv("MEMO_TEST_GENERATOR_KEY", keys["both"])
+    cfg = build_config(SynthesizeConfig, {"domain": "routergen", "corpus": str(corpus), "out": str(tmp_path / "r"),
+                                          "generator": "http", "base_url": served + "/v1", "model": "harbour",
+                                          "api_key_env": "MEMO_TEST_GENERATOR_KEY", "max_tokens": 16, "workers": 1,
+                                          "retries": 0, "json_retries": 0})
+    stats = synthesize(cfg, progress=print)
+    rejects = pd.read_parquet(tmp_path / "r" / "rejects.parquet")
+    ext = stats["steps"]["extract"]
+    assert ext["in"] == 4 and ext["calls"] == 4 and ext["rejected"] + ext["out"] + ext["empty"] >= 4
+    assert stats["steps"]["entity"]["calls"] == 2 and stats["groups"]["groups"] >= 1
+    # real replies came back (no auth, size or server error): they are simply not JSON
+    assert set(rejects.reason.str.split(":").str[0]) <= {"bad_json", "no_pairs_in_json", "empty_field"}, rejects.reason
+    assert (rejects.raw.str.len() > 0).any() and stats["rows"] == len(pd.read_parquet(tmp_path / "r" / "reflections.parquet"))
+    assert keys["both"] not in json.dumps(stats)  # the key stays out of what is written

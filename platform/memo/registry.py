@@ -62,6 +62,31 @@ def start_run(domain: str, stage: str, params: dict) -> str:
     return run.info.run_id
 
 
+def log_reflections_input(run_id: str, df, source: str, digest: str, domain: str, synth: dict) -> None:
+    """The reflections a training run used, as an MLflow dataset input (name, digest = the synthesize
+    stage's dataset hash, source = the folder), plus the synthesize stage's per-step counts as metrics."""
+    import warnings
+
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag, Metric
+
+    cols = [c for c in ("id", "step", "question", "answer", "generator") if c in df.columns]
+    with warnings.catch_warnings():  # a plain path resolves to a local source; MLflow warns that it guessed
+        warnings.simplefilter("ignore")
+        ds = mlflow.data.from_pandas(df[cols], source=str(source), name=f"reflections-{domain}", digest=digest[:36])
+    c = client()
+    c.log_inputs(run_id, datasets=[DatasetInput(ds._to_mlflow_entity(),
+                                                tags=[InputTag("mlflow.data.context", "training")])])
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"synth.{step}.{k}", float(v), now, 0) for step, st in (synth.get("steps") or {}).items()
+               for k, v in st.items() if k in ("in", "out", "rejected") and isinstance(v, (int, float))]
+    metrics += [Metric(f"synth.rows.{k}", float(v), now, 0) for k, v in (synth.get("per_step") or {}).items()]
+    if "rejected" in synth:
+        metrics.append(Metric("synth.rejected", float(synth["rejected"]), now, 0))
+    if metrics:
+        c.log_batch(run_id, metrics=metrics)
+
+
 def register_memory(domain: str, model_dir: str | Path, run_id: str, lineage: dict, alias: str | None) -> str:
     """Log the model folder to the run and create a new version of memo-<domain>; returns the version."""
     from mlflow.exceptions import MlflowException
