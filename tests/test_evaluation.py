@@ -61,3 +61,18 @@ def test_metrics_normalise_and_take_the_best_alias():
     assert f1("in 1998", ["1998"]) == pytest.approx(2 / 3)
     assert f1("Wenna Ostrocliff", ["Ostrocliff", "Wenna Ostrocliff"]) == 1.0
     assert f1("", ["x"]) == 0.0
+
+
+def test_coverage_counts_gold_hops_found_in_reflection_answers(tmp_path):
+    import pandas as pd
+
+    from memo.evaluation import Question, reflection_coverage
+
+    qs = [Question("1", "Where was the keeper of the Orrin Light born?", "Vennick", aliases=["Vennick town"],
+                   decomposition=[{"question": "Who keeps the Orrin Light?", "answer": "Mara Quill"},
+                                  {"question": "Where was #1 born?", "answer": "Vennick"}]),
+          Question("2", "Which river runs past Harlow?", "the Sable", aliases=["Sable River"])]
+    df = pd.DataFrame({"answer": ["Mara Quill has kept the Orrin Light since 1990.", "The Sable River runs past Harlow.",
+                                  "Vennicktown is not a place."]})  # whole words only: "Vennick" is not covered
+    out = reflection_coverage(df, qs)
+    assert (out["facts"], out["covered"]) == (3, 2) and out["by_hop"] == {"hop1": 1.0, "hop2": 0.0}

@@ -40,6 +40,7 @@ import pandas as pd
 
 from memo.errors import MemoError
 
+JUDGE_MAX_TOKENS = 48  # {"ok": false, "violations": ["unresolved_pronoun", "relative_time"]} is ~20 tokens
 PROMPT_VERSION = "v1"  # part of the step folders' key: a prompt change never mixes with older outputs
 VIOLATIONS = ("unresolved_pronoun", "relative_time", "document_reference", "vague_reference", "missing_context",
               "incomplete_answer")
@@ -292,14 +293,14 @@ class StepWorker:
         self.engine = engine if hasattr(engine, "chat") else make_engine(engine, threads)
 
     # One round trip for many prompts, with re-asks for the replies that are not JSON.
-    def ask(self, prompts: list[str], usage: list[Counter]) -> list[tuple[dict | None, str, str]]:
+    def ask(self, prompts: list[str], usage: list[Counter], max_tokens: int = 0) -> list[tuple[dict | None, str, str]]:
         from memo.executive import parse_json
 
         results: list[tuple[dict | None, str, str]] = [(None, "", "")] * len(prompts)
         pending = list(range(len(prompts)))
         for attempt in range(self.json_retries + 1):
-            replies = self.engine.chat([_messages(prompts[i], attempt > 0) for i in pending], self.max_tokens,
-                                       self.temperature)
+            replies = self.engine.chat([_messages(prompts[i], attempt > 0) for i in pending],
+                                       max_tokens or self.max_tokens, self.temperature)
             retry = []
             for i, r in zip(pending, replies):
                 usage[i].update(calls=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
@@ -405,7 +406,9 @@ class StepWorker:
             pending = [i for i, s in enumerate(status) if s == "pending"]
             if not pending:
                 break
-            verdicts = self.ask([prompt_judge(*cur[i]) for i in pending], [usage[i] for i in pending])
+            # A verdict is a few tokens of JSON: capping it keeps a rambling judge from costing a whole reply.
+            verdicts = self.ask([prompt_judge(*cur[i]) for i in pending], [usage[i] for i in pending],
+                                min(self.max_tokens, JUDGE_MAX_TOKENS))
             failing = []
             for i, (obj, err, raw) in zip(pending, verdicts):
                 rule = check_self_contained(*cur[i])  # a deterministic floor under the judge
@@ -641,8 +644,11 @@ def run_step(name: str, inputs: pd.DataFrame, folder: Path, worker_kwargs: dict,
     nested = [c for c in packed.columns if packed[c].map(lambda v: isinstance(v, (list, dict))).any()]
     for c in nested:
         packed[c] = packed[c].map(json.dumps)
-    blocks = max(1, -(-len(packed) // batch_size))
-    ds = ray.data.from_pandas(packed).repartition(blocks)
+    # One block per batch, made on the driver: a repartition would need CPU tasks while the actors
+    # (hf: one per CPU share) hold every CPU, and the job would wait forever.
+    pieces = [packed.iloc[i:i + batch_size].reset_index(drop=True) for i in range(0, len(packed), batch_size)]
+    blocks = len(pieces)
+    ds = ray.data.from_pandas(pieces)
     out = ds.map_batches(_Unpacked, fn_constructor_kwargs={"nested": nested, **worker_kwargs}, batch_size=batch_size,
                          batch_format="pandas", compute=ActorPoolStrategy(size=min(workers, blocks)),
                          num_cpus=num_cpus)
