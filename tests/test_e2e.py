@@ -51,6 +51,12 @@ def test_training_registers_a_candidate_with_lineage(trained):
     assert mv.tags["memo.corpus_hash"] == stats["corpus_hash"]
     history = c.get_metric_history(result["run_id"], "loss")
     assert len(history) == result["step"]
+    # the reflections are the run's MLflow dataset input, with the synthesize stage's counts beside them
+    run = c.get_run(result["run_id"])
+    (inp,) = run.inputs.dataset_inputs
+    assert inp.dataset.name == "reflections-e2e" and inp.dataset.digest == stats["dataset_hash"][:36]
+    assert run.data.metrics["synth.rows.direct"] == stats["per_step"]["direct"]
+    assert run.data.metrics["synth.cross_doc.out"] == stats["steps"]["cross_doc"]["out"]
     assert history[-1].value < history[0].value  # it learned something
 
 

@@ -286,3 +286,43 @@ def test_pipeline_through_http_engine_six_kinds_rejects_and_resume(ray_local, tm
         again = synthesize(cfg, progress=print)
         assert llm.requests - first == lost
         assert again["dataset_hash"] == stats["dataset_hash"]
+
+
+def _gpu_vllm() -> bool:
+    try:
+        import torch
+        import vllm  # noqa: F401
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - any import failure means: not here
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _gpu_vllm() or not __import__("os").environ.get("MEMO_TEST_VLLM_MODEL"),
+                    reason="needs vLLM, a GPU and MEMO_TEST_VLLM_MODEL (a local model folder)")
+def test_vllm_generator_on_a_gpu(ray_local, tmp_path):
+    import os
+
+    from conftest import DEMO_CORPUS
+    from memo.config import SynthesizeConfig, build_config
+    from memo.reflections import synthesize
+
+    cfg = build_config(SynthesizeConfig, {"domain": "demo", "corpus": str(DEMO_CORPUS), "out": str(tmp_path / "r"),
+                                          "generator": "vllm", "model": os.environ["MEMO_TEST_VLLM_MODEL"],
+                                          "workers": 1})
+    stats = synthesize(cfg, progress=print)
+    assert stats["rows"] > 0 and stats["steps"]["extract"]["calls"] >= 2 * stats["chunks"]
+
+
+def test_broken_json_still_yields_the_pairs_it_spells_out_whole():
+    from memo.generator import salvage_pairs
+
+    raw = ('JSON:\n{\n"pairs": [{"question": "What is the Boeing VC-25?", "answer": "A \\"jumbo\\" jet"}},\n{\n"pairs": '
+           '[{"question": "What is the Boeing VC-25?", "answer": "A \\"jumbo\\" jet"}},\n{"question": "Who flies it?", '
+           '"answer": "The US Air')
+    assert salvage_pairs(raw) == [{"question": "What is the Boeing VC-25?", "answer": 'A "jumbo" jet'}]
+    out = run(worker("extract", Scripted([raw]), json_retries=0), [{**CHUNK, "pass": "direct", "input_id": "a"}])
+    assert [(r["status"], r["answer"]) for r in out] == [("ok", 'A "jumbo" jet')]
+    out = run(worker("extract", Scripted(["no pairs at all"]), json_retries=0), [{**CHUNK, "pass": "direct",
+                                                                               "input_id": "b"}])
+    assert [(r["status"], r["reason"]) for r in out] == [("reject", "bad_json")]

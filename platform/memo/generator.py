@@ -260,6 +260,23 @@ def _pairs(obj: dict, key: str) -> list[dict]:
     return [x for x in items if isinstance(x, dict)] if isinstance(items, list) else []
 
 
+_QA = re.compile(r'\{\s*"question"\s*:\s*"((?:\\.|[^"\\])*)"\s*,\s*"answer"\s*:\s*"((?:\\.|[^"\\])*)"\s*\}?')
+
+
+def salvage_pairs(text: str) -> list[dict]:
+    """Every complete {"question": ..., "answer": ...} object in a reply, in order, each once."""
+    seen, out = set(), []
+    for q, a in _QA.findall(text or ""):
+        try:
+            q, a = json.loads(f'"{q}"'), json.loads(f'"{a}"')
+        except json.JSONDecodeError:
+            continue
+        if (q, a) not in seen:
+            seen.add((q, a))
+            out.append({"question": q, "answer": a})
+    return out
+
+
 def check_pair(question: str, answer: str) -> str:
     """Shape checks every generated pair passes, whatever the engine: empty, echo, or not a question."""
     if len(question) < 8 or len(answer) < 1:
@@ -293,7 +310,11 @@ class StepWorker:
         self.engine = engine if hasattr(engine, "chat") else make_engine(engine, threads)
 
     # One round trip for many prompts, with re-asks for the replies that are not JSON.
-    def ask(self, prompts: list[str], usage: list[Counter], max_tokens: int = 0) -> list[tuple[dict | None, str, str]]:
+    def ask(self, prompts: list[str], usage: list[Counter], max_tokens: int = 0,
+            salvage: str = "") -> list[tuple[dict | None, str, str]]:
+        """(object, error, raw reply) per prompt. With `salvage`, a reply whose JSON is broken beyond repair
+        (mismatched brackets, a list repeated until max_tokens) still yields the question/answer objects
+        it spells out whole, as {salvage: [...]}."""
         from memo.executive import parse_json
 
         results: list[tuple[dict | None, str, str]] = [(None, "", "")] * len(prompts)
@@ -308,6 +329,9 @@ class StepWorker:
                     results[i] = (None, r.error, r.text)
                     continue
                 obj, _how = parse_json(r.text)
+                if salvage and (obj is None or not _pairs(obj, salvage)):
+                    found = salvage_pairs(r.text)
+                    obj = {salvage: found} if found else obj
                 results[i] = (obj, "" if obj is not None else "bad_json", r.text)
                 if obj is None:
                     retry.append(i)
@@ -343,7 +367,7 @@ class StepWorker:
             return _row(rec["input_id"], "reject", self.step, kind, q, a, chunk_ids, merged, reason=bad)
         return _row(rec["input_id"], "ok", self.step, kind, q, a, chunk_ids, merged)
 
-    def _run(self, records, usage, make_prompt, parse) -> list[list[dict]]:
+    def _run(self, records, usage, make_prompt, parse, salvage: str = "") -> list[list[dict]]:
         """Shared body: a prompt per record (or a reject), one engine round, a parse per reply."""
         out: list[list[dict]] = [[] for _ in records]
         todo = []
@@ -353,7 +377,7 @@ class StepWorker:
                 out[i] = [self._reject(rec, reason)]
             else:
                 todo.append(i)
-        answers = self.ask([make_prompt(records[i]) for i in todo], [usage[i] for i in todo])
+        answers = self.ask([make_prompt(records[i]) for i in todo], [usage[i] for i in todo], salvage=salvage)
         for i, (obj, err, raw) in zip(todo, answers):
             out[i] = [self._reject(records[i], err, raw)] if obj is None else parse(records[i], obj, raw)
         return out
@@ -369,7 +393,7 @@ class StepWorker:
                 return [self._reject(rec, "no_pairs_in_json", raw, rec["pass"])]
             return [self._pair(rec, rec["pass"], p.get("question"), p.get("answer"), [rec["chunk_id"]]) for p in pairs]
 
-        return self._run(records, usage, prompt, parse)
+        return self._run(records, usage, prompt, parse, salvage="pairs")
 
     # Step 2: consolidation; the input row is one document with its step-1 pairs.
     def _consolidate(self, records, usage):
@@ -728,7 +752,9 @@ def run_pipeline(cfg, chunks: pd.DataFrame, out: Path, progress=print) -> dict:
         res = run_step(name, inputs, base / name, {"step": name, **common}, workers, cfg.batch_size, progress,
                        num_cpus) if len(inputs) else pd.DataFrame(columns=STEP_COLUMNS)
         st = Counter(res["status"]) if len(res) else Counter()
+        kinds = Counter(res[res.status == "ok"]["kind"]) if len(res) else Counter()
         stats[name] = {"in": len(inputs), "out": st["ok"], "rejected": st["reject"], "empty": st["empty"],
+                       "kinds": dict(kinds),
                        "calls": int(res["calls"].sum()) if len(res) else 0,
                        "completion_tokens": int(res["completion_tokens"].sum()) if len(res) else 0,
                        "seconds": round(time.time() - t, 1)}
