@@ -58,11 +58,14 @@ def cmd_synthesize(args) -> dict:
     return synthesize(cfg)
 
 
-def default_reflections_dir(domain: str, corpus: str) -> Path:
+def default_reflections_dir(domain: str, corpus: str, generator: str = "rules") -> Path:
+    """One folder per corpus version and generator, so synthesizing with another generator never
+    overwrites the reflections an earlier memory version was trained on."""
     from memo.config import memo_home
     from memo.corpus import corpus_hash, load_documents
 
-    return memo_home() / "reflections" / domain / corpus_hash(load_documents(corpus))[:12]
+    name = corpus_hash(load_documents(corpus))[:12]
+    return memo_home() / "reflections" / domain / (name if generator == "rules" else f"{name}-{generator}")
 
 
 def cmd_train(args) -> dict:
@@ -84,9 +87,10 @@ def cmd_train(args) -> dict:
     reflections = args.reflections
     synth_cfg = None
     if args.corpus:
-        reflections = str(default_reflections_dir(args.domain, args.corpus))
-        synth_cfg = build_config(SynthesizeConfig, {"domain": args.domain, "corpus": args.corpus,
-                                                    "out": reflections, "generator": args.generator})
+        reflections = str(default_reflections_dir(args.domain, args.corpus, args.generator))
+        synth = {"domain": args.domain, "corpus": args.corpus, "out": reflections, "generator": args.generator,
+                 "model": args.generator_model, "base_url": args.generator_url}
+        synth_cfg = build_config(SynthesizeConfig, {k: v for k, v in synth.items() if v is not None})
     cfg = build_config(TrainConfig, _config_values(args, {
         "domain": args.domain, "reflections": reflections, "base_model": args.base_model, "workers": args.workers,
         "epochs": args.epochs, "lr": args.lr, "device": args.device, "parent": args.parent,
@@ -276,7 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--domain", required=True)
     t.add_argument("--reflections", help="folder written by `memo synthesize`")
     t.add_argument("--corpus", help="synthesize this corpus first (the full platform job)")
-    t.add_argument("--generator", default="rules", help="generator used with --corpus")
+    t.add_argument("--generator", default="rules", choices=["rules", "hf", "http", "vllm"],
+                   help="generator used with --corpus")
+    t.add_argument("--generator-model", help="with --corpus and an LLM generator: its model (see memo synthesize)")
+    t.add_argument("--generator-url", help="with --corpus --generator http: the endpoint's base URL")
     t.add_argument("--base-model", help="smollm2-135m (default), a local HF folder, or a cached HF id")
     t.add_argument("--workers", type=int)
     t.add_argument("--epochs", type=int)

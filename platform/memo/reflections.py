@@ -639,8 +639,10 @@ def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
     t0 = time.time()
     progress(f"[synthesize] {len(docs)} documents from {cfg.corpus}, generator={cfg.generator}")
     ds = ray.data.from_items([asdict(d) for d in docs])
+    # Chunking is light: a quarter CPU lets it run beside Serve replicas that hold whole CPUs (the http
+    # generator pointed at this cluster's own router) instead of waiting for one forever.
     chunks = ds.flat_map(chunk_document, fn_kwargs={"domain": cfg.domain, "chunk_words": cfg.chunk_words,
-                                                    "overlap": cfg.chunk_overlap}).materialize()
+                                                    "overlap": cfg.chunk_overlap}, num_cpus=0.25).materialize()
     n_chunks = chunks.count()
     progress(f"[synthesize] {n_chunks} chunks")
     extra: dict = {}
