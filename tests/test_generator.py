@@ -137,6 +137,16 @@ def test_near_duplicates_drop_rewordings_but_keep_different_facts():
     assert near_duplicates(qs, ans, 1.0) == []
 
 
+def test_pair_shape_checks():
+    from memo.generator import check_pair
+
+    assert check_pair("Who keeps the Orrin Light?", "Mara Quill.") == ""
+    assert check_pair("Anna Benson", "Kris Benson") == "not_a_question"
+    assert check_pair("Who is the subject of this JSON?", "Benson") == "mentions_the_prompt"
+    assert check_pair("Who keeps the Orrin Light?", "") == "empty_field"
+    assert check_pair("Who keeps the Orrin Light?", "who keeps the orrin light?") == "answer_repeats_question"
+
+
 def test_groups_come_from_shared_names_then_bm25_neighbours():
     chunks = pd.DataFrame([
         {"chunk_id": "a#0", "doc_id": "a", "title": "Orrin Light", "domain": "t", "doc_date": "",

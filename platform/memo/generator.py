@@ -277,6 +277,9 @@ def salvage_pairs(text: str) -> list[dict]:
     return out
 
 
+_META = re.compile(r"\bjson\b|\bthe (text|passage|document|story) (above|below)\b|\bthis (json|prompt)\b", re.I)
+
+
 def check_pair(question: str, answer: str) -> str:
     """Shape checks every generated pair passes, whatever the engine: empty, echo, or not a question."""
     if len(question) < 8 or len(answer) < 1:
@@ -285,6 +288,10 @@ def check_pair(question: str, answer: str) -> str:
         return "answer_repeats_question"
     if len(question) > 600 or len(answer) > 1500:
         return "over_long_pair"
+    if "?" not in question:
+        return "not_a_question"
+    if _META.search(question) or _META.search(answer):  # the prompt leaking into the pair
+        return "mentions_the_prompt"
     return ""
 
 
