@@ -211,8 +211,8 @@ def test_gate_refuses_a_worse_candidate_and_leaves_the_alias(domains):
 
 def test_synthesis_through_the_router_as_an_http_generator(served, keys, tmp_path, monkeypatch):
     """The http generator end to end against a real OpenAI-compatible server: this router, hosting a
-    (random, tiny) model. Its replies are not the JSON asked for, so every row must land in the rejects
-    with the reply, the job must finish, and each step's counts must add up."""
+    tiny model trained on four facts. Its replies are not the JSON asked for, so every row must land
+    in the rejects with the reply, the job must finish, and each step's counts must add up."""
     import pandas as pd
 
     from memo.config import SynthesizeConfig, build_config
@@ -223,7 +223,7 @@ def test_synthesis_through_the_router_as_an_http_generator(served, keys, tmp_pat
                       + json.dumps({"id": "b", "title": "Quill", "text": "Mara Quill was born on Tessel Island."}) + "\n")
     monkeypatch.setenv("MEMO_TEST_GENERATOR_KEY", keys["both"])
     cfg = build_config(SynthesizeConfig, {"domain": "routergen", "corpus": str(corpus), "out": str(tmp_path / "r"),
-                                          "generator": "http", "base_url": served + "/v1", "model": "harbour",
+                                          "generator": "http", "base_url": served + "/v1", "model": "lighthouse",
                                           "api_key_env": "MEMO_TEST_GENERATOR_KEY", "max_tokens": 16, "workers": 1,
                                           "retries": 0, "json_retries": 0})
     stats = synthesize(cfg, progress=print)

@@ -675,11 +675,11 @@ def run_step(name: str, inputs: pd.DataFrame, folder: Path, worker_kwargs: dict,
     nested = [c for c in packed.columns if packed[c].map(lambda v: isinstance(v, (list, dict))).any()]
     for c in nested:
         packed[c] = packed[c].map(json.dumps)
-    # One block per batch, made on the driver: a repartition would need CPU tasks while the actors
-    # (hf: one per CPU share) hold every CPU, and the job would wait forever.
-    pieces = [packed.iloc[i:i + batch_size].reset_index(drop=True) for i in range(0, len(packed), batch_size)]
-    blocks = len(pieces)
-    ds = ray.data.from_pandas(pieces)
+    # One block per batch, built on the driver (from_items puts blocks without running a task): a
+    # repartition or from_pandas needs CPU tasks, and while hf actors or Serve replicas hold every CPU
+    # the job would wait forever.
+    blocks = max(1, -(-len(packed) // batch_size))
+    ds = ray.data.from_items(packed.to_dict("records"), override_num_blocks=blocks)
     out = ds.map_batches(_Unpacked, fn_constructor_kwargs={"nested": nested, **worker_kwargs}, batch_size=batch_size,
                          batch_format="pandas", compute=ActorPoolStrategy(size=min(workers, blocks)),
                          num_cpus=num_cpus)
