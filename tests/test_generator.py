@@ -270,6 +270,9 @@ def test_pipeline_through_http_engine_six_kinds_rejects_and_resume(ray_local, tm
         # all six step kinds, from the real prompts' replies
         assert set(STEPS) <= set(df.step), stats["per_step"]
         assert (df.generator == "http:scripted").all() and df.id.is_unique
+        # consolidated rows name the verified pairs they merge
+        merged = [list(m) for m in df[df.step == "consolidated"].merged_from]
+        assert merged and all(len(m) >= 2 and set(m) <= set(df.id) for m in merged), (merged, stats["duplicates"])
         # the malformed document is in the rejects with its reason and the reply; the job finished
         bad = rejects[rejects.reason == "bad_json"]
         assert len(bad) >= 3 and all("bad#0" in list(ids) for ids in bad.source_chunk_ids)

@@ -113,7 +113,7 @@ def test_synthesize_with_ray_writes_the_contract_and_reruns_do_nothing(ray_local
     cfg = build_config(SynthesizeConfig, {"domain": "demo", "corpus": str(DEMO_CORPUS), "out": str(tmp_path / "r")})
     stats = synthesize(cfg, progress=lambda *_: None)
     df = pd.read_parquet(tmp_path / "r" / "reflections.parquet")
-    assert list(df.columns) == COLUMNS
+    assert list(df.columns) == COLUMNS + ["merged_from"]  # the contract, plus consolidation lineage
     assert len(df) == stats["rows"] and df.id.is_unique
     for step in ("direct", "entity", "consolidated", "cross_doc", "abstain"):
         assert stats["per_step"][step] > 0, step

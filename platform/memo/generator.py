@@ -823,6 +823,9 @@ def run_pipeline(cfg, chunks: pd.DataFrame, out: Path, progress=print) -> dict:
     verified = ver[ver.status == "ok"].copy()
     orig_kind = dict(zip(pd.DataFrame(ver_in)["input_id"], pd.DataFrame(ver_in)["kind"])) if ver_in else {}
     verified["step"] = [kind_to_step.get(orig_kind.get(i, ""), "direct") for i in verified["input_id"]]
+    # A rewrite changes a pair's question and so its id: point consolidated rows at the ids that ship.
+    remap = {i.split("|")[0]: stable_id(cfg.domain, q) for i, q in zip(verified["input_id"], verified["question"])}
+    verified["merged_from"] = [[remap.get(m, m) for m in ms] for ms in verified["merged_from"]]
     ent_ok, cross_ok = ent[ent.status == "ok"].copy(), cross[cross.status == "ok"].copy()
     ent_ok["step"], cross_ok["step"] = "entity", "cross_doc"
     # Entity and cross-document pairs are checked by rules only (the paper verifies steps 1-2).

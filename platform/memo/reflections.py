@@ -596,7 +596,8 @@ def _llm_steps(cfg: SynthesizeConfig, chunks, out: Path, progress) -> tuple[pd.D
     good = pd.DataFrame({"id": [stable_id(cfg.domain, q) for q in p["question"]], "domain": cfg.domain,
                          "step": p["step"].values, "question": p["question"].values, "answer": p["answer"].values,
                          "source_chunk_ids": [list(x) for x in p["source_chunk_ids"]], "generator": gen,
-                         "verified": p["verified"].astype(bool).values}, columns=COLUMNS)
+                         "verified": p["verified"].astype(bool).values,
+                         "merged_from": [list(x) for x in p["merged_from"]]}, columns=COLUMNS + ["merged_from"])
     r = res["rejects"]
     rejects = pd.DataFrame({"domain": cfg.domain, "step": r["step"].values, "input_id": r["input_id"].values,
                             "question": r["question"].values, "answer": r["answer"].values,
@@ -659,6 +660,9 @@ def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
         abstain["generator"] = good["generator"].iloc[0] if len(good) else cfg.generator
     good = pd.concat([good, abstain], ignore_index=True) if len(abstain) else good
     good["source_chunk_ids"] = good["source_chunk_ids"].map(list)
+    # Consolidated rows name the pairs they merge (the stable ids); every other row has an empty list.
+    merged = good["merged_from"] if "merged_from" in good else pd.Series([None] * len(good))
+    good["merged_from"] = [list(m) if isinstance(m, (list, tuple)) or hasattr(m, "tolist") else [] for m in merged]
     rejects = rejects.reset_index(drop=True)
     stats = {
         "domain": cfg.domain, "generator": cfg.generator, "corpus": str(Path(cfg.corpus).resolve()),
@@ -675,7 +679,7 @@ def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
     tmp = out / f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    good[COLUMNS].to_parquet(tmp / "reflections.parquet", index=False)
+    good[COLUMNS + ["merged_from"]].to_parquet(tmp / "reflections.parquet", index=False)
     rejects.to_parquet(tmp / "rejects.parquet", index=False)
     chunks.to_pandas().to_parquet(tmp / "chunks.parquet", index=False)
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
