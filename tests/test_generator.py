@@ -339,3 +339,14 @@ def test_broken_json_still_yields_the_pairs_it_spells_out_whole():
     out = run(worker("extract", Scripted(["no pairs at all"]), json_retries=0), [{**CHUNK, "pass": "direct",
                                                                                "input_id": "b"}])
     assert [(r["status"], r["reason"]) for r in out] == [("reject", "bad_json")]
+
+
+def test_groups_are_the_same_on_every_run():
+    """Resume depends on it: a group's id is its input id."""
+    chunks = pd.DataFrame([{"chunk_id": f"{c}#0", "doc_id": c, "title": c, "domain": "t", "doc_date": "",
+                            "text": t} for c, t in [("a", "red boats sail at dawn"), ("b", "red boats rest at dusk"),
+                                                    ("c", "zzz"), ("d", "qqq"), ("e", "www")]])
+    runs = [[g["group_id"] for g in form_groups(chunks, group_size=3, group_by="bm25")[0]] for _ in range(5)]
+    assert all(r == runs[0] for r in runs) and runs[0]
+    groups, _ = form_groups(chunks, group_size=3, group_by="bm25")
+    assert all(set(g["doc_ids"]) <= {"a", "b"} for g in groups)  # no neighbour without a shared word

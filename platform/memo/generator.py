@@ -574,13 +574,16 @@ def form_groups(chunks: pd.DataFrame, group_size: int = 3, max_groups: int = 0,
         texts = [f"{d['title']} {d['text']}" for d in docs]
         retriever = bm25s.BM25()
         retriever.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
-        k = min(group_size, n_docs)
+        k = min(group_size + 8, n_docs)
         order = [i for i, d in enumerate(docs) if d["doc_id"] not in covered] + \
                 [i for i, d in enumerate(docs) if d["doc_id"] in covered]
         for i in order:
-            res, _scores = retriever.retrieve(bm25s.tokenize([texts[i]], stopwords="en", show_progress=False), k=k,
-                                              show_progress=False)
-            idx = [int(j) for j in res[0] if int(j) != i][:group_size - 1]
+            res, scores = retriever.retrieve(bm25s.tokenize([texts[i]], stopwords="en", show_progress=False), k=k,
+                                             show_progress=False)
+            # Only real neighbours (score > 0), ties by position: group ids must be the same on every run,
+            # or a resumed run would see new groups and redo finished work.
+            ranked = sorted((-float(sc), int(j)) for j, sc in zip(res[0], scores[0]) if int(j) != i and sc > 0)
+            idx = [j for _s, j in ranked][:group_size - 1]
             add([i] + idx, f"they share vocabulary with \"{docs[i]['title']}\"", "bm25")
     covered = {d for g in groups for d in g["doc_ids"]}
     info = {"documents": n_docs, "groups": len(groups), "by_method": dict(report), "group_size": group_size,
