@@ -517,6 +517,14 @@ class StepWorker:
 # ---------------------------------------------------------------------------------------------------
 # Cross-document groups from the corpus alone.
 
+def in_corpus_order(chunks: pd.DataFrame) -> pd.DataFrame:
+    """Chunks sorted by document id, then chunk index ("doc#3" before "doc#10")."""
+    key = [(c.rsplit("#", 1)[0], int(c.rsplit("#", 1)[1]) if c.rsplit("#", 1)[-1].isdigit() else 0)
+           for c in chunks["chunk_id"]]
+    order = sorted(range(len(key)), key=key.__getitem__)
+    return chunks.iloc[order].reset_index(drop=True)
+
+
 def form_groups(chunks: pd.DataFrame, group_size: int = 3, max_groups: int = 0,
                 group_by: str = "entities+bm25") -> tuple[list[dict], dict]:
     """Groups of chunks from different documents that are likely related, and a report of how.
@@ -529,7 +537,7 @@ def form_groups(chunks: pd.DataFrame, group_size: int = 3, max_groups: int = 0,
     """
     from memo.reflections import entity_mentions
 
-    chunks = chunks.reset_index(drop=True)
+    chunks = in_corpus_order(chunks)  # Ray Data returns blocks in any order; groups must not depend on it
     first = chunks.drop_duplicates("doc_id").reset_index(drop=True)  # one chunk per document: the group's text
     docs = first.to_dict("records")
     n_docs = len(docs)
@@ -770,6 +778,7 @@ def run_pipeline(cfg, chunks: pd.DataFrame, out: Path, progress=print) -> dict:
                        "seconds": round(time.time() - t, 1)}
         return res
 
+    chunks = in_corpus_order(chunks)
     try:
         chunk_rows = chunks.to_dict("records")
         # 1. extraction: two passes per chunk
