@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -46,8 +45,9 @@ def main() -> int:
 
     import pandas as pd
 
+    from memo.config import SynthesizeConfig, build_config
     from memo.corpus import chunk_document, load_documents
-    from memo.generator import StepWorker, make_engine, run_step
+    from memo.generator import StepWorker, actor_resources, engine_spec, make_engine, run_step
     from memo.runtime import init_ray, quiet
 
     quiet()
@@ -56,14 +56,9 @@ def main() -> int:
     if len(chunks) < args.chunks:
         print(f"bench_synthesis: {args.corpus} gives only {len(chunks)} chunks", file=sys.stderr)
     inputs = pd.DataFrame([{**c, "pass": "direct", "input_id": c["chunk_id"]} for c in chunks])
-    if args.engine == "hf":
-        from memo.models import resolve_base_model
-
-        model = args.model if Path(args.model).is_dir() else resolve_base_model(args.model)
-        spec = {"kind": "hf", "model": model, "max_prompt_tokens": 0}
-    else:
-        spec = {"kind": "http", "base_url": args.base_url, "model": args.model,
-                "api_key": os.environ.get("OPENAI_API_KEY", ""), "concurrency": 8, "timeout": 120.0, "retries": 3}
+    spec = engine_spec(build_config(SynthesizeConfig, {
+        "domain": "bench", "corpus": args.corpus, "out": tempfile.gettempdir(), "generator": args.engine,
+        "model": args.model, "base_url": args.base_url}))
     ray = init_ray()
     cpus = int(ray.cluster_resources().get("CPU", 1))
     step_kw = {"step": "extract", "max_tokens": args.max_tokens, "temperature": 0.0, "json_retries": 0}
@@ -71,7 +66,7 @@ def main() -> int:
 
     # Baseline: a plain loop, one prompt per call.
     t0 = time.time()
-    worker = StepWorker(engine=make_engine(spec, threads=cpus if args.engine == "hf" else 0), **step_kw)
+    worker = StepWorker(engine=make_engine(spec, threads=actor_resources(spec, 1)[1]), **step_kw)
     outs = [worker(inputs.iloc[[i]]) for i in range(len(inputs))]
     dt = time.time() - t0
     rows.append(("loop", 1, dt, int(sum(o["completion_tokens"].sum() for o in outs))))
@@ -79,8 +74,7 @@ def main() -> int:
 
     for actors in (1, 2):
         folder = Path(tempfile.mkdtemp(prefix="bench-synth-"))
-        threads = max(1, cpus // actors) if args.engine == "hf" else 0
-        num_cpus = float(max(1, cpus // actors)) if args.engine == "hf" else 0.25
+        num_cpus, threads = actor_resources(spec, actors)
         t0 = time.time()
         res = run_step("extract", inputs, folder, {**step_kw, "engine": spec, "threads": threads}, actors,
                        args.batch_size, progress=lambda *_: None, num_cpus=num_cpus)

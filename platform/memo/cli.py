@@ -41,6 +41,12 @@ def _executive_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--executive-local", help="local executive model (default: smollm2-135m)")
 
 
+def _benchmark_args(p: argparse.ArgumentParser, limit_help: str = "first N questions (default: all)") -> None:
+    p.add_argument("--benchmark", required=True, help="musique, hotpotqa, 2wiki or narrativeqa")
+    p.add_argument("--data", required=True, help="the benchmark's JSONL file (read in place, never copied)")
+    p.add_argument("--limit", type=int, help=limit_help)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML file whose keys are the stage config fields")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config field (repeatable)")
@@ -348,26 +354,20 @@ def build_parser() -> argparse.ArgumentParser:
     a.set_defaults(fn=cmd_ask)
 
     c = sub.add_parser("corpus", help="a benchmark file -> corpus.jsonl (for synthesize) + questions.jsonl")
-    c.add_argument("--benchmark", required=True, help="musique, hotpotqa, 2wiki or narrativeqa")
-    c.add_argument("--data", required=True, help="the benchmark's JSONL file (read in place, never copied)")
-    c.add_argument("--limit", type=int, help="first N questions (default: all)")
+    _benchmark_args(c)
     c.add_argument("--noise", type=float, default=0.0, help="extra distractors: paragraphs of noise x N more records")
     c.add_argument("--distractors", type=int, help="keep at most K non-gold paragraphs per question (default: all)")
     c.add_argument("--out", required=True)
     c.set_defaults(fn=cmd_corpus)
 
     v = sub.add_parser("coverage", help="share of a benchmark's gold facts that the reflections state")
-    v.add_argument("--benchmark", required=True, help="musique, hotpotqa, 2wiki or narrativeqa")
-    v.add_argument("--data", required=True, help="the benchmark's JSONL file (read in place, never copied)")
-    v.add_argument("--limit", type=int, help="first N questions, as given to `memo corpus` (default: all)")
+    _benchmark_args(v, "first N questions, as given to `memo corpus` (default: all)")
     v.add_argument("--reflections", required=True, help="folder written by `memo synthesize`")
     v.set_defaults(fn=cmd_coverage)
 
     e = sub.add_parser("eval", help="MeMo vs closed-book, BM25 RAG and oracle on a benchmark sample")
-    e.add_argument("--benchmark", required=True, help="musique, hotpotqa, 2wiki or narrativeqa")
-    e.add_argument("--data", required=True, help="the benchmark's JSONL file (read in place, never copied)")
+    _benchmark_args(e)
     e.add_argument("--out", required=True, help="results.json, results.md, results.png, predictions, traces")
-    e.add_argument("--limit", type=int, help="first N questions (default: all)")
     e.add_argument("--noise", type=float, help="extra distractors: paragraphs of noise x N more records")
     e.add_argument("--distractors", type=int, help="keep at most K non-gold paragraphs per question")
     e.add_argument("--methods", help="comma-separated: closed_book,bm25,oracle,memo_single,memo_structured,"

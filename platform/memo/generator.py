@@ -151,6 +151,17 @@ def engine_spec(cfg) -> dict:
             "concurrency": cfg.concurrency, "timeout": cfg.request_timeout, "retries": cfg.retries}
 
 
+def actor_resources(spec: dict, actors: int) -> tuple[float, int]:
+    """(num_cpus, torch threads) per actor: an hf actor owns its share of the node's CPUs; an http actor
+    waits on the network and needs only a sliver (so it also runs beside Serve replicas)."""
+    if spec["kind"] != "hf":
+        return 0.25, 0
+    import ray
+
+    share = max(1, int(ray.cluster_resources().get("CPU", 1)) // actors)
+    return float(share), share
+
+
 def make_engine(spec: dict, threads: int = 0):
     if spec["kind"] == "hf":
         return HfEngine(spec["model"], threads, spec.get("max_prompt_tokens", 0))
@@ -280,6 +291,17 @@ def salvage_pairs(text: str) -> list[dict]:
 _META = re.compile(r"\bjson\b|\bthe (text|passage|document|story) (above|below)\b|\bthis (json|prompt)\b", re.I)
 
 
+def picked(refs, n: int, prefix: str = "") -> list[int]:
+    """0-based indexes of the items a reply refers to by number ("p3" or 3, counting from 1), each once,
+    in order; references out of range or malformed are ignored."""
+    out = set()
+    for r in refs if isinstance(refs, list) else []:
+        m = re.fullmatch(rf"{prefix}(\d+)", str(r).strip())
+        if m and 0 < int(m.group(1)) <= n:
+            out.add(int(m.group(1)) - 1)
+    return sorted(out)
+
+
 def check_pair(question: str, answer: str) -> str:
     """Shape checks every generated pair passes, whatever the engine: empty, echo, or not a question."""
     if len(question) < 8 or len(answer) < 1:
@@ -367,6 +389,11 @@ class StepWorker:
         return _row(rec["input_id"], "reject", self.step, kind, reason=reason, raw=raw,
                     chunk_ids=rec.get("chunk_ids", [rec.get("chunk_id", "")]))
 
+    def _too_few(self, rec, kind, item: dict, reason: str) -> dict:
+        """A merge or cross-document question that does not use enough of its sources."""
+        return _row(rec["input_id"], "reject", self.step, kind, _text(item.get("question")),
+                    _text(item.get("answer")), rec["chunk_ids"], reason=reason)
+
     def _pair(self, rec, kind, q, a, chunk_ids, merged=()) -> dict:
         q, a = _text(q), _text(a)
         bad = check_pair(q, a)
@@ -410,12 +437,9 @@ class StepWorker:
         def parse(rec, obj, raw):
             rows = []
             for c in _pairs(obj, "composites"):
-                merged = c.get("merged") if isinstance(c.get("merged"), list) else []
-                idx = sorted({int(m[1:]) - 1 for m in map(str, merged) if re.fullmatch(r"p\d+", m)
-                              and 0 < int(m[1:]) <= len(rec["pairs"])})
+                idx = picked(c.get("merged"), len(rec["pairs"]), "p")
                 if len(idx) < 2:
-                    rows.append(_row(rec["input_id"], "reject", self.step, "composite", _text(c.get("question")),
-                                     _text(c.get("answer")), rec["chunk_ids"], reason="merged_fewer_than_2_pairs"))
+                    rows.append(self._too_few(rec, "composite", c, "merged_fewer_than_2_pairs"))
                     continue
                 ids = [rec["pairs"][k]["pair_id"] for k in idx]
                 chunks = sorted({cid for k in idx for cid in rec["pairs"][k]["source_chunk_ids"]})
@@ -500,12 +524,10 @@ class StepWorker:
         def parse(rec, obj, raw):
             rows = []
             for q in _pairs(obj, "questions"):
-                used = sorted({int(d) - 1 for d in (q.get("documents") or []) if str(d).isdigit()
-                               and 0 < int(d) <= len(rec["docs"])})
+                used = picked(q.get("documents"), len(rec["docs"]))
                 kind = _text(q.get("kind")) or "converging"
                 if len(used) < 2:
-                    rows.append(_row(rec["input_id"], "reject", self.step, kind, _text(q.get("question")),
-                                     _text(q.get("answer")), rec["chunk_ids"], reason="fewer_than_2_documents"))
+                    rows.append(self._too_few(rec, kind, q, "fewer_than_2_documents"))
                     continue
                 rows.append(self._pair(rec, kind, q.get("question"), q.get("answer"),
                                        [rec["docs"][k]["chunk_id"] for k in used]))
@@ -751,13 +773,8 @@ def run_pipeline(cfg, chunks: pd.DataFrame, out: Path, progress=print) -> dict:
     if cfg.generator == "vllm":
         spec = {**spec, "base_url": start_vllm_generator(cfg)}
         stop_generator = "memo-generator"
-    if spec["kind"] == "hf":
-        import ray
-
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        workers, num_cpus, threads = cfg.workers, max(1.0, cpus // cfg.workers), max(1, cpus // cfg.workers)
-    else:  # HTTP actors wait on the network: they need no CPU of their own
-        workers, num_cpus, threads = cfg.workers, 0.25, 0
+    workers = cfg.workers
+    num_cpus, threads = actor_resources(spec, workers)
     common = {"engine": spec, "max_tokens": cfg.max_tokens, "temperature": cfg.temperature,
               "json_retries": cfg.json_retries, "verify_attempts": cfg.verify_attempts,
               "max_chunk_tokens": cfg.max_chunk_tokens, "threads": threads}
@@ -833,7 +850,7 @@ def run_pipeline(cfg, chunks: pd.DataFrame, out: Path, progress=print) -> dict:
     # Final training set = verified pairs (1-2) + entity pairs + cross-document pairs.
     kind_to_step = {"direct": "direct", "indirect": "indirect", "consolidated": "consolidated"}
     verified = ver[ver.status == "ok"].copy()
-    orig_kind = dict(zip(pd.DataFrame(ver_in)["input_id"], pd.DataFrame(ver_in)["kind"])) if ver_in else {}
+    orig_kind = {r["input_id"]: r["kind"] for r in ver_in}
     verified["step"] = [kind_to_step.get(orig_kind.get(i, ""), "direct") for i in verified["input_id"]]
     # A rewrite changes a pair's question and so its id: point consolidated rows at the ids that ship.
     remap = {i.split("|")[0]: stable_id(cfg.domain, q) for i, q in zip(verified["input_id"], verified["question"])}

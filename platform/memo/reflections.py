@@ -565,7 +565,7 @@ def _rules_steps(cfg: SynthesizeConfig, chunks, progress) -> tuple[pd.DataFrame,
                                fn_kwargs={"max_direct_per_sentence": cfg.max_direct_per_sentence}).to_pandas()
     progress(f"[synthesize] per-chunk steps: {int((local.reason == '').sum())} pairs, "
              f"{int((local.reason != '').sum())} rejected")
-    mentions = chunks.flat_map(entity_mentions)
+    mentions = chunks.flat_map(entity_mentions).materialize()  # counted, grouped twice: extract once
     cross = pd.DataFrame(columns=COLUMNS + ["reason"])
     groups = 0
     if mentions.count():
@@ -661,8 +661,8 @@ def synthesize(cfg: SynthesizeConfig, progress=print) -> dict:
     good = pd.concat([good, abstain], ignore_index=True) if len(abstain) else good
     good["source_chunk_ids"] = good["source_chunk_ids"].map(list)
     # Consolidated rows name the pairs they merge (the stable ids); every other row has an empty list.
-    merged = good["merged_from"] if "merged_from" in good else pd.Series([None] * len(good))
-    good["merged_from"] = [list(m) if isinstance(m, (list, tuple)) or hasattr(m, "tolist") else [] for m in merged]
+    merged = good["merged_from"] if "merged_from" in good else [None] * len(good)
+    good["merged_from"] = [[] if m is None or isinstance(m, float) else list(m) for m in merged]  # NaN: no lineage
     rejects = rejects.reset_index(drop=True)
     stats = {
         "domain": cfg.domain, "generator": cfg.generator, "corpus": str(Path(cfg.corpus).resolve()),
