@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.memo-installed
 export MEMO_HOME ?= $(CURDIR)/.memo
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast lint install bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -23,13 +23,19 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# The demo is a commented script of memo commands: read it to see the whole loop.
 demo: $(STAMP)
-	$(BIN)/python -u jobs/demo.py
+	bash examples/demo/demo.sh
 
-test: $(STAMP)
+# The layer contract (pyproject.toml [tool.importlinter]) first: an import against the dependency
+# direction fails in seconds, before the suite runs.
+lint: $(STAMP)
+	$(BIN)/lint-imports
+
+test: lint
 	$(BIN)/python -m pytest -q --durations=15
 
-test-fast: $(STAMP)
+test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: $(STAMP)

@@ -42,8 +42,10 @@ def main() -> int:
         return 2
 
     from memo.config import ExecutiveConfig
-    from memo.evaluation import BM25Index, load_benchmark, passages_of, read_passages
-    from memo.executive import LocalLLM, load_memory, single_turn
+    from memo.evaluation.baselines import BM25Index, passages_of, read_passages
+    from memo.evaluation.benchmarks import load_benchmark
+    from memo.executive import single_turn
+    from memo.executive.clients import LocalLLM, load_memory
     from memo.runtime import quiet
 
     quiet()

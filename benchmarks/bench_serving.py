@@ -82,17 +82,18 @@ def main() -> int:
 
     os.environ.setdefault("MEMO_HOME", tempfile.mkdtemp(prefix="memo-bench-serve-"))
     sys.path.insert(0, str(REPO / "platform"))
+    sys.path.insert(0, str(REPO / "tests"))  # the tiny test model builder
     import httpx
     import torch
-    from ray import serve
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from memo import registry, serving
     from memo.config import ServeConfig
-    from memo.memory import ask_memory
-    from memo.models import build_tiny_model, load_model, resolve_base_model
+    from memo.inference import ask_memory
+    from memo.models import load_model, resolve_base_model
     from memo.runtime import init_ray, quiet
     from memo.tenants import add_tenant
+    from ray import serve
+    from tiny import build_tiny_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     quiet()
     home = Path(os.environ["MEMO_HOME"])

@@ -3,7 +3,7 @@
 The same extraction prompts (step 1, direct facts, one per chunk) are answered three ways, from cold
 (engine start-up included in every timing, since a job pays it too):
   loop        one engine in this process, one prompt per call, in a for loop (all CPU threads for hf);
-  pipeline-1  `memo.generator.run_step`: Ray Data, one StepWorker actor, batches of --batch-size prompts;
+  pipeline-1  `memo.synthesis.llm.runner.run_step`: Ray Data, one StepWorker actor, batches of --batch-size prompts;
   pipeline-2  the same with two actors (hf: the CPUs split between them).
 Throughput is chunks/s and generated tokens/s; the loop is the baseline measured in the same run.
 
@@ -44,11 +44,13 @@ def main() -> int:
         return 2
 
     import pandas as pd
-
     from memo.config import SynthesizeConfig, build_config
     from memo.corpus import chunk_document, load_documents
-    from memo.generator import StepWorker, actor_resources, engine_spec, make_engine, run_step
+    from memo.engines import make_engine
     from memo.runtime import init_ray, quiet
+    from memo.synthesis.llm.pipeline import actor_resources, engine_spec
+    from memo.synthesis.llm.runner import run_step
+    from memo.synthesis.llm.worker import StepWorker
 
     quiet()
     chunks = [c for d in load_documents(args.corpus)
@@ -76,8 +78,8 @@ def main() -> int:
         folder = Path(tempfile.mkdtemp(prefix="bench-synth-"))
         num_cpus, threads = actor_resources(spec, actors)
         t0 = time.time()
-        res = run_step("extract", inputs, folder, {**step_kw, "engine": spec, "threads": threads}, actors,
-                       args.batch_size, progress=lambda *_: None, num_cpus=num_cpus)
+        res = run_step("extract", inputs, folder, {**step_kw, "engine_spec": spec, "threads": threads}, actors,
+                       args.batch_size, num_cpus=num_cpus)
         dt = time.time() - t0
         rows.append((f"pipeline-{actors}", actors, dt, int(res["completion_tokens"].sum())))
         shutil.rmtree(folder, ignore_errors=True)

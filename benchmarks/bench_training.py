@@ -62,9 +62,9 @@ def matmul_peak(device: str, dtype, n: int = 2048, seconds: float = 3.0) -> floa
 def plain_loop(base_path: str, batches, lr: float, precision: str, device: str, pad_id: int) -> dict:
     """The baseline: one process, all cores, no Ray, the same micro-batches and loss as `memo train`."""
     import torch
+    from memo.training.data import collate
+    from memo.training.loss import accumulation_step
     from transformers import AutoModelForCausalLM
-
-    from memo.memory import accumulation_step, collate
 
     torch.set_num_threads(os.cpu_count() or 1)
     torch.manual_seed(0)
@@ -104,15 +104,16 @@ def main() -> int:
 
     os.environ.setdefault("MEMO_HOME", tempfile.mkdtemp(prefix="memo-bench-"))
     sys.path.insert(0, str(REPO / "platform"))
-    import pandas as pd
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from memo.config import SynthesizeConfig, TrainConfig, build_config
-    from memo.memory import count_params, length_grouped_batches, resolve_precision, tokenize_reflections, train
     from memo.models import resolve_base_model
-    from memo.reflections import load_reflections, synthesize
     from memo.runtime import init_ray, quiet
+    from memo.synthesis import load_reflections, synthesize
+    from memo.training import train
+    from memo.training.data import length_grouped_batches, tokenize_reflections
+    from memo.training.recipe import resolve_precision
+    from memo.training.stage import count_params
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     quiet()
     init_ray()
@@ -127,7 +128,7 @@ def main() -> int:
     if not refl:
         refl = str(Path(os.environ["MEMO_HOME"]) / "bench-reflections")
         synthesize(build_config(SynthesizeConfig, {"domain": "bench", "corpus": str(REPO / "examples/demo/corpus.jsonl"),
-                                                   "out": refl}), progress=lambda *_: None)
+                                                   "out": refl}))
     df = load_reflections(refl).sample(frac=1.0, random_state=0).head(args.rows)
     subset = Path(os.environ["MEMO_HOME"]) / "bench-subset"
     subset.mkdir(parents=True, exist_ok=True)
@@ -154,7 +155,7 @@ def main() -> int:
                                          "workers": workers, "epochs": 1, "lr": lr, "batch_size": args.batch_size,
                                          "device": args.device, "eval_sample": 0, "register": False, "holdout_ratio": 0.0,
                                          "checkpoint_every": 10**6, "packing": packing})
-        r = train(cfg, progress=lambda *_: None)
+        r = train(cfg)
         print(f"[bench] memo train, {workers} worker(s){', packed' if packing else ''}: "
               f"{r['tokens_per_s']:.1f} tok/s, {r['train_seconds']:.1f} s (first step {r['first_step_s']:.1f} s)",
               flush=True)

@@ -9,8 +9,9 @@
 Every method reads with the same executive. Without --memory the memory for the benchmark's corpus is
 synthesized, trained and registered first. Writes OUT/results.json, results.md, results.png,
 predictions.jsonl and traces/<method>.jsonl, and logs them to the MLflow experiment `memo-eval`;
-a re-run with the same settings resumes. Protocol budgets and temperatures: --set pinning_turns=4 ...
-(fields of memo.config.ExecutiveConfig); a memory built here takes TrainConfig fields: --set epochs=3.
+a re-run with the same settings resumes. Protocol budgets and temperatures: --pinning-turns 4 ...
+(fields of memo.config.ExecutiveConfig); a memory built here takes the train. and synthesize. sections:
+--set train.epochs=3 --synthesize.chunk-words 200.
 Same as `memo eval ...`.
 """
 

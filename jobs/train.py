@@ -6,7 +6,11 @@ Local (starts its own Ray instance):
 On a Ray cluster (see README "Running on a Ray cluster"; the client needs RAY_AUTH_MODE=token):
     ray job submit --working-dir . -- python jobs/train.py --domain demo --corpus examples/demo/corpus.jsonl
 From reflections already synthesized, on 2 workers, a few epochs (tiny CPU smoke run):
-    python jobs/train.py --domain demo --reflections .memo/reflections/demo/<hash> --workers 2 --epochs 1
+    python jobs/train.py --domain demo --reflections .memo/reflections/demo/<resume key> --workers 2 --epochs 1
+With an LLM generator, a recipe, or synthesis settings of their own (the `synthesize.` section):
+    python jobs/train.py --domain demo --corpus C --synthesize.generator http --synthesize.base-url U \
+        --synthesize.model M --synthesize.chunk-words 200
+    python jobs/train.py --domain demo --corpus C --config configs/paper.yaml
 Continual update of the champion on new reflections (plus a replay share of earlier ones), as LoRA:
     ray job submit --working-dir . -- python jobs/train.py --domain demo --from champion \
         --reflections /shared/reflections/demo-new --finetune lora

@@ -34,7 +34,7 @@ def ray_local(memo_home):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """A random 2-layer Llama with a BPE tokenizer trained on the demo corpus (seconds to build)."""
-    from memo.models import build_tiny_model
+    from tiny import build_tiny_model
 
     texts = [json.loads(line)["text"] for line in DEMO_CORPUS.read_text().splitlines()]
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts * 3, vocab_size=600))

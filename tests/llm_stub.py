@@ -74,10 +74,13 @@ def scripted_reply(prompt: str) -> str:
 
 class StubLLM:
     """`with StubLLM() as llm:` serves on llm.url; llm.requests counts chat calls; `fail_first` makes the
-    first N calls answer 500 (to exercise retries); `reply` replaces the script."""
+    first N calls answer 500 (to exercise retries), with a Retry-After header when `retry_after` is set;
+    `reply` replaces the script."""
 
-    def __init__(self, reply=scripted_reply, fail_first: int = 0, status: int = 500, delay: float = 0.0):
+    def __init__(self, reply=scripted_reply, fail_first: int = 0, status: int = 500, delay: float = 0.0,
+                 retry_after: float | None = None):
         self.reply, self.fail_first, self.status, self.delay = reply, fail_first, status, delay
+        self.retry_after = retry_after
         self.requests = 0
         self.lock = threading.Lock()
         stub = self
@@ -96,7 +99,8 @@ class StubLLM:
 
                     time.sleep(stub.delay)
                 if n <= stub.fail_first:
-                    return self._send(stub.status, {"error": {"message": "scripted failure"}})
+                    wait = {} if stub.retry_after is None else {"retry-after": str(stub.retry_after)}
+                    return self._send(stub.status, {"error": {"message": "scripted failure"}}, wait)
                 prompt = body["messages"][-1]["content"]
                 text = stub.reply(prompt)
                 self._send(200, {"id": f"c{n}", "object": "chat.completion", "model": body["model"], "created": 0,
@@ -105,9 +109,11 @@ class StubLLM:
                                  "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": len(text.split()),
                                            "total_tokens": len(prompt.split()) + len(text.split())}})
 
-            def _send(self, code, obj):
+            def _send(self, code, obj, headers=None):
                 data = json.dumps(obj).encode()
                 self.send_response(code)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()

@@ -2,7 +2,6 @@
 
 import json
 
-
 from conftest import DEMO_CORPUS, run_cli
 
 
@@ -63,3 +62,36 @@ def test_unknown_domain_for_promote_and_status_leaves_registry_alone(memo_home):
     res = run_cli("status", "--json")
     assert res.returncode == 0
     assert "ghost" not in [d["domain"] for d in json.loads(res.stdout)["domains"]]
+
+
+def test_flags_help_and_recipes_come_from_the_config_fields():
+    """Every config field is a flag with its doc as help (no hand-written flag list), a job's stage
+    sections reach their stage (`memo train --corpus ... --synthesize.chunk-words 200`), and the shipped
+    recipes in configs/ validate against the fields (they cannot drift)."""
+    from conftest import REPO
+    from memo.cli import build_parser, parse, section
+    from memo.config import SynthesizeConfig, TrainConfig
+
+    helps = {a.dest: a.help for a in build_parser()._subparsers._group_actions[0].choices["train"]._actions}
+    for name, f in TrainConfig.model_fields.items():
+        if name in helps:
+            assert f.description.replace("%", "%%") in helps[name]
+    assert set(TrainConfig.model_fields) <= set(helps) and "synthesize.chunk_words" in helps
+
+    _, cfg, sections, args = parse(["train", "--domain", "d", "--corpus", str(DEMO_CORPUS),
+                                    "--synthesize.chunk-words", "200", "--set", "abstain_ratio=0.1"])
+    synth = section(args, sections, SynthesizeConfig, "synthesize", domain=cfg.domain, corpus=cfg.corpus)
+    assert synth.chunk_words == 200 and synth.abstain_ratio == 0.1
+
+    recipes = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(recipes) >= 3
+    for recipe in recipes:
+        _, cfg, sections, args = parse(["train", "--domain", "d", "--corpus", str(DEMO_CORPUS),
+                                        "--config", str(recipe)])
+        section(args, sections, SynthesizeConfig, "synthesize", domain="d", corpus=str(DEMO_CORPUS))
+
+
+def test_a_setting_two_sections_share_must_say_which(tmp_path):
+    res = run_cli("eval", "--benchmark", "musique", "--data", str(DEMO_CORPUS), "--out", str(tmp_path / "o"),
+                  "--set", "workers=2")
+    assert "in both train and synthesize: write train.workers=" in one_error_line(res)

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from memo.corpus import chunk_document, corpus_hash, load_documents, split_sentences
 from memo.errors import MemoError
 

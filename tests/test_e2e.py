@@ -7,7 +7,6 @@ import socket
 
 import httpx
 import pytest
-
 from conftest import DEMO_CORPUS
 
 pytestmark = pytest.mark.slow
@@ -22,19 +21,19 @@ def free_port():
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_model, tmp_path_factory):
     from memo.config import SynthesizeConfig, TrainConfig, build_config
-    from memo.memory import train
-    from memo.reflections import synthesize
+    from memo.synthesis import synthesize
+    from memo.training import train
 
     out = tmp_path_factory.mktemp("refl")
     synthesize(build_config(SynthesizeConfig, {"domain": "e2e", "corpus": str(DEMO_CORPUS), "out": str(out)}))
     cfg = build_config(TrainConfig, {"domain": "e2e", "reflections": str(out), "base_model": tiny_model,
                                      "workers": 2, "epochs": 2, "lr": 3e-3, "eval_sample": 4})
-    return train(cfg, progress=print), out
+    return train(cfg), out
 
 
 def test_training_registers_a_candidate_with_lineage(trained):
     from memo import registry
-    from memo.memory import read_manifest
+    from memo.models import read_manifest
 
     result, refl = trained
     assert result["version"] == registry.resolve_version("e2e", "candidate")
@@ -62,10 +61,9 @@ def test_training_registers_a_candidate_with_lineage(trained):
 
 @pytest.fixture(scope="module")
 def served(trained):
-    from ray import serve
-
     from memo import registry, serving
     from memo.config import ServeConfig
+    from ray import serve
 
     registry.set_alias("e2e", "champion", trained[0]["version"])
     url = serving.run(ServeConfig(domains=["e2e"], port=free_port(), max_new_tokens=16, max_tokens_cap=32,
@@ -120,7 +118,8 @@ def test_promotion_switches_the_served_version(served, trained, tiny_model):
 
 
 def test_single_turn_executive_questions_the_served_memory(served, tiny_model):
-    from memo.executive import HttpMemory, LocalLLM, single_turn
+    from memo.executive import single_turn
+    from memo.executive.clients import HttpMemory, LocalLLM
 
     tr = single_turn("Who founded the Halvenmere Cooperative?", LocalLLM(tiny_model), HttpMemory(served, "e2e", max_tokens=16))
     mem = [s for s in tr.steps if s["role"] == "memory"]

@@ -5,9 +5,9 @@ corpus; the real third-party samples are exercised in test_evaluation.py."""
 import json
 
 import pytest
-
 from conftest import DEMO_CORPUS, run_cli
-from memo.evaluation import BM25Index, gold_subquestion, markdown_table, short_answer, summarize
+from memo.evaluation.baselines import BM25Index, gold_subquestion, short_answer
+from memo.evaluation.harness import markdown_table, summarize
 
 DOCS = {d["id"]: d for d in map(json.loads, DEMO_CORPUS.read_text().splitlines())}
 
@@ -65,7 +65,7 @@ def test_summary_and_table():
 @pytest.mark.parametrize("args, message", [
     (["--benchmark", "narrativeqa", "--methods", "memo_gold_decomp"], "needs MuSiQue's question_decomposition"),
     (["--benchmark", "musique", "--methods", "bm25,rag9"], "unknown rag9"),
-    (["--benchmark", "musique", "--set", "pinning_turn=3"], "unknown setting 'pinning_turn'"),
+    (["--benchmark", "musique", "--set", "pinning_turn=3"], "unknown key(s) pinning_turn; did you mean executive.pinning_turns"),
     (["--benchmark", "musique", "--set", "seeking_turns=0"], "seeking_turns=0: use 1 or more"),
     (["--benchmark", "musique", "--executive-url", "http://127.0.0.1:9/v1"], "go together"),
 ])
@@ -80,14 +80,13 @@ def test_eval_builds_the_memory_runs_every_method_and_resumes(tmp_path, tiny_mod
     """No --memory: synthesize + train + register the corpus' memory, then all six methods with a tiny
     model as executive and base; results, table, chart, predictions, traces, MLflow; a re-run resumes."""
     import mlflow
-
     from memo import registry
 
     data, out = musique_file(tmp_path / "m.jsonl"), tmp_path / "out"
     methods = "closed_book,bm25,oracle,memo_single,memo_structured,memo_gold_decomp"
     args = ["eval", "--benchmark", "musique", "--data", str(data), "--out", str(out), "--methods", methods,
             "--domain", "evaltest", "--executive-local", tiny_model, "--set", f"base_model={tiny_model}",
-            "--set", "epochs=1", "--set", "workers=1", "--set", "pinning_turns=2", "--set", "seeking_turns=2",
+            "--set", "epochs=1", "--set", "train.workers=1", "--set", "pinning_turns=2", "--set", "seeking_turns=2",
             "--set", "executive_max_tokens=24", "--set", "memory_max_tokens=12", "--set", "eval_sample=4"]
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -123,7 +122,7 @@ def test_eval_builds_the_memory_runs_every_method_and_resumes(tmp_path, tiny_mod
     assert resumed["methods"] == results["methods"]
     # other settings into the same folder: refused, nothing overwritten
     other = run_cli(*args[:-2], "--limit", "1")
-    assert other.returncode == 2 and "other settings (limit)" in other.stderr
+    assert other.returncode == 2 and "other settings (eval.limit)" in other.stderr
     assert json.loads((out / "results.json").read_text()) == resumed
     # a registered memory by alias, as a platform team evaluates a candidate
     by_alias = run_cli("eval", "--benchmark", "musique", "--data", str(data), "--out", str(tmp_path / "alias"),

@@ -1,12 +1,11 @@
 """Benchmark loaders on the real third-party samples in ../shared (read in place) and the QA metrics."""
 
-from pathlib import Path
 
 import pytest
-
 from conftest import REPO, run_cli
 from memo.errors import MemoError
-from memo.evaluation import exact_match, f1, load_benchmark
+from memo.evaluation.benchmarks import load_benchmark
+from memo.text import exact_match, f1
 
 DATA = REPO.parent / "shared" / "data" / "benchmarks"
 FILES = {"musique": "musique/musique_ans_dev.sample80.jsonl", "hotpotqa": "hotpotqa/hotpot_dev_distractor.sample80.jsonl",
@@ -65,8 +64,8 @@ def test_metrics_normalise_and_take_the_best_alias():
 
 def test_coverage_counts_gold_hops_found_in_reflection_answers(tmp_path):
     import pandas as pd
-
-    from memo.evaluation import Question, reflection_coverage
+    from memo.evaluation.benchmarks import Question
+    from memo.evaluation.metrics import reflection_coverage
 
     qs = [Question("1", "Where was the keeper of the Orrin Light born?", "Vennick", aliases=["Vennick town"],
                    decomposition=[{"question": "Who keeps the Orrin Light?", "answer": "Mara Quill"},

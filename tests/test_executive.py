@@ -1,7 +1,11 @@
 """Executive protocol logic with scripted replies (parsing and control flow only; the real models
 are exercised in test_e2e.py and test_real_model.py)."""
 
-from memo.executive import is_idk, parse_subquestions, single_turn
+from collections import Counter
+
+from memo.executive import single_turn
+from memo.executive.single import parse_subquestions
+from memo.text import is_idk
 
 
 class Scripted:
@@ -14,11 +18,14 @@ class Scripted:
 
 
 class Memory:
+    """A scripted memory that counts its calls like the real clients do."""
+
     def __init__(self, answers):
-        self.answers, self.asked = answers, []
+        self.answers, self.asked, self.usage = answers, [], Counter()
 
     def ask(self, questions):
         self.asked += questions
+        self.usage.update(calls=len(questions))
         return [self.answers.get(q, "I don't know.") for q in questions]
 
 

@@ -3,13 +3,16 @@ then the five-step pipeline through the real http engine and Ray Data against a 
 server on loopback: six step kinds, a malformed row in rejects, resume without repeated work (slow)."""
 
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
-
 from llm_stub import StubLLM
+from memo.engines import Reply
 from memo.errors import MemoError
-from memo.generator import Reply, StepWorker, form_groups, near_duplicates
+from memo.synthesis.dedup import near_duplicates
+from memo.synthesis.groups import form_groups
+from memo.synthesis.llm.worker import StepWorker
 
 CHUNK = {"chunk_id": "d1#0", "doc_id": "d1", "title": "Tessel Island", "doc_date": "2020-01-01",
          "text": "Tessel Island has a lighthouse. Mara Quill keeps it. It was built in 1881."}
@@ -138,7 +141,7 @@ def test_near_duplicates_drop_rewordings_but_keep_different_facts():
 
 
 def test_pair_shape_checks():
-    from memo.generator import check_pair
+    from memo.synthesis.llm.rows import check_pair
 
     assert check_pair("Who keeps the Orrin Light?", "Mara Quill.") == ""
     assert check_pair("Anna Benson", "Kris Benson") == "not_a_question"
@@ -170,25 +173,40 @@ def test_groups_come_from_shared_names_then_bm25_neighbours():
 
 
 def test_http_engine_retries_server_errors_and_does_not_retry_client_errors():
-    from memo.generator import HttpEngine
+    from memo.engines import HttpEngine
 
     msgs = [[{"role": "user", "content": "Merge pairs that share\np1. Q: a A: b"}]]
     with StubLLM(fail_first=2) as llm:
-        r = HttpEngine(llm.url, "m", retries=3, backoff=0.01).chat(msgs, 16, 0.0)[0]
+        r = HttpEngine(llm.url, "m", retries=3).chat(msgs, 16, 0.0)[0]
         assert r.error == "" and "composites" in r.text and llm.requests == 3 and r.completion_tokens > 0
     with StubLLM(fail_first=9, status=503) as llm:
-        r = HttpEngine(llm.url, "m", retries=2, backoff=0.01).chat(msgs, 16, 0.0)[0]
+        r = HttpEngine(llm.url, "m", retries=2).chat(msgs, 16, 0.0)[0]
         assert r.error.startswith("engine_error") and "3 attempt" in r.error and llm.requests == 3
     with StubLLM(fail_first=9, status=401) as llm:
-        r = HttpEngine(llm.url, "m", retries=3, backoff=0.01).chat(msgs, 16, 0.0)[0]
+        r = HttpEngine(llm.url, "m", retries=3).chat(msgs, 16, 0.0)[0]
         assert "HTTP 401" in r.error and llm.requests == 1
     with StubLLM(delay=2.0) as llm:
         r = HttpEngine(llm.url, "m", retries=0, timeout=0.3).chat(msgs, 16, 0.0)[0]
         assert r.error.startswith("engine_error: APITimeoutError")
 
 
+def test_http_engine_waits_as_long_as_retry_after_says():
+    """A 429 with Retry-After (what this project's own router sends) is retried after that many seconds,
+    not after the SDK's own sub-second backoff."""
+    import time
+
+    from memo.engines import HttpEngine
+
+    msgs = [[{"role": "user", "content": "Merge pairs that share\np1. Q: a A: b"}]]
+    with StubLLM(fail_first=1, status=429, retry_after=2) as llm:
+        t0 = time.monotonic()
+        r = HttpEngine(llm.url, "m", retries=1).chat(msgs, 16, 0.0)[0]
+        waited = time.monotonic() - t0
+    assert r.error == "" and llm.requests == 2 and waited >= 1.9
+
+
 def test_hf_engine_generates_counts_tokens_and_refuses_over_long_prompts(tiny_model):
-    from memo.generator import HfEngine
+    from memo.engines import HfEngine
 
     eng = HfEngine(tiny_model, threads=1, max_prompt_tokens=200)
     short = [{"role": "user", "content": "Tessel Island has a lighthouse."}]
@@ -209,7 +227,7 @@ def test_generator_config_errors_say_how_to_fix():
     base = {"domain": "d", "corpus": "c.jsonl", "out": "o"}
     with pytest.raises(MemoError, match="--base-url"):
         build_config(SynthesizeConfig, {**base, "generator": "http"})
-    with pytest.raises(MemoError, match="available generators are: rules, hf, http, vllm"):
+    with pytest.raises(MemoError, match="use 'rules', 'hf', 'http' or 'vllm'"):
         build_config(SynthesizeConfig, {**base, "generator": "gpt"})
     with pytest.raises(MemoError, match="group_by"):
         build_config(SynthesizeConfig, {**base, "group_by": "gold"})
@@ -219,7 +237,7 @@ def test_generator_config_errors_say_how_to_fix():
 
 def test_vllm_generator_without_vllm_is_a_clear_error():
     from memo.config import SynthesizeConfig, build_config
-    from memo.generator import start_vllm_generator
+    from memo.synthesis.llm.pipeline import start_vllm_generator
 
     pytest.importorskip("ray")
     try:
@@ -254,7 +272,8 @@ DOCS = [
 @pytest.mark.slow
 def test_pipeline_through_http_engine_six_kinds_rejects_and_resume(ray_local, tmp_path):
     from memo.config import SynthesizeConfig, build_config
-    from memo.reflections import STEPS, synthesize
+    from memo.synthesis import synthesize
+    from memo.synthesis.schema import STEPS
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS))
@@ -263,7 +282,7 @@ def test_pipeline_through_http_engine_six_kinds_rejects_and_resume(ray_local, tm
         cfg = build_config(SynthesizeConfig, {"domain": "isles", "corpus": str(corpus), "out": str(out),
                                               "generator": "http", "base_url": llm.url, "model": "scripted",
                                               "workers": 2, "batch_size": 2, "abstain_ratio": 0.2, "retries": 1})
-        stats = synthesize(cfg, progress=print)
+        stats = synthesize(cfg)
         first = llm.requests
         df = pd.read_parquet(out / "reflections.parquet")
         rejects = pd.read_parquet(out / "rejects.parquet")
@@ -289,14 +308,14 @@ def test_pipeline_through_http_engine_six_kinds_rejects_and_resume(ray_local, tm
         assert stats["groups"]["groups"] >= 1 and "entities" in stats["groups"]["by_method"]
         assert stats["throughput"]["engine_calls"] == first
         # a re-run with the finished output does nothing
-        synthesize(cfg, progress=print)
+        synthesize(cfg)
         assert llm.requests == first
         # an interrupted run (stats and one step's last part gone) redoes only that part's inputs
         (out / "stats.json").unlink()
         parts = sorted((out / "steps").glob("*/entity/part-*.parquet"))
         lost = int(pd.read_parquet(parts[-1])["calls"].sum())
         parts[-1].unlink()
-        again = synthesize(cfg, progress=print)
+        again = synthesize(cfg)
         assert llm.requests - first == lost
         assert again["dataset_hash"] == stats["dataset_hash"]
 
@@ -318,17 +337,48 @@ def test_vllm_generator_on_a_gpu(ray_local, tmp_path):
 
     from conftest import DEMO_CORPUS
     from memo.config import SynthesizeConfig, build_config
-    from memo.reflections import synthesize
+    from memo.synthesis import synthesize
 
     cfg = build_config(SynthesizeConfig, {"domain": "demo", "corpus": str(DEMO_CORPUS), "out": str(tmp_path / "r"),
                                           "generator": "vllm", "model": os.environ["MEMO_TEST_VLLM_MODEL"],
                                           "workers": 1})
-    stats = synthesize(cfg, progress=print)
+    stats = synthesize(cfg)
     assert stats["rows"] > 0 and stats["steps"]["extract"]["calls"] >= 2 * stats["chunks"]
 
 
+@pytest.mark.slow
+def test_a_prompt_or_model_change_never_reuses_or_overwrites_reflections(ray_local, tmp_path, monkeypatch):
+    """Default output folders are named by the resume key: another generator model writes a new folder
+    and leaves the first one's reflections (which a memory's lineage may point at) byte for byte; the same
+    settings reuse without a request; a prompt-version bump re-runs; an explicit --out holding other
+    settings is refused."""
+    from memo.config import SynthesizeConfig, build_config
+    from memo.synthesis import synthesize
+    from memo.synthesis.llm.pipeline import LLMGenerator
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in DOCS[:2]))
+    with StubLLM() as llm:
+        base = {"domain": "isles", "corpus": str(corpus), "generator": "http", "base_url": llm.url, "workers": 1,
+                "batch_size": 4, "retries": 0}
+        first = synthesize(build_config(SynthesizeConfig, {**base, "model": "model-a"}))
+        kept = (Path(first["out"]) / "reflections.parquet").read_bytes()
+        second = synthesize(build_config(SynthesizeConfig, {**base, "model": "model-b"}))
+        assert second["out"] != first["out"] and second["resume_key"] != first["resume_key"]
+        assert (Path(first["out"]) / "reflections.parquet").read_bytes() == kept
+        asked = llm.requests
+        again = synthesize(build_config(SynthesizeConfig, {**base, "model": "model-a"}))
+        assert again["out"] == first["out"] and llm.requests == asked  # nothing to do
+        monkeypatch.setattr(LLMGenerator, "version", "prompts-changed")
+        bumped = synthesize(build_config(SynthesizeConfig, {**base, "model": "model-a"}))
+        assert bumped["out"] not in (first["out"], second["out"]) and llm.requests > asked
+        with pytest.raises(MemoError, match="other settings"):
+            synthesize(build_config(SynthesizeConfig, {**base, "model": "model-b", "out": first["out"]}))
+    assert (Path(first["out"]) / "reflections.parquet").read_bytes() == kept
+
+
 def test_broken_json_still_yields_the_pairs_it_spells_out_whole():
-    from memo.generator import salvage_pairs
+    from memo.llm_json import salvage_pairs
 
     raw = ('JSON:\n{\n"pairs": [{"question": "What is the Boeing VC-25?", "answer": "A \\"jumbo\\" jet"}},\n{\n"pairs": '
            '[{"question": "What is the Boeing VC-25?", "answer": "A \\"jumbo\\" jet"}},\n{"question": "Who flies it?", '

@@ -1,9 +1,15 @@
 import pandas as pd
 import pytest
-
 from memo.errors import MemoError
-from memo.memory import (IGNORE, check_chat_template, default_schedule, encode_example, length_grouped_batches,
-                         memory_messages, normalize_answer, prompt_ids, resolve_precision, tokenize_reflections)
+from memo.inference import check_chat_template, memory_messages, prompt_ids
+from memo.text import normalize_answer
+from memo.training.data import (
+    IGNORE,
+    encode_example,
+    length_grouped_batches,
+    tokenize_reflections,
+)
+from memo.training.recipe import default_schedule, resolve_precision
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +55,8 @@ def test_length_grouped_batches_keep_every_example_once():
 
 
 def test_missing_chat_template_is_a_clear_error(tmp_path):
+    from tiny import build_tiny_model
     from transformers import AutoTokenizer
-
-    from memo.models import build_tiny_model
 
     path = build_tiny_model(tmp_path / "m", chat_template=False)
     with pytest.raises(MemoError, match="no chat template"):
@@ -72,9 +77,9 @@ def test_normalize_answer():
 
 def test_answer_only_logits_give_the_models_own_loss(tiny_model, tok):
     import torch
+    from memo.training.data import collate
+    from memo.training.loss import answer_loss
     from transformers import AutoModelForCausalLM
-
-    from memo.memory import answer_loss, collate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     pairs = [("Who leads the Ketterline Lab?", "Wenna Ostrocliff leads the Ketterline Lab."),
@@ -89,7 +94,7 @@ def test_answer_only_logits_give_the_models_own_loss(tiny_model, tok):
 
 
 def test_degenerate_repetition_is_trimmed_and_normal_answers_are_untouched():
-    from memo.memory import trim_repetition
+    from memo.inference import trim_repetition
 
     assert trim_repetition("Wenna Ostrocliff.Wenna Ostrocliff.Wenna Ostrocliff.Wenna Ostr") == "Wenna Ostrocliff."
     for ok in ("The Ketterline Lab is based in Velmora. It operates the Thistlewire Relay.", "1998", ""):

@@ -4,7 +4,8 @@
 import json
 
 from memo.config import ExecutiveConfig
-from memo.executive import parse_json, single_turn, structured
+from memo.executive import single_turn, structured
+from memo.llm_json import parse_json
 from test_executive import Memory
 
 
@@ -100,15 +101,9 @@ def test_dead_ends_simplification_and_demotion():
 
 
 def test_single_turn_counts_usage_from_clients_that_report_it():
-    from collections import Counter
-
     class Counted(Memory):
-        def __init__(self, answers):
-            super().__init__(answers)
-            self.usage = Counter()
-
         def ask(self, questions):
-            self.usage.update(calls=len(questions), prompt_tokens=10 * len(questions))
+            self.usage.update(prompt_tokens=10 * len(questions))  # calls: counted by Memory
             return super().ask(questions)
 
     exe = Scripted()

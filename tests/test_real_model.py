@@ -8,8 +8,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_model_converts_once_and_follows_the_memory_format(memo_home):
-    from memo.memory import ask_memory, check_chat_template, encode_example
+    from memo.inference import ask_memory, check_chat_template
     from memo.models import load_model, resolve_base_model
+    from memo.training.data import encode_example
 
     path = resolve_base_model("smollm2-135m")
     assert (memo_home / "models" / "SmolLM2-135M-Instruct" / "model.safetensors").exists()

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from memo import registry
 from memo.errors import MemoError
 

@@ -10,7 +10,6 @@ import time
 
 import httpx
 import pytest
-
 from conftest import run_cli
 
 pytestmark = pytest.mark.slow
@@ -39,10 +38,9 @@ def domains(ray_local, tiny_model, tmp_path_factory):
     """lighthouse v1: a tiny model trained to recall FACTS (trained before Serve holds any CPU);
     lighthouse v2: the untrained tiny model (the worse candidate); harbour v1: untrained."""
     import pandas as pd
-
     from memo.config import TrainConfig, build_config
-    from memo.memory import train
-    from memo.reflections import COLUMNS
+    from memo.synthesis.schema import COLUMNS
+    from memo.training import train
 
     refl = tmp_path_factory.mktemp("facts")
     rows = [{"id": f"f{i}", "domain": "lighthouse", "step": "direct", "question": q, "answer": a,
@@ -50,8 +48,7 @@ def domains(ray_local, tiny_model, tmp_path_factory):
     pd.DataFrame(rows, columns=COLUMNS).to_parquet(refl / "reflections.parquet")
     trained = train(build_config(TrainConfig, {"domain": "lighthouse", "reflections": str(refl),
                                                "base_model": tiny_model, "epochs": 60, "lr": 5e-3, "batch_size": 4,
-                                               "holdout_ratio": 0.0, "eval_sample": 0, "alias": "champion"}),
-                    progress=print)
+                                               "holdout_ratio": 0.0, "eval_sample": 0, "alias": "champion"}))
     v2 = _register("lighthouse", tiny_model, "candidate")
     _register("harbour", tiny_model, "champion")
     qa = tmp_path_factory.mktemp("qa") / "qa.jsonl"
@@ -72,10 +69,9 @@ def keys(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(domains, keys):
-    from ray import serve
-
     from memo import serving
     from memo.config import ServeConfig
+    from ray import serve
 
     url = serving.run(ServeConfig(domains=["lighthouse", "harbour"], dedicated_domains=["harbour"],
                                   dedicated_max_replicas=1, replica_cpus=0.5, port=free_port(), max_new_tokens=16,
@@ -214,9 +210,8 @@ def test_synthesis_through_the_router_as_an_http_generator(served, keys, tmp_pat
     tiny model trained on four facts. Its replies are not the JSON asked for, so every row must land
     in the rejects with the reply, the job must finish, and each step's counts must add up."""
     import pandas as pd
-
     from memo.config import SynthesizeConfig, build_config
-    from memo.reflections import synthesize
+    from memo.synthesis import synthesize
 
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text(json.dumps({"id": "a", "title": "Orrin", "text": "Mara Quill keeps the Orrin lighthouse."}) + "\n"
@@ -226,7 +221,7 @@ def test_synthesis_through_the_router_as_an_http_generator(served, keys, tmp_pat
                                           "generator": "http", "base_url": served + "/v1", "model": "lighthouse",
                                           "api_key_env": "MEMO_TEST_GENERATOR_KEY", "max_tokens": 16, "workers": 1,
                                           "retries": 0, "json_retries": 0})
-    stats = synthesize(cfg, progress=print)
+    stats = synthesize(cfg)
     rejects = pd.read_parquet(tmp_path / "r" / "rejects.parquet")
     ext = stats["steps"]["extract"]
     assert ext["in"] == 4 and ext["calls"] == 4 and ext["rejected"] + ext["out"] + ext["empty"] >= 4

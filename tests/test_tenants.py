@@ -1,13 +1,18 @@
 """Tenants file, key hashing, rate limiting and the serve configs (no Ray needed)."""
 
-from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO, run_cli
 from memo.errors import MemoError
-from memo.tenants import RateLimiter, Tenant, add_tenant, authenticate, hash_key, load_tenants
+from memo.tenants import (
+    RateLimiter,
+    Tenant,
+    add_tenant,
+    authenticate,
+    hash_key,
+    load_tenants,
+)
 
 
 def test_add_stores_only_the_hash_and_authenticates(tmp_path):

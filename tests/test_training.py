@@ -3,7 +3,6 @@ updates with replay and lineage, and the errors that must come before any worker
 
 import pandas as pd
 import pytest
-
 from conftest import DEMO_CORPUS
 from memo.errors import MemoError
 
@@ -23,9 +22,9 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tiny_model
     """Two micro-batches of different lengths and answer-token counts, accumulated, must give the same
     gradient as all four examples in one batch (the loss is normalised by the step's token count)."""
     import torch
+    from memo.training.data import collate, encode_example
+    from memo.training.loss import accumulation_step
     from transformers import AutoModelForCausalLM
-
-    from memo.memory import accumulation_step, collate, encode_example
 
     pairs = [("Who leads the Ketterline Lab?", "Wenna Ostrocliff leads the Ketterline Lab."),
              ("Where is it?", "Velmora."),
@@ -49,9 +48,9 @@ def test_packed_rows_give_each_example_its_own_loss(tiny_model, tok):
     """Examples packed into one row (position ids restarting per example, no attention mask) must give
     the same summed answer loss as the same examples padded in a batch: no example sees another."""
     import torch
+    from memo.training.data import collate, encode_example, pack_examples
+    from memo.training.loss import answer_loss
     from transformers import AutoModelForCausalLM
-
-    from memo.memory import answer_loss, collate, encode_example, pack_examples
 
     pairs = [("Who leads the Ketterline Lab?", "Wenna Ostrocliff leads the Ketterline Lab."),
              ("Where is it?", "Velmora."),
@@ -74,10 +73,9 @@ def test_packed_rows_give_each_example_its_own_loss(tiny_model, tok):
 
 def test_decoder_layers_are_found_through_a_peft_wrapper(tiny_model):
     import torch
+    from memo.training.loop import decoder_layers, lora_config
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from memo.memory import decoder_layers, lora_config
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     assert len(decoder_layers(model)) == 2
@@ -89,8 +87,8 @@ def test_decoder_layers_are_found_through_a_peft_wrapper(tiny_model):
 
 @pytest.mark.parametrize("values, message", [
     ({"effective_batch_size": 12, "batch_size": 8}, "multiple of batch_size x workers"),
-    ({"finetune": "qlora"}, "full or lora"),
-    ({"recipe": "fast"}, "auto .*paper"),
+    ({"finetune": "qlora"}, "'full' or 'lora'"),
+    ({"recipe": "fast"}, "'auto' or 'paper'"),
     ({"epochs": 0}, "use 1 or more"),
     ({"eval_questions": "/nope.jsonl"}, "no such file"),
 ])
@@ -102,7 +100,7 @@ def test_training_config_errors_name_the_field(values, message):
 
 
 def test_paper_recipe_and_lora_rates():
-    from memo.memory import default_schedule
+    from memo.training.recipe import default_schedule
 
     assert default_schedule(135e6, 200, "paper")[:2] == (3, 2e-5)
     assert default_schedule(135e6, 200, "paper", "lora")[:2] == (3, 2e-4)
@@ -113,7 +111,7 @@ def test_paper_recipe_and_lora_rates():
 @pytest.fixture(scope="module")
 def demo_reflections(ray_local, tmp_path_factory):
     from memo.config import SynthesizeConfig, build_config
-    from memo.reflections import synthesize
+    from memo.synthesis import synthesize
 
     out = tmp_path_factory.mktemp("refl")
     synthesize(build_config(SynthesizeConfig, {"domain": "cont", "corpus": str(DEMO_CORPUS), "out": str(out)}))
@@ -126,16 +124,15 @@ def test_lora_continual_update_registers_a_child_with_replay_and_lineage(ray_loc
     """v1: full SFT with 2-step gradient accumulation. v2: LoRA adapter fine-tuned from v1 (`--from
     candidate`) on new reflections plus a replay share of v1's; its lineage names v1 and it loads."""
     import torch
-
     from memo import registry
     from memo.config import TrainConfig, build_config
-    from memo.memory import read_manifest, train
-    from memo.models import load_model
-    from memo.reflections import COLUMNS
+    from memo.models import load_model, read_manifest
+    from memo.synthesis.schema import COLUMNS
+    from memo.training import train
 
     base = {"domain": "cont", "base_model": tiny_model, "epochs": 1, "lr": 2e-3, "eval_sample": 2}
     v1 = train(build_config(TrainConfig, {**base, "reflections": str(demo_reflections), "batch_size": 4,
-                                          "effective_batch_size": 8}), progress=print)
+                                          "effective_batch_size": 8}))
     m1 = read_manifest(v1["model_dir"])
     assert m1["training_config"]["accumulation"] == 2
     assert v1["step"] == m1["training_config"]["total_steps"]
@@ -149,7 +146,7 @@ def test_lora_continual_update_registers_a_child_with_replay_and_lineage(ray_loc
 
     v2 = train(build_config(TrainConfig, {**base, "reflections": str(new), "parent": "candidate",
                                           "finetune": "lora", "lora_r": 4, "lora_export": "adapter", "holdout_ratio": 0.0, "packing": True,
-                                          "replay_ratio": 0.5}), progress=print)
+                                          "replay_ratio": 0.5}))
     m2 = read_manifest(v2["model_dir"])
     assert int(v2["version"]) == int(v1["version"]) + 1
     assert m2["parent_version"] == v1["version"] and m2["base_model"] == f"models:/memo-cont/{v1['version']}"
@@ -171,10 +168,10 @@ def test_lora_continual_update_registers_a_child_with_replay_and_lineage(ray_loc
 def test_continual_update_from_a_missing_alias_fails_before_training(ray_local, tiny_model, demo_reflections):
     from memo import registry
     from memo.config import TrainConfig, build_config
-    from memo.memory import train
+    from memo.training import train
 
     before = registry.list_domains()
     with pytest.raises(MemoError, match="no alias 'nope'|unknown domain"):
         train(build_config(TrainConfig, {"domain": "cont", "reflections": str(demo_reflections),
-                                         "base_model": tiny_model, "parent": "nope"}), progress=print)
+                                         "base_model": tiny_model, "parent": "nope"}))
     assert registry.list_domains() == before

@@ -1,160 +1,300 @@
-"""`memo` command line. The job scripts in jobs/ call `main` with their own argv, so both share one
-implementation (trl style): `python jobs/train.py ...` == `memo train ...`.
+"""`memo` command line, derived from the typed configs: every flag, its type, choices, default and --help
+text come from a config field (memo.config), never from a hand-written flag list. The job scripts in
+jobs/ call `main` with their own argv, so both share one implementation (trl style).
 
-    memo synthesize --domain demo --corpus examples/demo/corpus.jsonl --out .memo/reflections/demo
+    memo synthesize --domain demo --corpus examples/demo/corpus.jsonl
     memo train --domain demo --corpus examples/demo/corpus.jsonl        # synthesize + train + register
+    memo train --domain demo --corpus C --synthesize.generator http --synthesize.base-url U --synthesize.model M
     memo promote --domain demo --to champion            # gated: refuses a worse candidate
-    memo rollback --domain demo
-    memo tenants add --file tenants.yaml --name team-a --domains demo --rpm 120
-    memo status
     memo serve --domains demo
-    memo ask --domain demo "Who started the Halvenmere Cooperative?"
-    memo eval --benchmark musique --data musique.jsonl --limit 20 --out eval/musique
+    memo ask --domain demo "Who started the Halvenmere Cooperative?" --protocol structured
+    memo eval --benchmark musique --data musique.jsonl --limit 20 --out eval/musique --set train.epochs=3
+
+Every command also takes `--config FILE.yaml` (keys = field names; a stage's section as a mapping, e.g.
+`synthesize:`) and `--set key=value` (repeatable; `section.key=value`, or a bare key that only one section
+has). Precedence, lowest first: the YAML file, flags, --set.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
-import os
 import sys
 import time
-from dataclasses import asdict
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, get_args, get_origin
 
+from memo import registry
+from memo.config import (
+    BenchmarkSample,
+    EvalConfig,
+    ExecutiveConfig,
+    ExecutiveEndpoint,
+    F,
+    ServeConfig,
+    Settings,
+    SynthesizeConfig,
+    TrainConfig,
+    build_config,
+    field_extra,
+    load_yaml,
+    parse_overrides,
+)
 from memo.errors import GateRefused, MemoError
+from memo.runtime import init_ray, quiet
 
 
-def _config_values(args, fields: dict) -> dict:
-    """Merge, lowest first: --config YAML, explicit flags, --set overrides."""
-    from memo.config import load_yaml, parse_overrides
-
-    values = load_yaml(args.config) if getattr(args, "config", None) else {}
-    values.update({k: v for k, v in fields.items() if v is not None})
-    values.update(parse_overrides(getattr(args, "set", None)))
-    return values
-
-
-def _executive_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--executive-url", help="OpenAI-compatible base URL (key in MEMO_EXECUTIVE_API_KEY)")
-    p.add_argument("--executive-model")
-    p.add_argument("--executive-local", help="local executive model (default: smollm2-135m)")
+# Typed arguments of the commands that are not a stage (each field defined here, once).
+class PromoteArgs(Settings):
+    domain: str = F(..., "the domain whose alias moves")
+    to: str = F("champion", "the alias to move")
+    from_alias: str = F("candidate", "the alias whose version is promoted", flags=("--from",))
+    version: str = F("", "promote this version instead of the --from alias")
+    qa: list[str] = F([], "extra held-out QA JSONL for the gate (question, answer, aliases); repeatable",
+                      flags=("--qa",))
+    margin: float = F(0.05, "refuse when the candidate scores more than this below the current version", ge=0)
+    force: bool = F(False, "promote even if the gate fails (logged as FORCED)")
+    reason: str = F("", "why, for the audit trail")
 
 
-def _benchmark_args(p: argparse.ArgumentParser, limit_help: str = "first N questions (default: all)") -> None:
-    p.add_argument("--benchmark", required=True, help="musique, hotpotqa, 2wiki or narrativeqa")
-    p.add_argument("--data", required=True, help="the benchmark's JSONL file (read in place, never copied)")
-    p.add_argument("--limit", type=int, help=limit_help)
+class RollbackArgs(Settings):
+    domain: str = F(..., "the domain whose alias moves back")
+    alias: str = F("champion", "the alias to point back at its previous version")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML file whose keys are the stage config fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config field (repeatable)")
+class TenantAddArgs(Settings):
+    file: str = F(..., "tenants YAML (created if missing; mode 600)")
+    name: str = F(..., "the tenant's name")
+    domains: list[str] = F(..., "comma-separated domains, or * for all")
+    rpm: int = F(0, "requests per minute (0 = unlimited)", ge=0)
 
 
-def cmd_synthesize(args) -> dict:
-    from memo.config import SynthesizeConfig, build_config
-    from memo.reflections import synthesize
-    from memo.runtime import init_ray
+class StatusArgs(Settings):
+    domain: str = F("", "one domain (default: all)")
+    as_json: bool = F(False, "print JSON", flags=("--json",))
 
-    cfg = build_config(SynthesizeConfig, _config_values(args, {
-        "domain": args.domain, "corpus": args.corpus, "out": args.out, "generator": args.generator,
-        "model": args.model, "base_url": args.base_url, "workers": args.workers}))
+
+class AskArgs(ExecutiveEndpoint):
+    domain: str = F(..., "the domain whose memory answers")
+    question: str = F(..., "the question", positional=True)
+    url: str = F("", "router base URL (e.g. http://127.0.0.1:8000); default: load the memory here")
+    alias: str = F("champion", "the alias whose version answers (local memory)")
+    as_json: bool = F(False, "print the whole trace as JSON", flags=("--json",))
+
+
+class CorpusArgs(BenchmarkSample):
+    noise: float = F(0.0, "extra distractors: paragraphs of noise x N more records", ge=0)
+    distractors: int | None = F(None, "keep at most K non-gold paragraphs per question (default: all)", ge=0)
+    out: str = F(..., "folder for corpus.jsonl and questions.jsonl")
+
+
+class CoverageArgs(BenchmarkSample):
+    reflections: str = F(..., "folder written by `memo synthesize`")
+
+
+class CheckArgs(ExecutiveEndpoint):
+    domain: str = F("demo", "the served domain")
+    questions: str = F("examples/demo/questions.jsonl", "check questions (question, answer, aliases?, kind?)")
+    url: str = F("http://127.0.0.1:8000", "the router serving the domain")
+
+
+@dataclass(frozen=True)
+class Section:
+    """A nested stage config of a job: `--<name>.<field>` flags (or bare ones when `flat`), `name:` in YAML."""
+    name: str
+    model: type[Settings]
+    filled: tuple[str, ...] = ()  # fields the job sets itself (not flags)
+    flat: bool = False
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    model: type[Settings]
+    run: Callable[..., Any]
+    sections: tuple[Section, ...] = ()
+
+
+def _choices(annotation: Any) -> tuple | None:
+    inner = get_args(annotation)[0] if get_origin(annotation) is list else annotation
+    return get_args(inner) if get_origin(inner) is Literal else None
+
+
+def _add_fields(parser: argparse.ArgumentParser, model: type[Settings], section: Section | None = None) -> None:
+    """One flag per field: name, type, choices and help all read from the field. A section's flags are
+    --<section>.<field> (bare --<field> when the section is flat); their values land under
+    "<section>.<field>" either way, so a field two sections share is never ambiguous."""
+    prefix = f"{section.name}." if section else ""
+    flag_prefix = "" if section is None or section.flat else prefix
+    group = parser.add_argument_group(f"{section.name} settings ({model.__name__})") if section else parser
+    for name, f in model.model_fields.items():
+        extra = field_extra(model, name)
+        if (section and name in section.filled) or get_origin(f.annotation) is dict:
+            continue
+        default = "required" if f.is_required() else f"default: {f.default!r}"
+        kw: dict[str, Any] = {"dest": prefix + name, "default": argparse.SUPPRESS,
+                              "help": f"{f.description} ({default})".replace("%", "%%")}
+        choices = _choices(f.annotation)
+        if f.annotation is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif get_origin(f.annotation) is list:
+            kw["metavar"] = ",".join(choices) if choices else "A,B"
+            if extra.get("flags"):  # a list with its own flag is repeatable: --qa F1 --qa F2
+                kw["action"], kw["metavar"] = "append", name.upper()
+        elif choices:
+            kw["choices"] = choices
+        else:
+            kw["metavar"] = name.upper()
+        if extra.get("positional"):
+            group.add_argument(name, help=kw["help"])
+        else:
+            flags = extra.get("flags") if extra.get("flags") and not flag_prefix else \
+                [f"--{flag_prefix}{name.replace('_', '-')}"]
+            group.add_argument(*flags, **kw)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memo", description="MeMo: memory as a model, on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for cmd in COMMANDS:
+        *parent, leaf = cmd.name.split()
+        target = sub
+        if parent:  # "tenants add": a group of sub-commands
+            if parent[0] not in groups:
+                groups[parent[0]] = sub.add_parser(parent[0], help=f"{parent[0]} commands").add_subparsers(
+                    dest="group_command", required=True)
+            target = groups[parent[0]]
+        s = target.add_parser(leaf, help=cmd.help, description=cmd.help)
+        _add_fields(s, cmd.model)
+        for sec in cmd.sections:
+            _add_fields(s, sec.model, sec)
+        s.add_argument("--config", help="YAML file whose keys are the command's config fields", default=None)
+        s.add_argument("--set", action="append", metavar="KEY=VALUE", default=None,
+                       help="override one config field (repeatable): key=value or section.key=value")
+        s.set_defaults(_command=cmd)
+    return p
+
+
+def _split(cmd: Command, values: dict[str, Any]) -> tuple[dict, dict[str, dict]]:
+    """Route merged settings to the command's config and its sections, naming a key that fits nowhere."""
+    primary: dict[str, Any] = {}
+    sections: dict[str, dict] = {s.name: {} for s in cmd.sections}
+    by_name = {s.name: s for s in cmd.sections}
+    for key, value in values.items():
+        head, dot, rest = key.partition(".")
+        if head in by_name and isinstance(value, dict) and not dot:  # a YAML mapping `synthesize: {...}`
+            for k, v in value.items():
+                sections[head][k.replace("-", "_")] = v
+        elif dot and head in by_name:
+            sections[head][rest] = value
+        elif key in cmd.model.model_fields:
+            primary[key] = value
+        else:
+            owners = [s.name for s in cmd.sections if key in s.model.model_fields and key not in s.filled]
+            if len(owners) == 1:
+                sections[owners[0]][key] = value
+                continue
+            known = list(cmd.model.model_fields) + [f"{s.name}.{k}" for s in cmd.sections for k in s.model.model_fields
+                                                    if k not in s.filled]
+            hint = difflib.get_close_matches(key, known, 3)
+            where = f"in both {' and '.join(owners)}: write {owners[0]}.{key}=..." if owners else \
+                f"valid keys: {', '.join(known)}" if not hint else f"did you mean {', '.join(hint)}?"
+            raise MemoError(f"unknown key(s) {key}; {where}")
+    return primary, sections
+
+
+def parse(argv: list[str]) -> tuple[Command, Settings, dict[str, dict], argparse.Namespace]:
+    """argv -> (command, validated config, section settings, raw namespace). Nothing runs yet."""
+    args = build_parser().parse_args(argv)
+    cmd: Command = args._command
+    values = load_yaml(args.config) if args.config else {}
+    given = {k: v for k, v in vars(args).items()
+             if not k.startswith("_") and k not in ("config", "set", "command", "group_command")}
+    values.update(given)
+    values.update(parse_overrides(args.set))
+    primary, sections = _split(cmd, values)
+    args._flags = set(given) - set(parse_overrides(args.set))  # named as flags in errors; the rest as key=value
+    return cmd, build_config(cmd.model, primary, flag_prefix="", flags=args._flags), sections, args
+
+
+def section(args: argparse.Namespace, sections: dict[str, dict], model: type[Settings], name: str,
+            **filled: Any) -> Settings:
+    """Validate one section now (before any work), with the values the job fills in."""
+    flags = {k.partition(".")[2] for k in args._flags if k.startswith(name + ".")}
+    flat = any(s.flat for s in args._command.sections if s.name == name)
+    return build_config(model, {**sections.get(name, {}), **filled}, f"{name} settings",
+                        flag_prefix="" if flat else f"{name}.", flags=flags)
+
+
+# --------------------------------------------------------------------------------------------------
+# The commands: each takes its validated config, its sections and the namespace.
+
+def cmd_synthesize(cfg: SynthesizeConfig, sections, args) -> dict:
+    from memo.synthesis import synthesize
+
     init_ray()
     return synthesize(cfg)
 
 
-def default_reflections_dir(domain: str, corpus: str, generator: str = "rules") -> Path:
-    """One folder per corpus version and generator, so synthesizing with another generator never
-    overwrites the reflections an earlier memory version was trained on."""
-    from memo.config import memo_home
-    from memo.corpus import corpus_hash, load_documents
+def cmd_train(cfg: TrainConfig, sections, args) -> dict:
+    """Train stage; with --corpus it synthesizes first (the platform job), with synthesize.* settings."""
+    from memo.training import build_memory
 
-    name = corpus_hash(load_documents(corpus))[:12]
-    return memo_home() / "reflections" / domain / (name if generator == "rules" else f"{name}-{generator}")
-
-
-def cmd_train(args) -> dict:
-    """Train stage; with --corpus instead of --reflections it runs synthesize first (the platform job)."""
-    from memo.config import SynthesizeConfig, TrainConfig, build_config, check_domain
-    from memo.memory import train
-    from memo.reflections import synthesize
-    from memo.runtime import init_ray
-
-    check_domain(args.domain)
-    if bool(args.reflections) == bool(args.corpus):
-        raise MemoError("give exactly one of --reflections DIR (synthesized already) or --corpus PATH "
-                        "(synthesize first)")
-    if args.parent:  # a missing parent is an error before any synthesis or worker starts
-        from memo import registry
-
-        if not args.parent.isdigit():
-            registry.resolve_version(args.domain, args.parent)
-    reflections = args.reflections
-    synth_cfg = None
-    if args.corpus:
-        reflections = str(default_reflections_dir(args.domain, args.corpus, args.generator))
-        synth = {"domain": args.domain, "corpus": args.corpus, "out": reflections, "generator": args.generator,
-                 "model": args.generator_model, "base_url": args.generator_url}
-        synth_cfg = build_config(SynthesizeConfig, {k: v for k, v in synth.items() if v is not None})
-    cfg = build_config(TrainConfig, _config_values(args, {
-        "domain": args.domain, "reflections": reflections, "base_model": args.base_model, "workers": args.workers,
-        "epochs": args.epochs, "lr": args.lr, "device": args.device, "parent": args.parent,
-        "finetune": args.finetune,
-        "register": False if args.no_register else None}))
+    synth = None
+    if cfg.corpus:
+        synth = section(args, sections, SynthesizeConfig, "synthesize", domain=cfg.domain, corpus=cfg.corpus)
+    elif sections.get("synthesize"):
+        raise MemoError("synthesize.* settings apply only with --corpus (synthesize first); drop them or give --corpus")
+    if cfg.parent and not cfg.parent.isdigit():  # a missing parent fails before synthesis or any worker
+        registry.resolve_version(cfg.domain, cfg.parent)
     init_ray()
-    t0 = time.time()
-    timings = {}
-    if synth_cfg:
-        synthesize(synth_cfg)
-        timings["synthesize_s"] = round(time.time() - t0, 1)
-    result = train(cfg)
-    timings["train_s"] = result["seconds"]
-    result["timings"] = timings
-    return result
+    return build_memory(cfg, synth)
 
 
-def cmd_promote(args) -> dict:
+def cmd_promote(a: PromoteArgs, sections, args) -> dict:
     from memo.promotion import promote
 
-    return promote(args.domain, args.to, args.from_alias, args.version, args.qa, args.margin, args.force,
-                   args.reason or "")
+    return promote(a.domain, a.to, a.from_alias, a.version or None, a.qa, a.margin, a.force, a.reason)
 
 
-def cmd_rollback(args) -> dict:
+def cmd_rollback(a: RollbackArgs, sections, args) -> dict:
     from memo.promotion import rollback
 
-    return rollback(args.domain, args.alias)
+    return rollback(a.domain, a.alias)
 
 
-def cmd_tenants_add(args) -> dict:
+def cmd_tenants_add(a: TenantAddArgs, sections, args) -> dict:
     from memo.tenants import add_tenant
 
-    key = add_tenant(args.file, args.name, [d for d in args.domains.split(",") if d], args.rpm)
+    key = add_tenant(a.file, a.name, a.domains, a.rpm)
     # The key is shown once, on stdout only; the file keeps its sha256.
-    print(f"tenant {args.name!r} added to {args.file} (domains {args.domains}, {args.rpm or 'no'} requests/min limit)")
+    print(f"tenant {a.name!r} added to {a.file} (domains {','.join(a.domains)}, "
+          f"{a.rpm or 'no'} requests/min limit)")
     print(f"API key (shown once; store it in your secret manager): {key}")
-    return {"name": args.name}
+    return {"name": a.name}
 
 
-def cmd_status(args) -> dict:
-    from memo import registry
-
-    domains = [args.domain] if args.domain else registry.list_domains()
-    if args.domain and args.domain not in registry.list_domains():
-        raise MemoError(f"--domain {args.domain}: unknown domain; known: {', '.join(registry.list_domains()) or 'none'}")
+def cmd_status(a: StatusArgs, sections, args) -> dict:
+    known = registry.list_domains()
+    if a.domain and a.domain not in known:
+        raise MemoError(f"--domain {a.domain}: unknown domain; known: {', '.join(known) or 'none'}")
+    domains = [a.domain] if a.domain else known
     out = {"tracking_uri": registry.tracking_uri(), "domains": [registry.domain_status(d) for d in domains]}
-    if args.json:
+    if a.as_json:
         print(json.dumps(out, indent=2, default=str))
         return out
     print(f"registry: {out['tracking_uri']}")
     if not domains:
         print("no domains registered yet: run `memo train --domain D --corpus PATH`")
     for st in out["domains"]:
-        aliases = ", ".join(f"{a}=v{v}" for a, v in sorted(st["aliases"].items())) or "no aliases"
+        aliases = ", ".join(f"{k}=v{v}" for k, v in sorted(st["aliases"].items())) or "no aliases"
         print(f"\n{st['registered_model']}  ({aliases})")
         for v in st["versions"]:
-            tags = [a for a, ver in st["aliases"].items() if ver == str(v["version"])]
+            tags = [k for k, ver in st["aliases"].items() if ver == str(v["version"])]
             print(f"  v{v['version']:<4} base={v['base_model']} rows={v['rows']} train_recall={v['train_recall']} "
                   f"run={v['run_id'][:8]} {' '.join('@' + t for t in tags)}")
         for dep, s in st["serving"].items():
@@ -168,14 +308,11 @@ def cmd_status(args) -> dict:
     return out
 
 
-def cmd_serve(args) -> None:
-    from memo import serving
-    from memo.config import ServeConfig, build_config
-    from memo.runtime import init_ray
+def cmd_serve(cfg: ServeConfig, sections, args) -> None:
+    from ray import serve
 
-    cfg = build_config(ServeConfig, _config_values(args, {
-        "domains": args.domains, "alias": args.alias, "host": args.host, "port": args.port,
-        "tenants_file": args.tenants_file}))
+    from memo import serving
+
     init_ray()
     url = serving.run(cfg)
     print(f"memo router on {url}  (GET {url}/v1/models, POST {url}/v1/chat/completions); Ctrl-C stops it",
@@ -184,229 +321,113 @@ def cmd_serve(args) -> None:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        from ray import serve
-
         serve.shutdown()
 
 
-def cmd_ask(args) -> dict:
-    from memo import executive as ex
-    from memo import registry
-    from memo.config import DEFAULT_BASE_MODEL
+def cmd_ask(a: AskArgs, sections, args) -> dict:
+    import os
 
-    llm = ex.make_executive(args.executive_url, args.executive_model,
-                            os.environ.get("MEMO_EXECUTIVE_API_KEY"), args.executive_local or DEFAULT_BASE_MODEL)
-    if args.url:
-        memory = ex.HttpMemory(args.url, args.domain, os.environ.get("MEMO_API_KEY"))
+    from memo.executive import answer_question
+    from memo.executive.clients import HttpMemory, LocalMemory, make_executive
+
+    exec_cfg = section(args, sections, ExecutiveConfig, "executive")
+    llm = make_executive(a.executive_url, a.executive_model, os.environ.get("MEMO_EXECUTIVE_API_KEY"),
+                         a.executive_local)
+    if a.url:
+        memory = HttpMemory(a.url, a.domain, os.environ.get("MEMO_API_KEY"), exec_cfg.memory_max_tokens)
     else:
-        version = registry.resolve_version(args.domain, args.alias)
-        memory = ex.LocalMemory(str(registry.download_version(args.domain, version)))
+        version = registry.resolve_version(a.domain, a.alias)
+        memory = LocalMemory(str(registry.download_version(a.domain, version)), exec_cfg.memory_max_tokens)
         memory.version = version
-    tr = ex.single_turn(args.question, llm, memory)
-    if args.json:
+    tr = answer_question(a.question, llm, memory, exec_cfg)
+    if a.as_json:
         print(json.dumps(asdict(tr), indent=2))
     else:
         for s in tr.steps:
             if s["role"] == "memory":
                 print(f"  memory  Q: {s['question']}\n          A: {s['answer']}")
-        print(f"answer (memo-{args.domain} v{tr.memory_version}): {tr.answer}")
+        print(f"answer (memo-{a.domain} v{tr.memory_version}, {tr.protocol} protocol): {tr.answer}")
     return asdict(tr)
 
 
-def cmd_corpus(args) -> dict:
-    from memo.evaluation import load_benchmark, write_benchmark
+def cmd_corpus(a: CorpusArgs, sections, args) -> dict:
+    from memo.evaluation.benchmarks import load_benchmark, write_benchmark
 
-    docs, questions = load_benchmark(args.benchmark, args.data, args.limit, args.noise, args.distractors)
-    out = write_benchmark(docs, questions, args.out)
-    print(f"{args.benchmark}: {out['questions']} questions over {out['documents']} paragraphs -> "
-          f"{args.out}/corpus.jsonl, {args.out}/questions.jsonl")
+    docs, questions = load_benchmark(a.benchmark, a.data, a.limit, a.noise, a.distractors)
+    out = write_benchmark(docs, questions, a.out)
+    print(f"{a.benchmark}: {out['questions']} questions over {out['documents']} paragraphs -> "
+          f"{a.out}/corpus.jsonl, {a.out}/questions.jsonl")
     return out
 
 
-def cmd_coverage(args) -> dict:
-    from memo.evaluation import load_benchmark, reflection_coverage
-    from memo.reflections import load_reflections
+def cmd_coverage(a: CoverageArgs, sections, args) -> dict:
+    from memo.evaluation.benchmarks import load_benchmark
+    from memo.evaluation.metrics import reflection_coverage
+    from memo.synthesis import load_reflections
 
-    _docs, questions = load_benchmark(args.benchmark, args.data, args.limit)
-    df = load_reflections(args.reflections)
+    _docs, questions = load_benchmark(a.benchmark, a.data, a.limit)
+    df = load_reflections(a.reflections)
     out = {**reflection_coverage(df, questions), "per_step": {k: int(v) for k, v in df["step"].value_counts().items()}}
-    print(f"coverage of {args.benchmark} gold facts by {args.reflections}: {out['covered']}/{out['facts']} "
+    print(f"coverage of {a.benchmark} gold facts by {a.reflections}: {out['covered']}/{out['facts']} "
           f"= {out['coverage']:.1%} (by hop: {out['by_hop']})")
     return out
 
 
-def cmd_eval(args) -> dict:
-    """Split --config/--set keys between the eval, executive-protocol and (memory built here) train configs."""
-    import dataclasses
+def cmd_eval(cfg: EvalConfig, sections, args) -> dict:
+    from memo.evaluation.harness import run_eval
 
-    from memo.config import EvalConfig, ExecutiveConfig, TrainConfig, build_config
-    from memo.evaluation import run_eval
-
-    values = _config_values(args, {
-        "benchmark": args.benchmark, "data": args.data, "out": args.out, "limit": args.limit, "noise": args.noise,
-        "distractors": args.distractors, "methods": args.methods, "memory": args.memory,
-        "memory_url": args.memory_url, "domain": args.domain, "executive_url": args.executive_url,
-        "executive_model": args.executive_model, "executive_local": args.executive_local,
-        "judge_url": args.judge_url, "judge_model": args.judge_model, "bm25_k": args.bm25_k})
-    fields = {c: {f.name for f in dataclasses.fields(c)} for c in (EvalConfig, ExecutiveConfig, TrainConfig)}
-    ev, exe, tr = {}, {}, dict(values.pop("train_overrides", None) or {})
-    for k, v in values.items():
-        if k in fields[EvalConfig]:
-            ev[k] = v
-        elif k in fields[ExecutiveConfig]:
-            exe[k] = v
-        elif k in fields[TrainConfig] and k not in ("domain", "reflections"):
-            tr[k] = v
-        else:
-            raise MemoError(f"unknown setting {k!r}: use a field of the eval config ({', '.join(sorted(fields[EvalConfig]))}), "
-                            f"the executive protocol ({', '.join(sorted(fields[ExecutiveConfig]))}) "
-                            "or the train config (for a memory built here)")
-    ev["train_overrides"] = tr
-    return run_eval(build_config(EvalConfig, ev), build_config(ExecutiveConfig, exe))
+    exec_cfg = section(args, sections, ExecutiveConfig, "executive")
+    # A memory built here: both stage configs are validated now, with placeholders for what the run fills.
+    train = section(args, sections, TrainConfig, "train", domain="eval", corpus="-")
+    synth = section(args, sections, SynthesizeConfig, "synthesize", domain="eval", corpus="-")
+    given = lambda c, name: {k: v for k, v in c.model_dump().items() if k in sections.get(name, {})}  # noqa: E731
+    return run_eval(cfg, exec_cfg, given(train, "train"), given(synth, "synthesize"))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="memo", description="MeMo: memory as a model, on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
+def cmd_check(a: CheckArgs, sections, args) -> dict:
+    from memo.check import run_checks
 
-    s = sub.add_parser("synthesize", help="corpus -> reflections (Ray Data)")
-    s.add_argument("--domain", required=True)
-    s.add_argument("--corpus", required=True, help="JSONL (one document per line) or a folder of .txt/.md")
-    s.add_argument("--out", required=True, help="output folder for reflections.parquet, rejects, stats.json")
-    s.add_argument("--generator", default=None, choices=["rules", "hf", "http", "vllm"],
-                   help="rules (offline, default), hf (local transformers), http (OpenAI-compatible), vllm (GPU)")
-    s.add_argument("--model", default=None, help="hf: alias or folder (smollm2-135m); http/vllm: model name")
-    s.add_argument("--base-url", default=None, help="http: the endpoint, e.g. http://127.0.0.1:8000/v1; the key "
-                   "is read from $OPENAI_API_KEY (or the variable named by --set api_key_env=...)")
-    s.add_argument("--workers", type=int, default=None, help="Ray Data actors per step")
-    _common(s)
-    s.set_defaults(fn=cmd_synthesize)
+    return run_checks(a, section(args, sections, ExecutiveConfig, "executive"))
 
-    t = sub.add_parser("train", help="reflections -> memory model (Ray Train) -> registered version")
-    t.add_argument("--domain", required=True)
-    t.add_argument("--reflections", help="folder written by `memo synthesize`")
-    t.add_argument("--corpus", help="synthesize this corpus first (the full platform job)")
-    t.add_argument("--generator", default="rules", choices=["rules", "hf", "http", "vllm"],
-                   help="generator used with --corpus")
-    t.add_argument("--generator-model", help="with --corpus and an LLM generator: its model (see memo synthesize)")
-    t.add_argument("--generator-url", help="with --corpus --generator http: the endpoint's base URL")
-    t.add_argument("--base-model", help="smollm2-135m (default), a local HF folder, or a cached HF id")
-    t.add_argument("--workers", type=int)
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--device", choices=["cpu", "cuda"])
-    t.add_argument("--finetune", choices=["full", "lora"], help="full SFT (default) or LoRA adapters")
-    t.add_argument("--from", dest="parent", metavar="ALIAS_OR_VERSION",
-                   help="continual update: fine-tune this version of memo-<domain> (e.g. champion) on the new "
-                        "reflections plus a replay share of earlier ones")
-    t.add_argument("--no-register", action="store_true", help="train and export only")
-    _common(t)
-    t.set_defaults(fn=cmd_train)
 
-    pr = sub.add_parser("promote", help="move an alias (e.g. candidate -> champion)")
-    pr.add_argument("--domain", required=True)
-    pr.add_argument("--to", default="champion")
-    pr.add_argument("--from", dest="from_alias", default="candidate")
-    pr.add_argument("--version", help="promote this version instead of the --from alias")
-    pr.add_argument("--qa", action="append", default=[], metavar="FILE.jsonl",
-                    help="extra held-out QA for the gate (question, answer, aliases); repeatable")
-    pr.add_argument("--margin", type=float, default=0.05,
-                    help="refuse when the candidate scores more than this below the current version")
-    pr.add_argument("--force", action="store_true", help="promote even if the gate fails (logged)")
-    pr.add_argument("--reason")
-    pr.set_defaults(fn=cmd_promote)
-
-    rb = sub.add_parser("rollback", help="point an alias back at its previous version")
-    rb.add_argument("--domain", required=True)
-    rb.add_argument("--alias", default="champion")
-    rb.set_defaults(fn=cmd_rollback)
-
-    tn = sub.add_parser("tenants", help="manage router API keys")
-    tsub = tn.add_subparsers(dest="tenants_command", required=True)
-    ta = tsub.add_parser("add", help="add a tenant and print its new API key once")
-    ta.add_argument("--file", required=True, help="tenants YAML (created if missing; mode 600)")
-    ta.add_argument("--name", required=True)
-    ta.add_argument("--domains", required=True, help="comma-separated domains, or * for all")
-    ta.add_argument("--rpm", type=int, default=0, help="requests per minute (0 = unlimited)")
-    ta.set_defaults(fn=cmd_tenants_add)
-
-    st = sub.add_parser("status", help="domains, versions, aliases and what is served")
-    st.add_argument("--domain")
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(fn=cmd_status)
-
-    sv = sub.add_parser("serve", help="run the OpenAI-compatible router (Ray Serve) in the foreground")
-    sv.add_argument("--domains", help="comma-separated domains (default: every registered domain)")
-    sv.add_argument("--alias")
-    sv.add_argument("--host")
-    sv.add_argument("--port", type=int)
-    sv.add_argument("--tenants-file", help="tenants YAML with hashed API keys (see `memo tenants add`)")
-    _common(sv)
-    sv.set_defaults(fn=cmd_serve)
-
-    a = sub.add_parser("ask", help="answer a question with an executive that questions the memory")
-    a.add_argument("--domain", required=True)
-    a.add_argument("question")
-    a.add_argument("--url", help="router base URL (e.g. http://127.0.0.1:8000); default: load the memory here")
-    a.add_argument("--alias", default="champion")
-    _executive_args(a)
-    a.add_argument("--json", action="store_true")
-    a.set_defaults(fn=cmd_ask)
-
-    c = sub.add_parser("corpus", help="a benchmark file -> corpus.jsonl (for synthesize) + questions.jsonl")
-    _benchmark_args(c)
-    c.add_argument("--noise", type=float, default=0.0, help="extra distractors: paragraphs of noise x N more records")
-    c.add_argument("--distractors", type=int, help="keep at most K non-gold paragraphs per question (default: all)")
-    c.add_argument("--out", required=True)
-    c.set_defaults(fn=cmd_corpus)
-
-    v = sub.add_parser("coverage", help="share of a benchmark's gold facts that the reflections state")
-    _benchmark_args(v, "first N questions, as given to `memo corpus` (default: all)")
-    v.add_argument("--reflections", required=True, help="folder written by `memo synthesize`")
-    v.set_defaults(fn=cmd_coverage)
-
-    e = sub.add_parser("eval", help="MeMo vs closed-book, BM25 RAG and oracle on a benchmark sample")
-    _benchmark_args(e)
-    e.add_argument("--out", required=True, help="results.json, results.md, results.png, predictions, traces")
-    e.add_argument("--noise", type=float, help="extra distractors: paragraphs of noise x N more records")
-    e.add_argument("--distractors", type=int, help="keep at most K non-gold paragraphs per question")
-    e.add_argument("--methods", help="comma-separated: closed_book,bm25,oracle,memo_single,memo_structured,"
-                                     "memo_gold_decomp (default: the first five)")
-    e.add_argument("--memory", help="models:/memo-X@alias, models:/memo-X/N or a model folder "
-                                    "(default: synthesize and train one for this corpus)")
-    e.add_argument("--memory-url", help="ask the memory through this router (with --domain; key in MEMO_API_KEY)")
-    e.add_argument("--domain", help="domain to register a memory built here under, or the router's model name")
-    _executive_args(e)
-    e.add_argument("--judge-url", help="optional LLM judge, OpenAI-compatible (key in MEMO_JUDGE_API_KEY)")
-    e.add_argument("--judge-model")
-    e.add_argument("--bm25-k", type=int, help="passages the BM25 baseline reads (default 9, as in the paper)")
-    _common(e)
-    e.set_defaults(fn=cmd_eval)
-
-    d = sub.add_parser("demo", help="the whole loop on the demo corpus (what `make demo` runs)")
-    d.add_argument("--corpus", default="examples/demo/corpus.jsonl")
-    d.add_argument("--questions", default="examples/demo/questions.jsonl")
-    d.add_argument("--port", type=int, default=8000)
-    d.add_argument("--skip-train", action="store_true", help="re-run the checks on the current candidate")
-    d.set_defaults(fn=lambda args: __import__("memo.demo", fromlist=["run"]).run(args))
-    return p
+_EXEC = Section("executive", ExecutiveConfig, flat=True)
+COMMANDS = (
+    Command("synthesize", "corpus -> reflections (Ray Data)", SynthesizeConfig, cmd_synthesize),
+    Command("train", "reflections (or a corpus) -> memory model (Ray Train) -> registered version", TrainConfig,
+            cmd_train, (Section("synthesize", SynthesizeConfig, ("domain", "corpus")),)),
+    Command("promote", "move an alias (e.g. candidate -> champion) through the promotion gate", PromoteArgs,
+            cmd_promote),
+    Command("rollback", "point an alias back at its previous version", RollbackArgs, cmd_rollback),
+    Command("tenants add", "add a tenant and print its new API key once", TenantAddArgs, cmd_tenants_add),
+    Command("status", "domains, versions, aliases and what is served", StatusArgs, cmd_status),
+    Command("serve", "run the OpenAI-compatible router (Ray Serve) in the foreground", ServeConfig, cmd_serve),
+    Command("ask", "answer a question with an executive that questions the memory", AskArgs, cmd_ask, (_EXEC,)),
+    Command("corpus", "a benchmark file -> corpus.jsonl (for synthesize) + questions.jsonl", CorpusArgs, cmd_corpus),
+    Command("coverage", "share of a benchmark's gold facts that the reflections state", CoverageArgs, cmd_coverage),
+    Command("eval", "MeMo vs closed-book, BM25 RAG and oracle on a benchmark sample", EvalConfig, cmd_eval,
+            (_EXEC, Section("train", TrainConfig, ("domain", "reflections", "corpus")),
+             Section("synthesize", SynthesizeConfig, ("domain", "corpus", "out")))),
+    Command("check", "the demo's check questions: closed-book vs the memory vs MeMo, over a served domain",
+            CheckArgs, cmd_check, (_EXEC,)),
+)
 
 
 def main(argv: list[str] | None = None) -> int:
-    from memo.runtime import quiet
-
     quiet()
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    words = [w for w in argv[:2] if not w.startswith("-")]
+    name = " ".join(["memo"] + words[:1 if words[:1] != ["tenants"] else 2])
     try:
-        args.fn(args)
+        cmd, cfg, sections, args = parse(argv)
+        cmd.run(cfg, sections, args)
     except GateRefused as e:
-        print(f"memo {args.command}: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return 3
     except MemoError as e:
-        print(f"memo {args.command}: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"memo {args.command}: interrupted", file=sys.stderr)
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
     return 0
 

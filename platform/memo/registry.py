@@ -8,20 +8,16 @@ MLFLOW_TRACKING_URI points at a tracking server.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-from memo.config import check_domain, memo_home
+from memo.atomic import atomic_path
+from memo.config import check_domain, memo_home, tracking_uri
 from memo.errors import MemoError
 
 _URI = re.compile(r"^models:/memo-(?P<domain>[a-z0-9_-]+)(?:@(?P<alias>[\w-]+)|/(?P<version>\d+))$")
-
-
-def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{memo_home() / 'mlflow.db'}"
 
 
 def registered_name(domain: str) -> str:
@@ -160,12 +156,13 @@ def download_version(domain: str, version: str) -> Path:
     dst = memo_home() / "cache" / registered_name(domain) / str(version)
     if (dst / "config.json").exists() or (dst / "adapter_config.json").exists():  # full or LoRA-adapter export
         return dst
-    tmp = dst.with_name(f"{version}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp)))
-    os.replace(local, dst) if local != tmp else os.replace(tmp, dst)
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(dst) as tmp:
+        tmp.mkdir()
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=str(tmp)))
+        if local != tmp:  # the artifact folder arrives inside tmp: make it the version folder itself
+            for child in local.iterdir():
+                shutil.move(str(child), tmp / child.name)
+            shutil.rmtree(local)
     return dst
 
 

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
+
+from memo.config import memo_home, tracking_uri
 
 # Libraries whose INFO chatter (per request, per dataset, per migration) would bury our progress lines.
 QUIET_LOGGERS = ("mlflow", "alembic", "ray", "ray.data", "urllib3", "httpx", "transformers", "filelock")
+
+
+class _Stdout(logging.StreamHandler):
+    """A handler on whatever sys.stdout is when a line is written (pytest and Ray Train swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value):
+        pass
 
 
 def quiet() -> None:
@@ -20,7 +35,15 @@ def quiet() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="mlflow")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Progress lines are the program's output: INFO from memo.* goes to stdout as plain lines, once.
+    memo_log = logging.getLogger("memo")
+    if not memo_log.handlers:
+        handler = _Stdout()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        memo_log.addHandler(handler)
+    memo_log.setLevel(logging.INFO)
+    memo_log.propagate = False
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
@@ -36,9 +59,6 @@ def init_ray(address: str | None = None):
     """Connect to RAY_ADDRESS (a cluster, or the job's own cluster under `ray job submit`), else start a
     local instance. MEMO_HOME and the tracking URI travel to every worker so all see the same state."""
     import ray
-
-    from memo.config import memo_home
-    from memo.registry import tracking_uri
 
     if ray.is_initialized():
         return ray

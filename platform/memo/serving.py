@@ -17,11 +17,23 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from ray import serve
 
-from memo.config import ServeConfig, build_config
+from memo import registry
+from memo.config import ServeConfig, build_config, memo_home, tracking_uri
 from memo.errors import MemoError
+from memo.inference import ask_memory, memory_messages, trim_repetition
+from memo.models import load_model, materialize_full_model
+from memo.runtime import quiet
+from memo.tenants import RateLimiter, authenticate, load_tenants
 
 VERSION_HEADER = "x-memo-model-version"
 api = FastAPI(title="MeMo memory router", version="0.1.0")
@@ -73,8 +85,6 @@ class VLLMEngine:
     def ask(self, questions: list[str], max_tokens: int) -> list[dict]:
         from vllm import SamplingParams
 
-        from memo.memory import memory_messages, trim_repetition
-
         outs = self.llm.chat([memory_messages(q) for q in questions], SamplingParams(temperature=0.0, max_tokens=max_tokens),
                              use_tqdm=False)
         return [{"text": trim_repetition(o.outputs[0].text.strip()), "prompt_tokens": len(o.prompt_token_ids),
@@ -89,8 +99,6 @@ class MemoryModel:
     concurrent questions are generated together through @serve.batch."""
 
     def __init__(self, cfg: dict):
-        from memo.runtime import quiet
-
         quiet()
         self.cfg = ServeConfig(**cfg)
         _use_state_of(self.cfg)
@@ -107,14 +115,9 @@ class MemoryModel:
                                     batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(generate_batch)
 
     async def _load(self, model_id: str):
-        from memo import registry
-        from memo.models import load_model
-
         domain, version = model_id.split(":")
         path = await asyncio.to_thread(registry.download_version, domain, version)
         if self.cfg.engine == "vllm":
-            from memo.memory import materialize_full_model
-
             full = await asyncio.to_thread(materialize_full_model, path)  # vLLM needs merged weights
             model, tok = await asyncio.to_thread(VLLMEngine, str(full), self.cfg.max_models_per_replica), None
         else:
@@ -127,8 +130,6 @@ class MemoryModel:
 
     async def _generate_batch(self, requests: list) -> list:
         """One batch of (model_id, question, max_tokens): one generate call per (model, length) group."""
-        from memo.memory import ask_memory
-
         out: list = [None] * len(requests)
         groups: dict = {}
         for i, (model_id, _, max_tokens) in enumerate(requests):
@@ -161,9 +162,6 @@ class MemoryModel:
 @serve.ingress(api)
 class Router:
     def __init__(self, memory, cfg: dict, *dedicated):
-        from memo.runtime import quiet
-        from memo.tenants import RateLimiter, load_tenants
-
         quiet()
         self.memory = memory
         self.cfg = ServeConfig(**cfg)
@@ -173,12 +171,15 @@ class Router:
         self._versions: dict[str, tuple[float, str]] = {}
         self.tenants = load_tenants(self.cfg.tenants_file) if self.cfg.tenants_file else None
         self.limiter = RateLimiter()
-        self.stats = {"requests": {}, "seconds_sum": 0.0, "seconds_count": 0}
+        # A registry per replica (not the process-global one): each replica reports its own requests.
+        self.metrics_registry = CollectorRegistry()
+        self.requests = Counter("memo_requests", "Requests answered, by HTTP status", ["status"],
+                                registry=self.metrics_registry)
+        self.latency = Histogram("memo_request_seconds", "Seconds to answer a successful request",
+                                 registry=self.metrics_registry)
 
     def _auth(self, request: Request):
         """(tenant or None, error response or None). No tenants file: anonymous, loopback only."""
-        from memo.tenants import authenticate
-
         if self.tenants is None:
             # No keys: loopback clients only, whatever address the proxy listens on (serve run with
             # http_options.host 0.0.0.0 must not open an anonymous router to the network).
@@ -202,15 +203,12 @@ class Router:
         return tenant, None
 
     def _count(self, status: int, seconds: float | None = None) -> None:
-        self.stats["requests"][status] = self.stats["requests"].get(status, 0) + 1
+        self.requests.labels(status=str(status)).inc()
         if seconds is not None:
-            self.stats["seconds_sum"] += seconds
-            self.stats["seconds_count"] += 1
+            self.latency.observe(seconds)
 
     async def _version(self, domain: str) -> str:
         """alias -> version, cached for alias_refresh_s so the registry is not hit on every request."""
-        from memo import registry
-
         hit = self._versions.get(domain)
         if hit and time.time() - hit[0] < self.cfg.alias_refresh_s:
             return hit[1]
@@ -219,8 +217,6 @@ class Router:
         return version
 
     async def _domains(self) -> list[str]:
-        from memo import registry
-
         return self.cfg.domains or await asyncio.to_thread(registry.list_domains)
 
     @api.get("/healthz")
@@ -229,16 +225,9 @@ class Router:
 
     @api.get("/metrics")
     async def metrics(self):
-        """Prometheus text: request counts by status and latency of answered requests (this replica).
-        Nothing about tenants or keys."""
-        from fastapi.responses import PlainTextResponse
-
-        lines = ["# TYPE memo_requests_total counter"]
-        lines += [f'memo_requests_total{{status="{code}"}} {n}' for code, n in sorted(self.stats["requests"].items())]
-        lines += ["# TYPE memo_request_seconds summary",
-                  f"memo_request_seconds_sum {self.stats['seconds_sum']:.6f}",
-                  f"memo_request_seconds_count {self.stats['seconds_count']}"]
-        return PlainTextResponse("\n".join(lines) + "\n")
+        """Prometheus exposition (prometheus_client): request counts by status and the latency histogram
+        of answered requests, for this replica. Nothing about tenants or keys."""
+        return Response(generate_latest(self.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/models")
     async def models(self, request: Request):
@@ -354,22 +343,15 @@ def build_app(args: dict[str, Any]):
     Runs where the app is built (`serve run` in the repo, or the cluster for `serve deploy`), so that
     is where a default project home is resolved to an absolute path.
     """
-    from dataclasses import asdict
-
-    from memo.config import memo_home
-    from memo.registry import tracking_uri
-
     cfg = build_config(ServeConfig, dict(args or {}), "serve config args")
     cfg.memo_home = str(Path(cfg.memo_home).resolve()) if cfg.memo_home else str(memo_home())
     if not cfg.tracking_uri:
         os.environ["MEMO_HOME"] = cfg.memo_home
         cfg.tracking_uri = tracking_uri()
     if cfg.tenants_file:
-        from memo.tenants import load_tenants
-
         cfg.tenants_file = str(Path(cfg.tenants_file).resolve())
         load_tenants(cfg.tenants_file)  # a bad tenants file fails here, before any replica starts
-    args_ = asdict(cfg)
+    args_ = cfg.model_dump()
     actor = {"num_cpus": cfg.replica_cpus, "num_gpus": cfg.replica_gpus}
     dedicated = [MemoryModel.options(
         name=f"MemoryModel-{d}", ray_actor_options=actor,
@@ -381,10 +363,8 @@ def build_app(args: dict[str, Any]):
 
 def run(cfg: ServeConfig, blocking: bool = False):
     """Start Serve on cfg.host:cfg.port (loopback by default) and deploy the router; returns the base URL."""
-    from dataclasses import asdict
-
     # Per-request access lines would bury the caller's own output; errors still reach the driver.
     quiet_logs = {"log_level": "WARNING", "enable_access_log": False}
     serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=quiet_logs)
-    serve.run(build_app(asdict(cfg)), name="memo", route_prefix="/", blocking=blocking, logging_config=quiet_logs)
+    serve.run(build_app(cfg.model_dump()), name="memo", route_prefix="/", blocking=blocking, logging_config=quiet_logs)
     return f"http://{cfg.host}:{cfg.port}"

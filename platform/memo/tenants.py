@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import threading
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from memo.atomic import write_text
 from memo.config import check_domain
 from memo.errors import MemoError
 
@@ -144,10 +144,6 @@ def add_tenant(path: str | Path, name: str, domains: list[str], requests_per_min
     entry = {"name": name, "key_sha256": hash_key(key), "domains": domains, "requests_per_minute": requests_per_minute}
     rows = [{"name": t.name, "key_sha256": t.key_sha256, "domains": t.domains,
              "requests_per_minute": t.requests_per_minute} for t in current] + [entry]
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
-    tmp.write_text("# MeMo router tenants: API keys are stored as sha256 hashes only.\n"
-                   + yaml.safe_dump({"tenants": rows}, sort_keys=False))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, p)
+    write_text(p, "# MeMo router tenants: API keys are stored as sha256 hashes only.\n"
+               + yaml.safe_dump({"tenants": rows}, sort_keys=False), mode=0o600)
     return key

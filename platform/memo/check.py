@@ -1,0 +1,82 @@
+"""`memo check`: the demo's check questions against a served domain, three ways side by side: the base
+model answering closed-book, the memory's own answer, and MeMo (the executive questioning the memory).
+
+The check questions are reworded, never the training reflections, and several need two documents.
+Results go to MEMO_HOME/demo_results.json; the table goes to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from memo.atomic import write_text
+from memo.config import ExecutiveConfig, memo_home
+from memo.corpus import read_jsonl
+from memo.errors import MemoError, where
+from memo.executive import answer_question, closed_book
+from memo.executive.clients import HttpMemory, make_executive
+from memo.text import contains_reference
+
+log = logging.getLogger(__name__)
+
+
+def load_questions(path: str) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        raise MemoError(f"--questions {p}: no such file")
+    rows = []
+    for n, row in read_jsonl(p, "an object with 'question' and 'answer'"):
+        if not row.get("question") or not row.get("answer"):
+            raise MemoError(f"{where(p, n)}: each line needs 'question' and 'answer'")
+        rows.append(row)
+    return rows
+
+
+def matches(prediction: str, row: dict) -> bool:
+    """The reference (or an alias) appears in the prediction after QA normalisation (as the gate scores)."""
+    return contains_reference(prediction, [row["answer"], *row.get("aliases", [])])
+
+
+def run_checks(args, exec_cfg: ExecutiveConfig) -> dict:
+    questions = load_questions(args.questions)
+    memory = HttpMemory(args.url, args.domain, os.environ.get("MEMO_API_KEY"), exec_cfg.memory_max_tokens)
+    executive = make_executive(args.executive_url, args.executive_model, os.environ.get("MEMO_EXECUTIVE_API_KEY"),
+                               args.executive_local)
+    rows, by_kind = [], {}
+    for i, q in enumerate(questions, 1):
+        cb = closed_book(q["question"], executive)
+        tr = answer_question(q["question"], executive, memory, exec_cfg)
+        direct = next((s["answer"] for s in tr.steps if s["role"] == "memory"), "")
+        ok = {"closed_book": matches(cb, q), "memory": matches(direct, q), "memo": matches(tr.answer, q)}
+        kind = q.get("kind", "")
+        for k, v in ok.items():
+            by_kind.setdefault(kind, {}).setdefault(k, 0)
+            by_kind[kind][k] += v
+        by_kind[kind]["n"] = by_kind[kind].get("n", 0) + 1
+        rows.append({"id": q.get("id"), "kind": kind, "question": q["question"], "reference": q["answer"],
+                     "closed_book": cb, "memory_answer": direct, "memo": tr.answer, **{f"{k}_ok": v for k, v in ok.items()},
+                     "memory_version": tr.memory_version, "memory_calls": tr.memory_calls, "seconds": tr.seconds})
+        mark = {True: "OK", False: "x"}
+        log.info(f"\n[{i}/{len(questions)}] ({kind}) {q['question']}\n"
+                 f"  reference:    {q['answer']}\n"
+                 f"  closed-book:  {cb}  {mark[ok['closed_book']]}\n"
+                 f"  memory said:  {direct}  {mark[ok['memory']]}\n"
+                 f"  MeMo answer:  {tr.answer}  {mark[ok['memo']]}   (memo-{args.domain} v{tr.memory_version}, "
+                 f"{tr.memory_calls} memory calls, {tr.seconds:.1f} s)")
+    n = len(rows)
+    total = {k: sum(r[f"{k}_ok"] for r in rows) for k in ("closed_book", "memory", "memo")}
+    summary = {"domain": args.domain, "version": rows[0]["memory_version"] if rows else None, "questions": n,
+               "closed_book_correct": total["closed_book"], "memory_direct_correct": total["memory"],
+               "memo_correct": total["memo"], "by_kind": by_kind, "protocol": exec_cfg.protocol}
+    out = memo_home() / "demo_results.json"
+    write_text(out, json.dumps({"summary": summary, "rows": rows}, indent=2))
+    log.info(f"\nclosed-book base model: {total['closed_book']}/{n} correct;  MeMo (executive + memory): "
+             f"{total['memo']}/{n} correct;  the memory's own answer to the question: {total['memory']}/{n}")
+    for kind, c in sorted(by_kind.items()):
+        log.info(f"  {kind or 'all'}: closed-book {c['closed_book']}/{c['n']}, memory {c['memory']}/{c['n']}, "
+                 f"MeMo {c['memo']}/{c['n']}")
+    log.info(f"details: {out}")
+    return summary

@@ -1,0 +1,1 @@
+"""Evaluation: benchmark loaders, metrics, baselines, and the `memo eval` harness."""

@@ -1,0 +1,277 @@
+"""`memo eval`: every method on every question of a benchmark sample, scored, written to OUT, logged to
+MLflow. Per-question rows are appended as they finish, so an interrupted run picks up where it stopped
+(same resume key) instead of paying for every answer again."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from memo import registry
+from memo.atomic import write_text
+from memo.config import (
+    EvalConfig,
+    ExecutiveConfig,
+    SynthesizeConfig,
+    TrainConfig,
+    resume_key,
+)
+from memo.corpus import Document, corpus_hash
+from memo.errors import MemoError
+from memo.evaluation.baselines import (
+    BM25Index,
+    gold_decomposition,
+    passages_of,
+    read_passages,
+)
+from memo.evaluation.benchmarks import Question, load_benchmark, write_corpus
+from memo.evaluation.metrics import judge_correct
+from memo.executive import answer_question, closed_book
+from memo.executive.clients import (
+    HttpMemory,
+    LocalMemory,
+    OpenAILLM,
+    load_memory,
+    make_executive,
+)
+from memo.executive.single import CLOSED_BOOK
+from memo.executive.trace import usage_of
+from memo.models import materialize_full_model
+from memo.text import contains_reference, exact_match, f1
+
+log = logging.getLogger(__name__)
+EVAL_VERSION = "eval-1"  # part of the resume key: a scoring or protocol change starts a new OUT
+
+
+def _settings(cfg: EvalConfig, exec_cfg: ExecutiveConfig, train: dict, synth: dict) -> dict:
+    """What an answer depends on: a resumed run must not mix answers made under other settings."""
+    return {"eval": cfg.output_fields(), "executive": exec_cfg.output_fields(), "train": train,
+            "synthesize": synth}
+
+
+def _open_run(cfg: EvalConfig, settings: dict, out: Path) -> dict[tuple[str, str], dict]:
+    """Rows already done in OUT for these settings; an OUT written with other settings is refused."""
+    settings_file = out / "settings.json"
+    key = resume_key(version=EVAL_VERSION, settings=settings)
+    if settings_file.exists():
+        before = json.loads(settings_file.read_text())
+        if before.get("resume_key") != key:
+            old = before.get("settings", {})
+            diff = ", ".join(f"{section}.{k}" for section, vals in settings.items() for k in vals
+                             if old.get(section, {}).get(k) != vals[k]) or "the code version"
+            raise MemoError(f"--out {out}: holds a run with other settings ({diff}); use another --out or delete it")
+    write_text(settings_file, json.dumps({"resume_key": key, "settings": settings}, indent=2, default=str))
+    done = {}
+    pred = out / "predictions.jsonl"
+    if pred.exists():
+        for line in pred.read_text().splitlines():
+            try:
+                row = json.loads(line)
+                done[(row["method"], row["qid"])] = row
+            except (json.JSONDecodeError, KeyError):
+                continue  # a line cut by a crash: that question is simply redone
+    return done
+
+
+def _memory_client(cfg: EvalConfig, docs: list[Document], out: Path, exec_cfg: ExecutiveConfig, train: dict,
+                   synth: dict):
+    """The memory the memo_* methods question: a router, a registered/local model, or one built here
+    (once: OUT/memory.json names it, so a resumed run questions the same memory instead of retraining)."""
+    from memo.runtime import init_ray
+    from memo.training import build_memory
+
+    if cfg.memory_url:
+        return HttpMemory(cfg.memory_url, cfg.domain, os.environ.get("MEMO_API_KEY"), exec_cfg.memory_max_tokens,
+                          exec_cfg.memory_temperature), f"{cfg.memory_url} ({cfg.domain})"
+    if cfg.memory:
+        mem = load_memory(cfg.memory, exec_cfg.memory_max_tokens, exec_cfg.memory_temperature)
+        return mem, mem.version
+    built = out / "memory.json"
+    if built.exists():  # built by an earlier, interrupted run of this same evaluation
+        spec = json.loads(built.read_text())
+        mem = LocalMemory(spec["memory"], exec_cfg.memory_max_tokens, exec_cfg.memory_temperature)
+        mem.version = spec["label"]
+        return mem, spec["label"]
+    # No memory given: build one for this corpus with the platform's own stages.
+    corpus = out / "corpus.jsonl"
+    write_corpus(docs, corpus)
+    domain = cfg.domain or f"{cfg.benchmark}-{corpus_hash(docs)[:8]}"
+    log.info(f"[eval] building the memory for {len(docs)} documents as memo-{domain} (synthesize + train)")
+    init_ray()
+    synth_cfg = SynthesizeConfig(**{**synth, "domain": domain, "corpus": str(corpus), "out": str(out / "reflections")})
+    result = build_memory(TrainConfig(**{**train, "domain": domain, "corpus": str(corpus)}), synth_cfg)
+    model = str(materialize_full_model(Path(result["model_dir"])))
+    label = f"models:/{registry.registered_name(domain)}/{result['version']}" if result.get("version") else model
+    write_text(built, json.dumps({"memory": model, "label": label, "run_id": result["run_id"]}))
+    mem = LocalMemory(model, exec_cfg.memory_max_tokens, exec_cfg.memory_temperature)
+    mem.version = label
+    return mem, label
+
+
+def _answer(method: str, q: Question, ctx: dict) -> tuple[str, dict]:
+    executive, cfg = ctx["executive"], ctx["cfg"]
+    if method == "closed_book":
+        out = closed_book(q.question, executive, cfg.reader_max_tokens)
+        return out.strip(), {"prompt": CLOSED_BOOK.format(q=q.question), "output": out}
+    if method == "bm25":
+        return read_passages(q.question, ctx["bm25"].search(q.question, cfg.bm25_k), executive, cfg.reader_max_tokens)
+    if method == "oracle":
+        gold = [ctx["docs"][d] for d in q.gold_doc_ids if d in ctx["docs"]]
+        passages = [{"doc_id": d.doc_id, "title": d.title, "text": d.text} for d in gold]
+        return read_passages(q.question, passages, executive, cfg.reader_max_tokens)
+    if method == "memo_gold_decomp":
+        return gold_decomposition(q, ctx["memory"])
+    exec_cfg = ctx["exec_cfg"].model_copy(update={"protocol": "structured" if method == "memo_structured" else "single"})
+    tr = answer_question(q.question, executive, ctx["memory"], exec_cfg)
+    return tr.answer, asdict(tr)
+
+
+def summarize(rows: list[dict], methods: list[str], benchmark: str, n: int) -> dict:
+    out = {"benchmark": benchmark, "n": n, "methods": {}}
+    for m in methods:
+        rs = [r for r in rows if r["method"] == m]
+        if not rs:
+            continue
+        k = len(rs)
+        entry = {"em": round(sum(r["em"] for r in rs) / k, 4), "f1": round(sum(r["f1"] for r in rs) / k, 4),
+                 "contains": round(sum(r["contains"] for r in rs) / k, 4),
+                 "memory_calls_per_q": round(sum(r["memory_calls"] for r in rs) / k, 2),
+                 "latency_s_per_q": round(sum(r["latency_s"] for r in rs) / k, 2),
+                 "executive_tokens_per_q": round(sum(r["executive_tokens"] for r in rs) / k, 1), "n": k}
+        if all(r.get("judge") is not None for r in rs):
+            entry["judge"] = round(sum(r["judge"] for r in rs) / k, 4)
+        out["methods"][m] = entry
+    return out
+
+
+def markdown_table(results: dict) -> str:
+    has_judge = any("judge" in v for v in results["methods"].values())
+    head = "| method | EM | F1 | contains |" + (" judge |" if has_judge else "") + \
+        " memory calls/q | latency s/q | executive tokens/q |"
+    lines = [f"{results['benchmark']}: {results['n']} questions", "", head,
+             "|---" * (head.count("|") - 1) + "|"]
+    for m, v in results["methods"].items():
+        judge = f" {v['judge']:.3f} |" if has_judge else ""
+        if has_judge and "judge" not in v:
+            judge = " - |"
+        lines.append(f"| {m} | {v['em']:.3f} | {v['f1']:.3f} | {v['contains']:.3f} |{judge} "
+                     f"{v['memory_calls_per_q']:.1f} | {v['latency_s_per_q']:.1f} | {v['executive_tokens_per_q']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a cluster node
+    import matplotlib.pyplot as plt
+
+    names = list(results["methods"])
+    metrics = ["em", "f1", "contains"] + (["judge"] if all("judge" in v for v in results["methods"].values()) else [])
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6))
+    width = 0.8 / len(metrics)
+    for i, metric in enumerate(metrics):
+        ax.bar([x + i * width for x in range(len(names))], [results["methods"][n][metric] for n in names], width,
+               label=metric.upper() if metric != "contains" else "contains")
+    ax.set_xticks([x + width * (len(metrics) - 1) / 2 for x in range(len(names))], names, rotation=20)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{results['benchmark']} ({results['n']} questions)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: dict | None = None,
+             synth: dict | None = None) -> dict:
+    """`memo eval`: answer every question with every method, score, write OUT, log to MLflow. `train` and
+    `synth` are the TrainConfig / SynthesizeConfig settings of a memory built here (validated by the CLI)."""
+    exec_cfg = exec_cfg or ExecutiveConfig()
+    train, synth = train or {}, synth or {}
+    out = Path(cfg.out)
+    docs, questions = load_benchmark(cfg.benchmark, cfg.data, cfg.limit, cfg.noise, cfg.distractors)
+    settings = _settings(cfg, exec_cfg, train, synth)
+    done = _open_run(cfg, settings, out)
+
+    executive = make_executive(cfg.executive_url or None, cfg.executive_model or None,
+                               os.environ.get("MEMO_EXECUTIVE_API_KEY"), cfg.executive_local)
+    judge = OpenAILLM(cfg.judge_url, cfg.judge_model, os.environ.get("MEMO_JUDGE_API_KEY")) if cfg.judge_url \
+        else None
+    ctx = {"cfg": cfg, "executive": executive, "exec_cfg": exec_cfg, "docs": {d.doc_id: d for d in docs}}
+    pending = [(m, q) for m in cfg.methods for q in questions if (m, q.qid) not in done]
+    if "bm25" in cfg.methods:
+        ctx["bm25"] = BM25Index(passages_of(docs, cfg.chunk_words))
+    memory_label = None
+    if any(m.startswith("memo_") for m, _ in pending):
+        ctx["memory"], memory_label = _memory_client(cfg, docs, out, exec_cfg, train, synth)
+    log.info(f"[eval] {cfg.benchmark}: {len(questions)} questions over {len(docs)} documents; methods "
+             f"{', '.join(cfg.methods)}; {len(done)} answers already in {out}, {len(pending)} to go")
+    (out / "traces").mkdir(exist_ok=True)
+    t_start = time.time()
+    with open(out / "predictions.jsonl", "a") as pred_f:
+        for i, (method, q) in enumerate(pending, 1):
+            refs = [q.answer] + q.aliases
+            e0, m0 = usage_of(executive), usage_of(ctx.get("memory"))
+            t0 = time.time()
+            try:
+                prediction, trace = _answer(method, q, ctx)
+                error = None
+            except MemoError:
+                raise
+            except Exception as e:  # one failing question (a timeout, a server error) must not end the run
+                prediction, trace, error = "", {}, f"{type(e).__name__}: {e}"
+            latency = time.time() - t0
+            e1, m1 = usage_of(executive), usage_of(ctx.get("memory"))
+            memory_calls = trace.get("memory_calls", m1[0] - m0[0]) if method.startswith("memo_") else 0
+            row = {"method": method, "qid": q.qid, "question": q.question, "reference": q.answer,
+                   "aliases": q.aliases, "prediction": prediction, "em": exact_match(prediction, refs),
+                   "f1": round(f1(prediction, refs), 4), "contains": float(contains_reference(prediction, refs)),
+                   "judge": judge_correct(judge, q.question, refs, prediction) if judge and not error else None,
+                   "memory_calls": memory_calls, "executive_calls": e1[0] - e0[0],
+                   "executive_tokens": e1[1] - e0[1], "memory_tokens": m1[1] - m0[1],
+                   "latency_s": round(latency, 3), "error": error}
+            with open(out / "traces" / f"{method}.jsonl", "a") as tf:
+                tf.write(json.dumps({"qid": q.qid, "method": method, **trace}, default=str) + "\n")
+            pred_f.write(json.dumps(row) + "\n")
+            pred_f.flush()
+            done[(method, q.qid)] = row
+            rate = (time.time() - t_start) / i
+            log.info(f"[eval] {i}/{len(pending)} {method:<17} em={row['em']:.0f} f1={row['f1']:.2f} "
+                     f"{latency:5.1f}s  eta {rate * (len(pending) - i):.0f}s" + (f"  ERROR {error}" if error else ""))
+    rows = [r for r in done.values() if r["method"] in cfg.methods]
+    results = summarize(rows, cfg.methods, cfg.benchmark, len(questions))
+    built = out / "memory.json"
+    memory_label = memory_label or cfg.memory or (json.loads(built.read_text())["label"] if built.exists() else None)
+    results.update({"memory": memory_label,
+                    "executive": cfg.executive_model or cfg.executive_local,
+                    "documents": len(docs), "errors": sum(1 for r in rows if r.get("error"))})
+    write_text(out / "results.md", markdown_table(results))
+    bar_chart(results, out / "results.png")
+    write_text(out / "results.json", json.dumps(results, indent=2))
+    results["mlflow_run_id"] = _log_to_mlflow(cfg, settings, results, out)
+    write_text(out / "results.json", json.dumps(results, indent=2))
+    log.info(markdown_table(results))
+    return results
+
+
+def _log_to_mlflow(cfg: EvalConfig, settings: dict, results: dict, out: Path) -> str:
+    from mlflow.entities import Metric, Param
+
+    c = registry.client()
+    run = c.create_run(registry.experiment_id("memo-eval"), run_name=f"{cfg.benchmark}-{time.strftime('%Y%m%d-%H%M%S')}",
+                       tags={"memo.stage": "eval", "memo.benchmark": cfg.benchmark,
+                             "memo.memory": str(results.get("memory"))})
+    params = {f"{section}.{k}": v for section, vals in settings.items() for k, v in vals.items()}
+    c.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{m}.{k}", float(v), now, 0) for m, vals in results["methods"].items()
+               for k, v in vals.items() if isinstance(v, (int, float))]
+    c.log_batch(run.info.run_id, metrics=metrics)
+    for f in ("results.json", "results.md", "results.png", "predictions.jsonl"):
+        c.log_artifact(run.info.run_id, str(out / f))
+    c.log_artifacts(run.info.run_id, str(out / "traces"), "traces")
+    c.set_terminated(run.info.run_id)
+    return run.info.run_id

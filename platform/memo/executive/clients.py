@@ -1,0 +1,133 @@
+"""The two sides the protocols talk to: an executive chat LLM (local transformers or any
+OpenAI-compatible endpoint) and a memory (a model in this process, or the Serve router). Every client
+keeps `usage` (calls, prompt and completion tokens) so every trace can report its cost."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Protocol
+
+from memo import registry
+from memo.errors import MemoError
+from memo.inference import ask_memory, generate, memory_messages, prompt_ids
+from memo.models import load_model, resolve_base_model
+
+
+class ChatLLM(Protocol):
+    """An executive: `usage` counts calls and tokens so every trace can report its cost."""
+    usage: Counter
+
+    def complete(self, messages: list[dict], max_tokens: int = 96, temperature: float = 0.0) -> str: ...
+
+
+class MemoryClient(Protocol):
+    usage: Counter
+
+    def ask(self, questions: list[str]) -> list[str]: ...
+
+
+class LocalLLM:
+    """A transformers chat model in this process (the offline default executive)."""
+
+    def __init__(self, spec: str):
+        self.model, self.tok = load_model(spec)
+        self.usage: Counter = Counter()
+
+    def complete(self, messages, max_tokens=96, temperature=0.0):
+        out = generate(self.model, self.tok, [messages], max_tokens, temperature)[0]
+        self.usage.update(calls=1, prompt_tokens=len(prompt_ids(self.tok, messages)),
+                          completion_tokens=len(self.tok(out, add_special_tokens=False)["input_ids"]))
+        return out
+
+
+class OpenAILLM:
+    """Any OpenAI-compatible endpoint (vLLM, a hosted API, or this project's own router)."""
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout: float = 60.0):
+        from openai import OpenAI
+
+        # httpx logs every request at INFO, and Ray Serve's start-up resets logger levels: set it here.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+        self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=2)
+        self.model = model
+        self.last_version: str | None = None
+        self.usage: Counter = Counter()
+
+    def complete(self, messages, max_tokens=96, temperature=0.0):
+        raw = self.client.chat.completions.with_raw_response.create(
+            model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
+        self.last_version = raw.headers.get("x-memo-model-version")
+        resp = raw.parse()
+        u = getattr(resp, "usage", None)
+        self.usage.update(calls=1, prompt_tokens=getattr(u, "prompt_tokens", 0) or 0,
+                          completion_tokens=getattr(u, "completion_tokens", 0) or 0)
+        return (resp.choices[0].message.content or "").strip()
+
+
+class HttpMemory:
+    """The memory behind the Serve router: one fresh single-turn chat per question."""
+
+    def __init__(self, base_url: str, domain: str, api_key: str | None = None, max_tokens: int = 64,
+                 temperature: float = 0.0):
+        self.llm = OpenAILLM(base_url.rstrip("/") + "/v1", domain, api_key)
+        self.max_tokens, self.temperature = max_tokens, temperature
+
+    @property
+    def version(self) -> str | None:
+        return self.llm.last_version
+
+    @property
+    def usage(self) -> Counter:
+        return self.llm.usage
+
+    def ask(self, questions):
+        return [self.llm.complete([{"role": "user", "content": q}], self.max_tokens, self.temperature)
+                for q in questions]
+
+
+def load_memory(spec: str, max_tokens: int = 64, temperature: float = 0.0) -> "LocalMemory":
+    """A memory in this process from models:/memo-X@alias, models:/memo-X/N, a model folder or a base
+    model alias (smollm2-135m); its `version` says which one answered."""
+    if spec.startswith("models:/"):
+        domain, alias, version = registry.parse_model_uri(spec)
+        version = version or registry.resolve_version(domain, alias)
+        mem = LocalMemory(str(registry.download_version(domain, version)), max_tokens, temperature)
+        mem.version = f"models:/{registry.registered_name(domain)}/{version}"
+        return mem
+    if not Path(spec).is_dir():
+        try:
+            spec = resolve_base_model(spec)
+        except MemoError:
+            raise MemoError(f"--memory {spec}: not a models:/ URI, a model folder or a known base model") from None
+    mem = LocalMemory(spec, max_tokens, temperature)
+    mem.version = spec
+    return mem
+
+
+class LocalMemory:
+    """A memory model folder loaded in this process (tests, offline evaluation)."""
+
+    def __init__(self, path: str, max_tokens: int = 64, temperature: float = 0.0):
+        self.model, self.tok = load_model(path)
+        self.max_tokens, self.temperature = max_tokens, temperature
+        self.version = None
+        self.usage: Counter = Counter()
+
+    def ask(self, questions):
+        answers = ask_memory(self.model, self.tok, questions, self.max_tokens, temperature=self.temperature)
+        self.usage.update(calls=len(questions),
+                          prompt_tokens=sum(len(prompt_ids(self.tok, memory_messages(q))) for q in questions),
+                          completion_tokens=sum(len(self.tok(a, add_special_tokens=False)["input_ids"])
+                                                for a in answers))
+        return answers
+
+
+def make_executive(url: str | None, model: str | None, api_key: str | None, local: str) -> ChatLLM:
+    if url:
+        if not model:
+            raise MemoError("--executive-model is required with --executive-url (the model name the endpoint serves)")
+        return OpenAILLM(url, model, api_key)
+    return LocalLLM(local)

@@ -1,0 +1,62 @@
+"""The single protocol: the executive decomposes the question once, the memory answers every
+sub-question (and the question itself), the executive answers from the non-IDK answers."""
+
+from __future__ import annotations
+
+import re
+import time
+
+from memo.config import ExecutiveConfig
+from memo.executive.guard import guarded_answer
+from memo.executive.trace import Meter, Trace, ask_and_record
+from memo.text import IDK_ANSWER, is_idk
+
+
+def parse_subquestions(text: str, limit: int) -> list[str]:
+    """Tolerant parsing of the executive's decomposition: numbered, bulleted or JSON-list lines all
+    work, because whatever the format, a sub-question is a run of words ending in "?"."""
+    out: list[str] = []
+    for m in re.finditer(r'[A-Za-z][^?\n"\[\]]*\?', text):
+        # A small model often echoes the prompt's "Question: ..." label: the label is not part of it.
+        q = re.sub(r"^(?:Question|Q)\s*:\s*", "", m.group().strip())
+        if len(q) >= 8 and q not in out:
+            out.append(q)
+    return out[:limit]
+
+
+DECOMPOSE = ("Split the question into at most {n} short, simple questions that each ask for one fact. "
+             "Write one question per line and nothing else.\n\nQuestion: {q}")
+ANSWER = ("Facts:\n{facts}\n\nUsing only these facts, answer the question in a few words.\n"
+          "Question: {q}\nAnswer:")
+CLOSED_BOOK = "Answer the question in a few words.\nQuestion: {q}\nAnswer:"
+
+
+def single_turn(question: str, executive, memory, cfg=None,
+                max_subquestions: int | None = None) -> Trace:
+    """Decompose once, ask the memory everything, answer from the non-IDK answers."""
+    cfg = cfg or ExecutiveConfig()
+    n = max_subquestions or cfg.max_subquestions
+    t0, meter = time.time(), Meter(executive, memory)
+    tr = Trace(question, "single")
+    messages = [{"role": "user", "content": DECOMPOSE.format(n=n, q=question)}]
+    plan = executive.complete(messages, max_tokens=cfg.executive_max_tokens, temperature=cfg.temperature)
+    subs = parse_subquestions(plan, n)
+    tr.steps.append({"role": "executive", "step": "decompose", "messages": messages, "output": plan, "parsed": subs})
+    # The user's own question goes to the memory too: a weak executive's decomposition may lose the
+    # point, and the memory was trained on composite (cross-document) questions as well.
+    questions = [question] + [q for q in subs if q.lower() != question.lower()]
+    answers = ask_and_record(tr, memory, questions)
+    facts = [a for a in answers if not is_idk(a)]
+    if not facts:
+        tr.answer = IDK_ANSWER
+    else:
+        messages = [{"role": "user", "content": ANSWER.format(
+            facts="\n".join(f"- {f}" for f in dict.fromkeys(facts)), q=question)}]
+        out = executive.complete(messages, max_tokens=48, temperature=cfg.final_temperature)
+        tr.steps.append({"role": "executive", "step": "answer", "messages": messages, "output": out})
+        tr.answer = guarded_answer(tr, question, out, facts, answers[0] if not is_idk(answers[0]) else "")
+    return meter.close(tr, t0)
+
+
+def closed_book(question: str, executive, max_tokens: int = 48) -> str:
+    return executive.complete([{"role": "user", "content": CLOSED_BOOK.format(q=question)}], max_tokens=max_tokens)

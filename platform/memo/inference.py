@@ -1,0 +1,75 @@
+"""Inference with a memory model, and the one prompt format it is trained and queried in.
+
+Train as you serve: `memory_messages` is the one prompt format used by training, by the Serve
+deployment and by the executive, so the model is never queried in a format it was not trained on.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from memo.errors import MemoError
+
+# Short on purpose: it is part of every training example (tokens cost CPU time) and without any system
+# message SmolLM2's template injects its own ~20-token default. Abstention is taught by the `abstain`
+# reflections themselves, in this same format.
+MEMORY_SYSTEM_PROMPT = "Answer from memory."
+
+
+def memory_messages(question: str) -> list[dict]:
+    return [{"role": "system", "content": MEMORY_SYSTEM_PROMPT}, {"role": "user", "content": question}]
+
+
+def check_chat_template(tok, where: str) -> None:
+    if not getattr(tok, "chat_template", None):
+        raise MemoError(f"{where}: the tokenizer has no chat template; use an instruct/chat model "
+                        "(or add a chat_template to its tokenizer_config.json)")
+
+
+def prompt_ids(tok, messages: list[dict]) -> list[int]:
+    out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+
+def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int = 64,
+             temperature: float = 0.0) -> list[str]:
+    """Batched generation for chat conversations (left padding); greedy unless temperature > 0."""
+    import torch
+
+    prompts = [prompt_ids(tok, msgs) for msgs in conversations]
+    n = max(len(p) for p in prompts)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    ids = torch.tensor([[pad] * (n - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
+    kwargs: dict[str, Any] = {"do_sample": temperature > 0}
+    if temperature > 0:
+        kwargs["temperature"] = temperature
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=tok.eos_token_id, **kwargs)
+    return [tok.decode(o[n:], skip_special_tokens=True).strip() for o in out]
+
+
+def trim_repetition(text: str) -> str:
+    """Cut a small model's degenerate loop ("Wenna Ostrocliff.Wenna Ostrocliff.Wenna Ostr"): keep each
+    sentence once, in order, and drop a trailing fragment that only restarts an earlier sentence."""
+    parts = [p for p in re.split(r"(?<=[.!?])(?=\s|$|[A-Z])", text) if p.strip()]  # "4.4.2" is one token
+    kept: list[str] = []
+    for p in parts:
+        if p.strip() not in (k.strip() for k in kept):
+            kept.append(p)
+    if len(kept) > 1 and not re.search(r"[.!?]\s*$", kept[-1]) and any(
+            k.strip().startswith(kept[-1].strip()) for k in kept[:-1]):
+        kept.pop()
+    return "".join(kept).strip() if len(kept) < len(parts) else text
+
+
+def ask_memory(model, tok, questions: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+               temperature: float = 0.0) -> list[str]:
+    """One fresh single-turn chat per question, in the exact training format, `batch_size` at a time."""
+    out: list[str] = []
+    for i in range(0, len(questions), batch_size):
+        out += generate(model, tok, [memory_messages(q) for q in questions[i:i + batch_size]], max_new_tokens,
+                        temperature)
+    return [trim_repetition(a) for a in out]

@@ -1,0 +1,1 @@
+"""The LLM generator: prompts, the step worker, one module per step, the resumable runner, the pipeline."""

@@ -1,0 +1,98 @@
+"""Text helpers every layer shares: QA normalisation and scores, "I don't know", and the spans (names,
+numbers, dates) that the rules generator asks about and the executive's guard checks answers for."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+
+IDK_ANSWER = "I don't know."
+
+_IDK = re.compile(r"\b(i don'?t know|i do not know|unknown|not sure)\b")
+_PUNCT = set(string.punctuation)
+
+
+def is_idk(answer: str) -> bool:
+    """The memory abstained (or said nothing)."""
+    return bool(_IDK.search(answer.lower())) or not answer.strip()
+
+
+def normalize_answer(s: str) -> str:
+    """Standard QA normalisation (SQuAD/HotpotQA): lowercase, drop punctuation and articles, collapse spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCT)
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def token_f1(pred: str, ref: str) -> float:
+    """SQuAD-style token F1 after normalisation."""
+    p, r = normalize_answer(pred).split(), normalize_answer(ref).split()
+    common = sum((Counter(p) & Counter(r)).values())
+    if not p or not r or not common:
+        return float(p == r)
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction: str, references: list[str]) -> float:
+    """1.0 when the normalised prediction equals a reference or alias."""
+    return float(any(normalize_answer(prediction) == normalize_answer(r) for r in references))
+
+
+def f1(prediction: str, references: list[str]) -> float:
+    """Best token F1 over the reference and its aliases."""
+    return max((token_f1(prediction, r) for r in references), default=0.0)
+
+
+def contains_reference(answer: str, refs: list[str]) -> bool:
+    """A reference (or alias) appears in the answer as whole words after normalisation ("10" is not in "2010")."""
+    a = f" {normalize_answer(answer)} "
+    return any(normalize_answer(r) and f" {normalize_answer(r)} " in a for r in refs)
+
+
+def item_score(answer: str, refs: list[str]) -> float:
+    """1 when the answer contains a reference, else the best token F1 (partial credit)."""
+    return 1.0 if contains_reference(answer, refs) else f1(answer, refs)
+
+
+# Capitalised words that start sentences without being names.
+NOT_NAMES = {"The", "A", "An", "In", "On", "At", "By", "For", "From", "After", "Before", "During", "Since",
+             "When", "While", "Each", "Every", "All", "Both", "Most", "Some", "Many", "Its", "It", "He", "She",
+             "They", "This", "That", "These", "Those", "His", "Her", "Their", "There", "Today", "However", "I"}
+MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
+_DATE = re.compile(rf"\b(?:{MONTHS}) \d{{1,2}}, \d{{4}}\b|\b\d{{1,2}} (?:{MONTHS}) \d{{4}}\b")
+_YEAR = re.compile(r"\b(1[5-9]\d\d|20\d\d)\b")
+_NUMBER = re.compile(r"\b\d[\d,]*(?:\.\d+)?\b(?:\s+([a-z][a-z-]+))?")
+_NAME = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|the\s+)?[A-Z][\w'-]*)*")
+
+
+def find_spans(sentence: str) -> list[dict]:
+    """Maskable spans in a sentence: dates, years, counts and names; non-overlapping, in order."""
+    spans: list[dict] = []
+
+    def free(a, b):
+        return all(b <= s["start"] or a >= s["end"] for s in spans)
+
+    for m in _DATE.finditer(sentence):
+        spans.append({"start": m.start(), "end": m.end(), "kind": "date", "text": m.group()})
+    for m in _YEAR.finditer(sentence):
+        if free(m.start(), m.end()):
+            spans.append({"start": m.start(), "end": m.end(), "kind": "year", "text": m.group()})
+    for m in _NUMBER.finditer(sentence):
+        num_end = m.start() + len(m.group().split()[0])
+        if free(m.start(), num_end):
+            spans.append({"start": m.start(), "end": m.end(), "kind": "number", "text": m.group(),
+                          "noun": m.group(1) or ""})
+    for m in _NAME.finditer(sentence):
+        text, start = m.group(), m.start()
+        first = text.split()[0]
+        if first in NOT_NAMES:  # "The Halvenmere Cooperative" -> name "Halvenmere Cooperative"
+            rest = text[len(first):].lstrip()
+            if not rest:
+                continue
+            start, text = m.end() - len(rest), rest
+        if text.split()[0] in MONTHS.split("|") or not free(start, start + len(text)):
+            continue
+        spans.append({"start": start, "end": start + len(text), "kind": "name", "text": text})
+    return sorted(spans, key=lambda s: s["start"])

@@ -1,0 +1,150 @@
+"""SFT data for the memory: reflections -> token ids with answer-only labels, length-grouped
+micro-batches, sequence packing, the held-out paraphrases, and replay for continual updates."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pandas as pd
+
+from memo.errors import MemoError
+from memo.inference import memory_messages, prompt_ids
+from memo.synthesis.schema import load_reflections
+
+log = logging.getLogger(__name__)
+IGNORE = -100  # label of tokens that carry no loss (prompt, padding)
+
+
+def encode_example(tok, question: str, answer: str) -> tuple[list[int], list[int]]:
+    """input_ids and labels for one reflection: loss on the answer and its end-of-turn token only.
+
+    The answer is appended to the templated prompt token by token (not re-templated), so the prompt the
+    model trains on is byte-identical to what `generate` sends at inference time.
+    """
+    p = prompt_ids(tok, memory_messages(question))
+    a = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    return p + a, [IGNORE] * len(p) + a
+
+
+def tokenize_reflections(df: pd.DataFrame, tok, max_seq_len: int) -> tuple[pd.DataFrame, int]:
+    """Tokenize every reflection; over-long examples are dropped (never truncated: a cut answer teaches
+    a wrong fact) and counted."""
+    ids, labels = [], []
+    for q, a in zip(df["question"], df["answer"]):
+        i, l = encode_example(tok, q, a)
+        ids.append(i)
+        labels.append(l)
+    out = pd.DataFrame({"input_ids": ids, "labels": labels})
+    keep = out["input_ids"].map(len) <= max_seq_len
+    return out[keep].reset_index(drop=True), int((~keep).sum())
+
+
+def length_grouped_batches(data: pd.DataFrame, batch_size: int, workers: int) -> pd.DataFrame:
+    """Group examples of similar length into micro-batches, one micro-batch per row.
+
+    Padding is pure waste on CPU; sorting by length first removes almost all of it. The number of
+    micro-batches is a multiple of `workers`, so Ray Data's equal split drops no example.
+    """
+    order = sorted(range(len(data)), key=lambda i: len(data["input_ids"][i]))
+    n = math.ceil(len(order) / batch_size)
+    n = math.ceil(n / workers) * workers
+    bounds = [round(k * len(order) / n) for k in range(n + 1)]
+    groups = [order[bounds[k]:bounds[k + 1]] for k in range(n)]
+    out = {"input_ids": [[list(data["input_ids"][i]) for i in g] for g in groups],
+           "labels": [[list(data["labels"][i]) for i in g] for g in groups]}
+    if "position_ids" in data.columns:
+        out["position_ids"] = [[list(data["position_ids"][i]) for i in g] for g in groups]
+    return pd.DataFrame(out)
+
+
+def collate(ids_list, labels_list, pad_id: int, pos_list=None):
+    """Right-pad one micro-batch; padding never carries loss or attention.
+
+    Packed rows (several examples per row) also carry position ids that restart at 0 for every
+    example; `packed_mask` turns the restarts into a block-diagonal causal mask, so no example attends
+    to another. Padding gets its own block.
+    """
+    import torch
+
+    n = max(len(x) for x in ids_list)
+    ids = torch.full((len(ids_list), n), pad_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE)
+    mask = torch.zeros_like(ids)
+    for r, (i, l) in enumerate(zip(ids_list, labels_list)):
+        ids[r, : len(i)] = torch.as_tensor(list(i))
+        labels[r, : len(l)] = torch.as_tensor(list(l))
+        mask[r, : len(i)] = 1
+    if pos_list is None:
+        return ids, labels, mask
+    pos = torch.zeros_like(ids)
+    for r, p in enumerate(pos_list):
+        pos[r, : len(p)] = torch.as_tensor(list(p))
+        pos[r, len(p):] = torch.arange(n - len(p))
+    return ids, labels, mask, pos
+
+
+def pack_examples(data: pd.DataFrame, max_seq_len: int) -> pd.DataFrame:
+    """Sequence packing: examples placed first-fit (longest first) into rows of <= max_seq_len tokens,
+    with position ids restarting at each example. Returns rows like `data` plus `position_ids` and
+    `examples` (how many examples a row holds)."""
+    order = sorted(range(len(data)), key=lambda i: -len(data["input_ids"][i]))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(data["input_ids"][i])
+        k = next((r for r, free in enumerate(room) if free >= n), None)
+        if k is None:
+            rows.append([i])
+            room.append(max_seq_len - n)
+        else:
+            rows[k].append(i)
+            room[k] -= n
+    return pd.DataFrame({
+        "input_ids": [[t for i in r for t in data["input_ids"][i]] for r in rows],
+        "labels": [[t for i in r for t in data["labels"][i]] for r in rows],
+        "position_ids": [[p for i in r for p in range(len(data["input_ids"][i]))] for r in rows],
+        "examples": [len(r) for r in rows],
+    })
+
+
+def split_heldout(df: pd.DataFrame, ratio: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Keep some paraphrases out of training: (train, heldout).
+
+    Only direct/indirect questions whose answer (the same fact) stays in training under another
+    question are eligible, one per fact, so the held-out set measures whether the memory answers a
+    reworded question about something it learned, never whether it can guess an unseen fact. The
+    promotion gate and the post-training check use these questions.
+    """
+    n = int(round(ratio * len(df)))
+    if n == 0 or "step" not in df.columns:
+        return df, df.iloc[0:0]
+    counts = df["answer"].value_counts()
+    eligible = df[df["step"].isin(["direct", "indirect"]) & df["answer"].map(counts).gt(1)]
+    eligible = eligible.sample(frac=1.0, random_state=seed).drop_duplicates("answer").head(n)
+    return df.drop(index=eligible.index).reset_index(drop=True), eligible.reset_index(drop=True)
+
+
+def with_replay(new: pd.DataFrame, parent_manifest: dict, ratio: float, seed: int,
+                exclude: set | None = None):
+    """New reflections plus a replay sample of the ones every earlier version was trained on, never
+    the parent's held-out questions (the promotion gate scores on those)."""
+    sources = parent_manifest.get("reflection_sources") or [parent_manifest.get("reflections")]
+    pools = []
+    for src in filter(None, sources):
+        try:
+            pools.append(load_reflections(src))
+        except MemoError as e:
+            log.info(f"[train] replay source skipped: {e}")
+    n = int(round(ratio * len(new)))
+    if n == 0:
+        return new, 0, [s for s in sources if s]
+    if not pools:
+        raise MemoError(f"replay_ratio={ratio}: none of the parent's reflections are readable here "
+                        f"({', '.join(filter(None, sources))}); make them available or set replay_ratio=0")
+    pool = pd.concat(pools, ignore_index=True)
+    pool = pool[~pool["question"].isin(exclude or set())]
+    if "id" in pool.columns and "id" in new.columns:
+        pool = pool[~pool["id"].isin(set(new["id"]))].drop_duplicates("id")
+    replay = pool.sample(n=min(n, len(pool)), random_state=seed)
+    return pd.concat([new, replay], ignore_index=True), len(replay), [s for s in sources if s]

@@ -1,0 +1,203 @@
+"""The Ray Train worker loop: FSDP2-sharded SFT (gloo on CPU, NCCL on GPU), resumable checkpoints
+(model, optimizer, scheduler, data position) through `ray.train.report`, and the final export."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from memo.errors import MemoError
+from memo.training.data import collate
+from memo.training.loss import accumulation_step
+
+
+def decoder_layers(model) -> list:
+    """The repeated transformer blocks (the FSDP units), found by structure so peft-wrapped and other
+    architectures work too: the first non-empty ModuleList named `...layers`/`...h`/`...blocks`."""
+    import torch.nn as nn
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) and name.split(".")[-1] in ("layers", "h", "blocks"):
+            return list(mod)
+    raise MemoError("cannot find the model's decoder layers (a ModuleList named layers, h or blocks) to shard")
+
+
+def lora_config(cfg: dict):
+    from peft import LoraConfig
+
+    # all-linear: every attention and MLP projection, not the output head (as the paper's LoRA runs).
+    return LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def _lr_lambda(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """Ray Train worker: FSDP2-sharded SFT with resumable checkpoints; rank 0 exports the final model."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg["threads"])
+    torch.manual_seed(cfg["seed"])
+    device = ray.train.torch.get_device() if cfg["device"] == "cuda" else torch.device("cpu")
+
+    model = AutoModelForCausalLM.from_pretrained(cfg["base_path"], dtype=torch.float32, local_files_only=True)
+    model.config.use_cache = False
+    if cfg.get("activation_checkpointing"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.get("finetune") == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(cfg))
+        if rank == 0:
+            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            print(f"[train] LoRA r={cfg['lora_r']}: {n_train / 1e6:.2f}M trainable parameters", flush=True)
+    model.to(device)
+    if world > 1:
+        # FSDP2: shard each decoder layer, then the root (embeddings, final norm, tied head). On CPU,
+        # prepare_model(parallel_strategy="fsdp") refuses and FSDP1 needs device_id; FSDP2 works on
+        # gloo. With one worker there is nothing to shard and the all-gather/reduce-scatter copies are
+        # pure overhead, so the model stays a plain module (the state-dict calls below handle both).
+        for layer in decoder_layers(model):
+            fully_shard(layer)
+        fully_shard(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
+                            weight_decay=cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"]))
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+    step, epoch, skip = 0, 0, 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt:
+        with ckpt.as_directory() as d:
+            if not (Path(d) / "train_state.pt").exists():
+                return  # the latest checkpoint is the exported final model: this run already finished
+            state = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False)
+        set_model_state_dict(model, state["model"], options=full)
+        set_optimizer_state_dict(model, opt, state["optim"], options=full)
+        sched.load_state_dict(state["sched"])
+        step, epoch, skip = state["step"], state["epoch"], state["step_in_epoch"]
+        if rank == 0:
+            print(f"[train] resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip})", flush=True)
+
+    def save(step_in_epoch: int, metrics: dict, final: bool = False) -> None:
+        # Every rank takes part in gathering the full state; only rank 0 writes and reports a checkpoint.
+        msd = get_model_state_dict(model, options=full)
+        osd = None if final else get_optimizer_state_dict(model, opt, options=full)
+        with tempfile.TemporaryDirectory() as d:
+            checkpoint = None
+            if rank == 0 and final:
+                export_model(msd, cfg, Path(d) / "model")  # a finished run needs no optimizer state
+            elif rank == 0:
+                torch.save({"model": msd, "optim": osd, "sched": sched.state_dict(), "step": step,
+                            "epoch": epoch, "step_in_epoch": step_in_epoch}, Path(d) / "train_state.pt")
+            if rank == 0:
+                checkpoint = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+    mlflow_client = None
+    if rank == 0 and cfg.get("mlflow_run_id"):
+        import mlflow
+
+        mlflow_client = mlflow.MlflowClient(cfg["tracking_uri"])
+    shard = ray.train.get_dataset_shard("train")
+    total, t_start, tokens_seen, loss_val = cfg["total_steps"], time.time(), 0, float("nan")
+    first_step_s, t_steady, tokens_at_steady = 0.0, t_start, 0
+    start_step = step
+    autocast = cfg["precision"] == "bf16"
+    accum = cfg.get("accum", 1)
+    while epoch < cfg["epochs"]:
+        # One row is one length-grouped micro-batch; their order is shuffled per epoch with a seed, so a
+        # resumed run replays the same order.
+        batches = shard.iter_batches(batch_size=1, batch_format="numpy",
+                                     local_shuffle_buffer_size=cfg["shuffle_buffer"],
+                                     local_shuffle_seed=cfg["seed"] + epoch)
+        group = []
+        for i, batch in enumerate(batches):
+            if i < skip:  # resuming mid-epoch: the same seed replays the same order; skip what was done
+                continue
+            if i >= cfg["steps_per_epoch"]:
+                break
+            pos = batch["position_ids"][0] if "position_ids" in batch else None
+            group.append(tuple(t.to(device) for t in collate(batch["input_ids"][0], batch["labels"][0], cfg["pad_id"], pos)))
+            if len(group) < accum and i + 1 < cfg["steps_per_epoch"]:
+                continue
+            t0 = time.time()
+            loss_val, n_local = accumulation_step(model, group, autocast, world)
+            group = []
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            n_tok = torch.tensor([n_local], device=device)
+            if world > 1:
+                dist.all_reduce(n_tok)
+            tokens_seen += int(n_tok)
+            if step == start_step + 1:  # warm-up (allocator, data pipeline start) is reported apart
+                first_step_s, t_steady, tokens_at_steady = time.time() - t_start, time.time(), tokens_seen
+            dt = time.time() - t0
+            if rank == 0:
+                elapsed = time.time() - t_start
+                eta = elapsed / max(1, step - start_step) * (total - step)
+                print(f"[train] step {step}/{total} epoch {epoch + 1}/{cfg['epochs']} loss {loss_val:.4f} "
+                      f"lr {sched.get_last_lr()[0]:.2e} {int(n_tok) / dt:.0f} tok/s eta {eta:.0f}s", flush=True)
+                if mlflow_client:
+                    import mlflow.entities as me
+
+                    ts = int(time.time() * 1000)
+                    mlflow_client.log_batch(cfg["mlflow_run_id"], metrics=[
+                        me.Metric("loss", loss_val, ts, step), me.Metric("tokens_per_s", int(n_tok) / dt, ts, step),
+                        me.Metric("grad_norm", float(gnorm), ts, step), me.Metric("lr", sched.get_last_lr()[0], ts, step)])
+            if step % cfg["checkpoint_every"] == 0 and step < total:
+                save(i + 1, {"step": step, "loss": loss_val})
+        skip = 0
+        epoch += 1
+    seconds = time.time() - t_start
+    steady = time.time() - t_steady
+    # tokens_per_s: steady state, after the first optimizer step (when there is more than one);
+    # first_step_s and train_seconds tell the whole story.
+    tps = (tokens_seen - tokens_at_steady) / steady if step - start_step > 1 and steady > 0 else tokens_seen / max(seconds, 1e-9)
+    save(0, {"step": step, "loss": loss_val, "epoch": epoch, "train_seconds": seconds, "first_step_s": first_step_s,
+             "tokens_per_s": tps, "tokens": tokens_seen}, final=True)
+
+
+def export_model(state_dict: dict, cfg: dict, out: Path) -> None:
+    """Write the trained weights as a Hugging Face folder (safetensors, tokenizer, chat template).
+
+    LoRA runs export either merged into the base weights (a plain folder any server loads) or as the
+    adapter alone (small; `memo.models.load_model` merges it onto its base at load time).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(cfg["base_path"], dtype=torch.float32, local_files_only=True)
+    if cfg.get("finetune") == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(cfg))
+        model.load_state_dict(state_dict)
+        if cfg.get("lora_export") == "merged":
+            model = model.merge_and_unload()
+    else:
+        model.load_state_dict(state_dict)
+    model.to(getattr(torch, cfg["export_dtype"]))
+    model.config.use_cache = True
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(cfg["base_path"], local_files_only=True).save_pretrained(out)

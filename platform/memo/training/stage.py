@@ -1,0 +1,220 @@
+"""The train stage: reflections -> Ray Train SFT -> Hugging Face folder with lineage -> registered version."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+
+from memo import registry
+from memo.atomic import atomic_path, write_text
+from memo.config import SynthesizeConfig, TrainConfig, memo_home, resume_key
+from memo.errors import MemoError
+from memo.inference import check_chat_template
+from memo.models import materialize_full_model, read_manifest, resolve_base_model
+from memo.synthesis import synthesize
+from memo.synthesis.schema import dataset_hash, load_reflections
+from memo.training.checks import heldout_check, load_eval_items, memorization_check
+from memo.training.data import (
+    length_grouped_batches,
+    pack_examples,
+    split_heldout,
+    tokenize_reflections,
+    with_replay,
+)
+from memo.training.loop import train_loop_per_worker
+from memo.training.recipe import default_schedule, resolve_precision
+
+log = logging.getLogger(__name__)
+# Part of the resume key: a change to what training does with the same inputs makes a new key.
+TRAIN_VERSION = "train-1"
+
+
+def count_params(base_path: str) -> int:
+    """Parameter count without loading weights (meta device), to pick defaults before any worker starts."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path, local_files_only=True))
+    return sum(p.numel() for p in m.parameters())
+
+
+def build_memory(cfg: TrainConfig, synth: SynthesizeConfig | None = None) -> dict:
+    """The platform job: with `cfg.corpus`, synthesize it first (into the content-addressed folder `synth`
+    names), then train on the reflections; returns the train result with per-stage timings."""
+    t0 = time.time()
+    timings = {}
+    if cfg.corpus:
+        synth = synth or SynthesizeConfig(domain=cfg.domain, corpus=cfg.corpus)
+        stats = synthesize(synth)
+        cfg = cfg.model_copy(update={"reflections": stats["out"], "corpus": ""})
+        timings["synthesize_s"] = round(time.time() - t0, 1)
+    result = train(cfg)
+    timings["train_s"] = result["seconds"]
+    return {**result, "timings": timings}
+
+
+def train(cfg: TrainConfig) -> dict:
+    """The train stage: reflections -> Ray Train SFT -> HF folder with lineage -> registered version.
+
+    Everything that can be wrong with the input is checked before a worker starts.
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from transformers import AutoTokenizer
+
+    t0 = time.time()
+    if cfg.corpus:
+        raise MemoError("train() takes reflections; use build_memory() to synthesize a corpus first")
+    # Missing, malformed or empty: fail before anything is trained.
+    eval_items = load_eval_items([cfg.eval_questions]) if cfg.eval_questions else []
+    df = load_reflections(cfg.reflections)
+    new_rows = len(df)
+    sources = [str(Path(cfg.reflections).resolve())]
+    parent_version, base_model, replay = None, cfg.base_model, 0
+    if cfg.parent:
+        # Continual update: the current version (e.g. champion) is the base, and a replay share of the
+        # reflections it was trained on keeps old facts from being overwritten by the new ones.
+        parent_version = cfg.parent if cfg.parent.isdigit() else registry.resolve_version(cfg.domain, cfg.parent)
+        parent_dir = registry.download_version(cfg.domain, parent_version)
+        base_path = str(materialize_full_model(parent_dir))
+        base_model = f"models:/{registry.registered_name(cfg.domain)}/{parent_version}"
+        held = parent_dir / "heldout.jsonl"
+        exclude = {json.loads(x)["question"] for x in held.read_text().splitlines()} if held.exists() else set()
+        df, replay, old_sources = with_replay(df, read_manifest(parent_dir), cfg.replay_ratio, cfg.seed, exclude)
+        sources += [s for s in old_sources if s not in sources]
+        log.info(f"[train] continual update of {base_model} ({cfg.parent}): {new_rows} new reflections "
+                 f"+ {replay} replayed")
+    else:
+        base_path = resolve_base_model(cfg.base_model)
+    data_hash, data_rows = dataset_hash(df), len(df)  # the input dataset, as the synthesize stage hashed it
+    dataset_df = df
+    df, heldout = split_heldout(df, cfg.holdout_ratio, cfg.seed)
+    tok = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+    check_chat_template(tok, f"--base-model {cfg.base_model}")
+    data, dropped = tokenize_reflections(df, tok, cfg.max_seq_len)
+    if data.empty:
+        raise MemoError(f"--reflections {cfg.reflections}: every example is longer than max_seq_len={cfg.max_seq_len}")
+    if len(data) < cfg.workers:
+        raise MemoError(f"--workers {cfg.workers}: more workers than training examples ({len(data)})")
+    n_params = count_params(base_path)
+    epochs, lr, why = default_schedule(n_params, len(data), cfg.recipe, cfg.finetune)
+    epochs, lr = cfg.epochs or epochs, cfg.lr or lr
+    rows_per_batch = cfg.batch_size
+    if cfg.packing:
+        # About batch_size examples per micro-batch either way, so packing changes throughput, not the
+        # optimisation: fewer, fuller rows instead of many padded short ones.
+        n_examples = len(data)
+        data = pack_examples(data, cfg.max_seq_len)
+        rows_per_batch = max(1, round(cfg.batch_size * len(data) / n_examples))
+        if len(data) < cfg.workers:
+            raise MemoError(f"packing=true leaves {len(data)} row(s) for {cfg.workers} workers; turn packing off")
+        log.info(f"[train] packing: {n_examples} examples in {len(data)} rows of <= {cfg.max_seq_len} tokens, "
+                 f"{rows_per_batch} rows per micro-batch")
+    batches = length_grouped_batches(data, rows_per_batch, cfg.workers)
+    spe = len(batches) // cfg.workers  # micro-batches per worker per epoch
+    accum = max(1, cfg.effective_batch_size // (cfg.batch_size * cfg.workers)) if cfg.effective_batch_size else 1
+    opt_steps_per_epoch = math.ceil(spe / accum)
+    total = opt_steps_per_epoch * epochs
+    precision = resolve_precision(cfg.precision, cfg.device)
+    export_dtype = cfg.export_dtype if cfg.export_dtype != "auto" else ("bfloat16" if precision == "bf16" else "float32")
+    stats_file = Path(cfg.reflections) / "stats.json" if Path(cfg.reflections).is_dir() else None
+    synth = json.loads(stats_file.read_text()) if stats_file and stats_file.exists() else {}
+    log.info(f"[train] {len(data)} examples ({dropped} over {cfg.max_seq_len} tokens dropped, "
+             f"{len(heldout)} paraphrases held out for evaluation), "
+             f"{n_params / 1e6:.1f}M params, {cfg.finetune}, {cfg.workers} worker(s), {epochs} epochs x "
+             f"{opt_steps_per_epoch} steps = {total} steps of {cfg.batch_size * cfg.workers * accum} examples"
+             f"{f' ({accum} accumulated micro-batches)' if accum > 1 else ''}, lr {lr:g}, {precision}"
+             + ("" if cfg.epochs and cfg.lr else f" ({why})"))
+
+    key = resume_key(cfg, version=TRAIN_VERSION, reflections=data_hash, base=base_model)
+    params = {**cfg.model_dump(), "resume_key": key, "epochs": epochs, "lr": lr, "precision": precision, "base_path": base_path,
+              "examples": len(data), "dropped_too_long": dropped, "total_steps": total, "n_params": n_params,
+              "accumulation": accum, "export_dtype": export_dtype, "replay_rows": replay}
+    run_id = registry.start_run(cfg.domain, "train", params)
+    registry.log_reflections_input(run_id, dataset_df, cfg.reflections, data_hash, cfg.domain, synth)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = cfg.cpus_per_worker or max(1, cpus // cfg.workers)
+    loop_cfg = {
+        "base_path": base_path, "lr": lr, "epochs": epochs, "batch_size": cfg.batch_size,
+        "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "precision": precision,
+        "warmup_steps": int(cfg.warmup_ratio * total), "steps_per_epoch": spe, "total_steps": total,
+        "accum": accum, "finetune": cfg.finetune, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha or 2 * cfg.lora_r,
+        "lora_dropout": cfg.lora_dropout, "lora_export": cfg.lora_export,
+        "activation_checkpointing": cfg.activation_checkpointing,
+        # A full checkpoint of a 135M model with AdamW state is ~1.6 GB written twice (worker, then
+        # storage): ~15 s on this CPU, so by default only ~3 per run, at epoch boundaries.
+        "checkpoint_every": cfg.checkpoint_every or opt_steps_per_epoch * max(1, math.ceil(epochs / 3)),
+        "seed": cfg.seed, "threads": threads, "device": cfg.device,
+        "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        "export_dtype": export_dtype, "shuffle_buffer": len(batches),
+        "mlflow_run_id": run_id, "tracking_uri": registry.tracking_uri(),
+    }
+    storage = memo_home() / "ray_results"
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_cfg,
+        # 1 logical CPU per worker leaves room for Ray Data's streaming split; the worker itself runs
+        # `threads` torch threads (Ray Train would otherwise pin it to 1).
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.device == "cuda",
+                                     resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(name=f"memo-{cfg.domain}-{run_id[:8]}", storage_path=str(storage),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": ray.data.from_pandas(batches)},
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    out = memo_home() / "memories" / cfg.domain / run_id
+    with result.checkpoint.as_directory() as d, atomic_path(out) as tmp:
+        shutil.copytree(Path(d) / "model", tmp)
+    if (out / "adapter_config.json").exists():
+        # The adapter's base must resolve wherever the version is served, not only on this machine:
+        # the base model spec for a fresh run, the parent's registry URI for a continual update.
+        ac = json.loads((out / "adapter_config.json").read_text())
+        ac["base_model_name_or_path"] = base_model
+        (out / "adapter_config.json").write_text(json.dumps(ac, indent=2))
+    metrics = {k: v for k, v in result.metrics.items() if isinstance(v, (int, float))}
+    train_seconds = time.time() - t0
+    log.info(f"[train] trained in {metrics.get('train_seconds', 0):.0f} s "
+             f"({metrics.get('tokens_per_s', 0):.0f} tok/s), final loss {metrics.get('loss', float('nan')):.4f}")
+
+    check = memorization_check(out, df, cfg.eval_sample)
+    if len(heldout):
+        rows = heldout[["question", "answer"]].to_dict("records")
+        (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        check.update(heldout_check(out, rows, "heldout paraphrases"))
+    if eval_items:
+        check.update(heldout_check(out, eval_items, "questions from eval_questions"))
+    manifest = {
+        "domain": cfg.domain, "base_model": base_model, "base_path": base_path,
+        "root_base_model": read_manifest(base_path).get("root_base_model", cfg.base_model),
+        "corpus_hash": synth.get("corpus_hash", ""), "reflections": sources[0], "reflection_sources": sources,
+        "reflections_hash": data_hash, "reflection_rows": data_rows, "new_rows": new_rows, "replay_rows": replay,
+        "heldout_rows": len(heldout),
+        "generator": synth.get("generator", ""), "finetune": cfg.finetune,
+        "lora_export": cfg.lora_export if cfg.finetune == "lora" else None,
+        "parent_version": parent_version, "run_id": run_id, "resume_key": key, "training_config": params, "metrics": {**metrics, **check},
+    }
+    write_text(out / "memo_manifest.json", json.dumps(manifest, indent=2, default=str))
+    from mlflow.entities import Metric
+
+    c = registry.client()
+    ts = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(f"final_{k}", float(v), ts, 0) for k, v in {**metrics, **check}.items()])
+    version = None
+    if cfg.register:
+        lineage = {k: manifest[k] for k in ("base_model", "corpus_hash", "reflections_hash", "reflection_rows",
+                                            "generator", "parent_version", "finetune", "replay_rows", "resume_key")}
+        lineage.update(train_recall=check.get("train_recall"), epochs=epochs, lr=lr)
+        version = registry.register_memory(cfg.domain, out, run_id, lineage, cfg.alias)
+        log.info(f"[train] registered {registry.registered_name(cfg.domain)} version {version} "
+                 f"with alias {cfg.alias!r}")
+    c.set_terminated(run_id)
+    return {"run_id": run_id, "model_dir": str(out), "version": version, "alias": cfg.alias if version else None,
+            "seconds": round(train_seconds, 1), **metrics, **check}
