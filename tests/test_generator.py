@@ -173,7 +173,7 @@ def test_groups_come_from_shared_names_then_bm25_neighbours():
 
 
 def test_http_engine_retries_server_errors_and_does_not_retry_client_errors():
-    from memo.engines import HttpEngine
+    from memo.engines.http import HttpEngine
 
     msgs = [[{"role": "user", "content": "Merge pairs that share\np1. Q: a A: b"}]]
     with StubLLM(fail_first=2) as llm:
@@ -195,7 +195,7 @@ def test_http_engine_waits_as_long_as_retry_after_says():
     not after the SDK's own sub-second backoff."""
     import time
 
-    from memo.engines import HttpEngine
+    from memo.engines.http import HttpEngine
 
     msgs = [[{"role": "user", "content": "Merge pairs that share\np1. Q: a A: b"}]]
     with StubLLM(fail_first=1, status=429, retry_after=2) as llm:
@@ -206,7 +206,7 @@ def test_http_engine_waits_as_long_as_retry_after_says():
 
 
 def test_hf_engine_generates_counts_tokens_and_refuses_over_long_prompts(tiny_model):
-    from memo.engines import HfEngine
+    from memo.engines.hf import HfEngine
 
     eng = HfEngine(tiny_model, threads=1, max_prompt_tokens=200)
     short = [{"role": "user", "content": "Tessel Island has a lighthouse."}]
@@ -227,7 +227,7 @@ def test_generator_config_errors_say_how_to_fix():
     base = {"domain": "d", "corpus": "c.jsonl", "out": "o"}
     with pytest.raises(MemoError, match="--base-url"):
         build_config(SynthesizeConfig, {**base, "generator": "http"})
-    with pytest.raises(MemoError, match="use 'rules', 'hf', 'http' or 'vllm'"):
+    with pytest.raises(MemoError, match="use 'rules', 'llamacpp', 'hf', 'http' or 'vllm'"):
         build_config(SynthesizeConfig, {**base, "generator": "gpt"})
     with pytest.raises(MemoError, match="group_by"):
         build_config(SynthesizeConfig, {**base, "group_by": "gold"})

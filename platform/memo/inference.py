@@ -32,15 +32,15 @@ def prompt_ids(tok, messages: list[dict]) -> list[int]:
     return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
 
-def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int = 64,
-             temperature: float = 0.0) -> list[str]:
-    """Batched generation for chat conversations (left padding); greedy unless temperature > 0."""
+def generate_ids(model, tok, prompts: list[list[int]], max_new_tokens: int = 64,
+                 temperature: float = 0.0) -> list[tuple[list[int], bool]]:
+    """Batched generation from token ids (left padding); greedy unless temperature > 0. Returns, per
+    prompt, the new tokens up to the end-of-turn token, and whether it stopped there (else max_new_tokens)."""
     import torch
 
-    prompts = [prompt_ids(tok, msgs) for msgs in conversations]
     n = max(len(p) for p in prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.tensor([[pad] * (n - len(p)) + p for p in prompts])
+    ids = torch.tensor([[pad] * (n - len(p)) + list(p) for p in prompts])
     mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
     kwargs: dict[str, Any] = {"do_sample": temperature > 0}
     if temperature > 0:
@@ -48,7 +48,18 @@ def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int = 
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              pad_token_id=pad, eos_token_id=tok.eos_token_id, **kwargs)
-    return [tok.decode(o[n:], skip_special_tokens=True).strip() for o in out]
+    results = []
+    for row in out[:, n:].tolist():
+        stop = row.index(tok.eos_token_id) if tok.eos_token_id in row else None
+        results.append((row[:stop] if stop is not None else row, stop is not None))
+    return results
+
+
+def generate(model, tok, conversations: list[list[dict]], max_new_tokens: int = 64,
+             temperature: float = 0.0) -> list[str]:
+    """Batched generation for chat conversations, rendered with the model's own chat template."""
+    outs = generate_ids(model, tok, [prompt_ids(tok, m) for m in conversations], max_new_tokens, temperature)
+    return [tok.decode(new, skip_special_tokens=True).strip() for new, _stopped in outs]
 
 
 def trim_repetition(text: str) -> str:

@@ -145,7 +145,8 @@ def materialize_full_model(model_dir: str | Path) -> Path:
         with atomic_path(merged) as tmp:
             model.save_pretrained(tmp)
             tok.save_pretrained(tmp)
-            shutil.copy(Path(model_dir) / "memo_manifest.json", tmp / "memo_manifest.json")
+            if (Path(model_dir) / "memo_manifest.json").exists():  # absent while training is still exporting
+                shutil.copy(Path(model_dir) / "memo_manifest.json", tmp / "memo_manifest.json")
     return merged
 
 

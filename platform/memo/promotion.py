@@ -15,7 +15,7 @@ import time
 
 from memo import registry
 from memo.errors import GateRefused, MemoError
-from memo.models import load_model
+from memo.engines.memory import MemoryEngine
 from memo.training.checks import load_eval_items, score_items
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 def evaluate_version(domain: str, version: str, items: list[dict], max_new_tokens: int = 48) -> dict:
     """Ask one registered version every question (fresh single-turn chats, batched) and score it."""
-    scores, answers = score_items(*load_model(str(registry.download_version(domain, version))), items, max_new_tokens)
+    memory = MemoryEngine(registry.download_version(domain, version))
+    scores, answers = score_items(memory, items, max_new_tokens)
+    memory.close()
     return {"version": version, "score": sum(scores) / max(len(scores), 1), "n": len(scores),
             "answers": answers}
 

@@ -30,8 +30,8 @@ from ray import serve
 from memo import registry
 from memo.config import ServeConfig, build_config, memo_home, tracking_uri
 from memo.errors import MemoError
-from memo.inference import ask_memory, memory_messages, trim_repetition
-from memo.models import load_model, materialize_full_model
+from memo.engines.memory import MemoryEngine
+from memo.models import materialize_full_model
 from memo.runtime import quiet
 from memo.tenants import RateLimiter, authenticate, load_tenants
 
@@ -52,43 +52,6 @@ def _use_state_of(cfg: ServeConfig) -> None:
     directories, where a relative MEMO_HOME (or MLflow's ./mlruns default) would find nothing."""
     os.environ["MEMO_HOME"] = cfg.memo_home
     os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
-
-
-class VLLMEngine:
-    """A memory version on vLLM (GPU replicas). Optional: vLLM is not importable on CPU machines, so it
-    is imported here, on first use, with an error that says how to get it. Same prompt format as
-    training (`memory_messages`), greedy, one fresh chat per question."""
-
-    def __init__(self, path: str, models_per_replica: int = 1):
-        try:
-            from vllm import LLM
-        except ImportError as e:
-            raise MemoError(f"engine=vllm needs vLLM on the replica ({e}); install memo-platform[gpu] on GPU "
-                            "nodes, or use engine=transformers") from None
-        # The multiplexed LRU may hold several versions on one GPU: each gets its share of memory.
-        self.llm = LLM(model=path, dtype="bfloat16", gpu_memory_utilization=0.85 / max(1, models_per_replica),
-                       enforce_eager=False)
-
-    def __del__(self):
-        # The multiplexed LRU drops this engine: free its GPU memory before the next version loads.
-        self.llm = None
-        try:
-            import gc
-
-            import torch
-
-            gc.collect()
-            torch.cuda.empty_cache()
-        except Exception:
-            pass
-
-    def ask(self, questions: list[str], max_tokens: int) -> list[dict]:
-        from vllm import SamplingParams
-
-        outs = self.llm.chat([memory_messages(q) for q in questions], SamplingParams(temperature=0.0, max_tokens=max_tokens),
-                             use_tqdm=False)
-        return [{"text": trim_repetition(o.outputs[0].text.strip()), "prompt_tokens": len(o.prompt_token_ids),
-                 "completion_tokens": len(o.outputs[0].token_ids)} for o in outs]
 
 
 # Helpers used by the deployments must be defined above them: @serve.ingress copies the class
@@ -115,18 +78,23 @@ class MemoryModel:
                                     batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(generate_batch)
 
     async def _load(self, model_id: str):
+        """One loaded version: a MemoryEngine (llama.cpp server process or transformers model) or vLLM.
+        When the multiplexed LRU drops it, its engine is closed (a llama-server process stops)."""
         domain, version = model_id.split(":")
         path = await asyncio.to_thread(registry.download_version, domain, version)
         if self.cfg.engine == "vllm":
+            from memo.engines.vllm import VLLMMemory
+
             full = await asyncio.to_thread(materialize_full_model, path)  # vLLM needs merged weights
-            model, tok = await asyncio.to_thread(VLLMEngine, str(full), self.cfg.max_models_per_replica), None
+            memory = await asyncio.to_thread(VLLMMemory, str(full), self.cfg.max_models_per_replica)
         else:
-            model, tok = await asyncio.to_thread(load_model, str(path))
+            memory = await asyncio.to_thread(MemoryEngine, str(path), self.cfg.engine, self.cfg.engine_threads,
+                                             self.cfg.engine_parallel)
         try:  # the audit trail is best effort: serving must not fail because the registry is busy
             await asyncio.to_thread(registry.record_serving, domain, serve.get_replica_context().deployment, version)
         except Exception:
             pass
-        return model, tok
+        return memory
 
     async def _generate_batch(self, requests: list) -> list:
         """One batch of (model_id, question, max_tokens): one generate call per (model, length) group."""
@@ -136,22 +104,17 @@ class MemoryModel:
             groups.setdefault((model_id, max_tokens), []).append(i)
         for (model_id, max_tokens), idx in groups.items():
             try:  # one version failing to load must not fail the other domains batched with it
-                model, tok = await self._get_model(model_id)
+                memory = await self._get_model(model_id)
             except Exception as e:
                 for i in idx:
                     out[i] = {"error": f"memory {model_id} could not be loaded: {type(e).__name__}: {e}"}
                 continue
             t0 = time.time()
-            if tok is None:  # a vLLM engine: it batches on its own and counts its own tokens
-                outs = await asyncio.to_thread(model.ask, [requests[i][1] for i in idx], max_tokens)
-                for i, o in zip(idx, outs):
-                    out[i] = {**o, "seconds": time.time() - t0, "batch_size": len(idx)}
-                continue
-            texts = await asyncio.to_thread(ask_memory, model, tok, [requests[i][1] for i in idx], max_tokens)
-            for i, text in zip(idx, texts):
-                out[i] = {"text": text, "prompt_tokens": len(tok(requests[i][1])["input_ids"]),
-                          "completion_tokens": len(tok(text)["input_ids"]), "seconds": time.time() - t0,
-                          "batch_size": len(idx)}
+            replies = await asyncio.to_thread(memory.ask, [requests[i][1] for i in idx], max_tokens)
+            for i, r in zip(idx, replies):
+                out[i] = {"error": f"the memory could not answer: {r.error}"} if r.error else {
+                    "text": r.text, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                    "finish": r.finish, "seconds": time.time() - t0, "batch_size": len(idx)}
         return out
 
     async def answer(self, question: str, max_tokens: int) -> dict:
@@ -314,7 +277,7 @@ class Router:
         out = await handle.options(multiplexed_model_id=f"{domain}:{version}").answer.remote(question, max_tokens)
         if "error" in out:
             return openai_error(503, out["error"], "model", "model_unavailable")
-        finish = "length" if out["completion_tokens"] >= max_tokens else "stop"
+        finish = out.get("finish", "length" if out["completion_tokens"] >= max_tokens else "stop")
         common = {"created": int(time.time()), "model": domain, "memo_version": version,
                   "system_fingerprint": f"memo-{domain}-v{version}",
                   "usage": {"prompt_tokens": out["prompt_tokens"], "completion_tokens": out["completion_tokens"],

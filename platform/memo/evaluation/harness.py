@@ -141,7 +141,9 @@ def summarize(rows: list[dict], methods: list[str], benchmark: str, n: int) -> d
                  "contains": round(sum(r["contains"] for r in rs) / k, 4),
                  "memory_calls_per_q": round(sum(r["memory_calls"] for r in rs) / k, 2),
                  "latency_s_per_q": round(sum(r["latency_s"] for r in rs) / k, 2),
-                 "executive_tokens_per_q": round(sum(r["executive_tokens"] for r in rs) / k, 1), "n": k}
+                 "executive_tokens_per_q": round(sum(r["executive_tokens"] for r in rs) / k, 1), "n": k,
+                 "json_turns": sum(r.get("json_turns", 0) for r in rs),
+                 "json_parse_failures": sum(r.get("json_failed", 0) for r in rs)}
         if all(r.get("judge") is not None for r in rs):
             entry["judge"] = round(sum(r["judge"] for r in rs) / k, 4)
         out["methods"][m] = entry
@@ -232,7 +234,10 @@ def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: di
                    "judge": judge_correct(judge, q.question, refs, prediction) if judge and not error else None,
                    "memory_calls": memory_calls, "executive_calls": e1[0] - e0[0],
                    "executive_tokens": e1[1] - e0[1], "memory_tokens": m1[1] - m0[1],
-                   "latency_s": round(latency, 3), "error": error}
+                   "latency_s": round(latency, 3), "error": error,
+                   # executive turns that asked for JSON, and those whose reply did not parse even after repair
+                   "json_turns": sum(1 for st in trace.get("steps", []) if "parse" in st),
+                   "json_failed": sum(1 for st in trace.get("steps", []) if st.get("parse") == "failed")}
             with open(out / "traces" / f"{method}.jsonl", "a") as tf:
                 tf.write(json.dumps({"qid": q.qid, "method": method, **trace}, default=str) + "\n")
             pred_f.write(json.dumps(row) + "\n")

@@ -10,9 +10,12 @@ from pathlib import Path
 from typing import Protocol
 
 from memo import registry
+from memo.engines.memory import MemoryEngine
 from memo.errors import MemoError
-from memo.inference import ask_memory, generate, memory_messages, prompt_ids
-from memo.models import load_model, resolve_base_model
+from memo.gguf import resolve_gguf
+from memo.models import resolve_base_model
+
+log = logging.getLogger(__name__)
 
 
 class ChatLLM(Protocol):
@@ -28,18 +31,51 @@ class MemoryClient(Protocol):
     def ask(self, questions: list[str]) -> list[str]: ...
 
 
-class LocalLLM:
-    """A transformers chat model in this process (the offline default executive)."""
+def resolve_executive(spec: str) -> str:
+    """`auto`: Qwen2.5-Coder-1.5B-Instruct on llama.cpp when both are installed (make install does), else
+    the SmolLM2-135M base model on transformers."""
+    if spec != "auto":
+        return spec
+    from memo.engines.llamacpp import available
 
-    def __init__(self, spec: str):
-        self.model, self.tok = load_model(spec)
+    try:
+        resolve_gguf("qwen2.5-coder-1.5b")
+        if available():
+            return "qwen2.5-coder-1.5b"
+    except MemoError:
+        pass
+    log.warning("executive: qwen2.5-coder-1.5b on llama.cpp is not installed (make install); "
+                "using smollm2-135m, which reads poorly")
+    return "smollm2-135m"
+
+
+class LocalLLM:
+    """A chat model on this machine: a GGUF (pinned alias or file) on llama.cpp, or a transformers model
+    (an HF folder or base-model alias). The default executive, generator and judge."""
+
+    def __init__(self, spec: str, threads: int = 1, parallel: int = 2):
+        spec = resolve_executive(spec)
+        try:
+            path = resolve_gguf(spec)
+        except MemoError:
+            path = None
+        if path is not None:
+            from memo.engines.llamacpp import LlamaCppEngine
+
+            # One thread: Ray or torch share the cores; two spinning threads collapse decode.
+            self.engine, self.name = LlamaCppEngine(path, threads=threads, parallel=parallel), spec
+        else:
+            from memo.engines.hf import HfEngine
+
+            self.engine, self.name = HfEngine(spec, strict=False), spec
         self.usage: Counter = Counter()
 
     def complete(self, messages, max_tokens=96, temperature=0.0):
-        out = generate(self.model, self.tok, [messages], max_tokens, temperature)[0]
-        self.usage.update(calls=1, prompt_tokens=len(prompt_ids(self.tok, messages)),
-                          completion_tokens=len(self.tok(out, add_special_tokens=False)["input_ids"]))
-        return out
+        r = self.engine.chat([messages], max_tokens, temperature)[0]
+        if r.error:
+            raise MemoError(f"executive {self.name}: {r.error}")
+        self.usage.update(calls=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+        return r.text
 
 
 class OpenAILLM:
@@ -108,21 +144,20 @@ def load_memory(spec: str, max_tokens: int = 64, temperature: float = 0.0) -> "L
 
 
 class LocalMemory:
-    """A memory model folder loaded in this process (tests, offline evaluation)."""
+    """A memory model folder asked on this machine (offline evaluation, `memo ask` without a router), on
+    the engine `engine` names (auto: llama.cpp when the version has a GGUF and llama-server is installed)."""
 
-    def __init__(self, path: str, max_tokens: int = 64, temperature: float = 0.0):
-        self.model, self.tok = load_model(path)
+    def __init__(self, path: str, max_tokens: int = 64, temperature: float = 0.0, engine: str = "auto"):
+        self.memory = MemoryEngine(path, engine)
         self.max_tokens, self.temperature = max_tokens, temperature
         self.version = None
         self.usage: Counter = Counter()
 
     def ask(self, questions):
-        answers = ask_memory(self.model, self.tok, questions, self.max_tokens, temperature=self.temperature)
-        self.usage.update(calls=len(questions),
-                          prompt_tokens=sum(len(prompt_ids(self.tok, memory_messages(q))) for q in questions),
-                          completion_tokens=sum(len(self.tok(a, add_special_tokens=False)["input_ids"])
-                                                for a in answers))
-        return answers
+        replies = self.memory.ask(questions, self.max_tokens, self.temperature)
+        self.usage.update(calls=len(questions), prompt_tokens=sum(r.prompt_tokens for r in replies),
+                          completion_tokens=sum(r.completion_tokens for r in replies))
+        return [r.text for r in replies]
 
 
 def make_executive(url: str | None, model: str | None, api_key: str | None, local: str) -> ChatLLM:

@@ -10,8 +10,7 @@ import pandas as pd
 
 from memo.corpus import read_jsonl
 from memo.errors import MemoError
-from memo.inference import ask_memory
-from memo.models import load_model
+from memo.engines.memory import MemoryEngine
 from memo.text import item_score, normalize_answer, token_f1
 
 log = logging.getLogger(__name__)
@@ -33,10 +32,12 @@ def load_eval_items(paths: list[str]) -> list[dict]:
     return items
 
 
-def heldout_check(model_dir: Path, rows: list[dict], label: str) -> dict:
+def heldout_check(model_dir: Path, rows: list[dict], label: str, engine: str = "auto") -> dict:
     """Ask questions never trained on verbatim; scored like the promotion gate (reference or alias
     contained in the reply, else token F1), plus the plain containment rate."""
-    scores, _ = score_items(*load_model(str(model_dir)), rows)
+    memory = MemoryEngine(model_dir, engine)
+    scores, _ = score_items(memory, rows)
+    memory.close()
     hits = sum(s == 1.0 for s in scores)
     log.info(f"[train] {label}: {hits}/{len(rows)} answered with the reference (score {sum(scores) / len(rows):.2f})")
     key = label.split()[0]
@@ -44,21 +45,22 @@ def heldout_check(model_dir: Path, rows: list[dict], label: str) -> dict:
             f"{key}_n": len(rows)}
 
 
-def score_items(model, tok, items: list[dict], max_new_tokens: int = 48) -> tuple[list[float], list[str]]:
+def score_items(memory: MemoryEngine, items: list[dict], max_new_tokens: int = 48) -> tuple[list[float], list[str]]:
     """Ask every {question, answer, aliases?} item and score the replies: the one scoring rule of the
     post-training held-out check and the promotion gate."""
-    answers = ask_memory(model, tok, [x["question"] for x in items], max_new_tokens)
+    answers = [r.text for r in memory.ask([x["question"] for x in items], max_new_tokens)]
     return [item_score(a, [x["answer"], *x.get("aliases", [])]) for a, x in zip(answers, items)], answers
 
 
-def memorization_check(model_dir: Path, df: pd.DataFrame, sample: int) -> dict:
+def memorization_check(model_dir: Path, df: pd.DataFrame, sample: int, engine: str = "auto") -> dict:
     """Ask the trained memory a sample of its own reflections: exact match after normalisation."""
     if sample <= 0:
         return {}
     rows = df.sample(n=min(sample, len(df)), random_state=0)
-    model, tok = load_model(str(model_dir))
-    max_new = min(160, max(len(tok(a)["input_ids"]) for a in rows["answer"]) + 4)
-    answers = ask_memory(model, tok, list(rows["question"]), max_new_tokens=max_new)
+    memory = MemoryEngine(model_dir, engine)
+    max_new = min(160, max(len(memory.tok(a)["input_ids"]) for a in rows["answer"]) + 4)
+    answers = [r.text for r in memory.ask(list(rows["question"]), max_new)]
+    memory.close()
     hits = [normalize_answer(a) == normalize_answer(ref) for a, ref in zip(answers, rows["answer"])]
     f1 = sum(token_f1(a, ref) for a, ref in zip(answers, rows["answer"])) / len(hits)
     recall = sum(hits) / len(hits)

@@ -43,6 +43,24 @@ def count_params(base_path: str) -> int:
     return sum(p.numel() for p in m.parameters())
 
 
+def export_gguf(out: Path) -> str:
+    """Every version also carries model.gguf (f16, llama.cpp's converter) for the CPU engine; a model the
+    converter cannot take (e.g. an unknown tokenizer) still registers and serves on transformers."""
+    from memo import gguf
+    from memo.engines.memory import memory_gguf
+
+    if not (gguf.llamacpp_dir() / "convert_hf_to_gguf.py").is_file():
+        return "skipped: llama.cpp's converter is not installed"
+    t0 = time.time()
+    try:
+        path = memory_gguf(out)
+    except MemoError as e:
+        log.warning(f"[train] no GGUF for this version: {e}")
+        return f"failed: {e}"
+    log.info(f"[train] GGUF for llama.cpp: {path} ({path.stat().st_size / 1e6:.0f} MB, {time.time() - t0:.0f} s)")
+    return "model.gguf (f16)"
+
+
 def build_memory(cfg: TrainConfig, synth: SynthesizeConfig | None = None) -> dict:
     """The platform job: with `cfg.corpus`, synthesize it first (into the content-addressed folder `synth`
     names), then train on the reflections; returns the train result with per-stage timings."""
@@ -184,6 +202,7 @@ def train(cfg: TrainConfig) -> dict:
     log.info(f"[train] trained in {metrics.get('train_seconds', 0):.0f} s "
              f"({metrics.get('tokens_per_s', 0):.0f} tok/s), final loss {metrics.get('loss', float('nan')):.4f}")
 
+    gguf_note = export_gguf(out)
     check = memorization_check(out, df, cfg.eval_sample)
     if len(heldout):
         rows = heldout[["question", "answer"]].to_dict("records")
@@ -199,7 +218,7 @@ def train(cfg: TrainConfig) -> dict:
         "heldout_rows": len(heldout),
         "generator": synth.get("generator", ""), "finetune": cfg.finetune,
         "lora_export": cfg.lora_export if cfg.finetune == "lora" else None,
-        "parent_version": parent_version, "run_id": run_id, "resume_key": key, "training_config": params, "metrics": {**metrics, **check},
+        "parent_version": parent_version, "run_id": run_id, "resume_key": key, "gguf": gguf_note, "training_config": params, "metrics": {**metrics, **check},
     }
     write_text(out / "memo_manifest.json", json.dumps(manifest, indent=2, default=str))
     from mlflow.entities import Metric

@@ -28,6 +28,7 @@ import pandas as pd
 
 from memo.config import SynthesizeConfig
 from memo.errors import MemoError
+from memo.gguf import resolve_gguf
 from memo.models import resolve_base_model
 from memo.synthesis.groups import form_groups, in_corpus_order
 from memo.synthesis.llm.prompts import PROMPT_VERSION
@@ -52,6 +53,10 @@ def engine_spec(cfg) -> dict:
         model = cfg.model or "smollm2-135m"
         return {"kind": "hf", "model": model if Path(model).is_dir() else resolve_base_model(model),
                 "max_prompt_tokens": 0}
+    if cfg.generator == "llamacpp":  # a GGUF on llama-server in each actor; its slots batch the actor's prompts
+        resolve_gguf(cfg.model or "qwen2.5-coder-1.5b")  # not installed: an error now, not in every actor
+        return {"kind": "llamacpp", "model": cfg.model or "qwen2.5-coder-1.5b", "threads": 1,
+                "parallel": cfg.batch_size, "ctx_per_slot": cfg.max_chunk_tokens * 2 + cfg.max_tokens}
     return {"kind": "http", "base_url": cfg.base_url, "model": cfg.model, "api_key": os.environ.get(cfg.api_key_env, ""),
             "concurrency": cfg.concurrency, "timeout": cfg.request_timeout, "retries": cfg.retries}
 
@@ -59,6 +64,8 @@ def engine_spec(cfg) -> dict:
 def actor_resources(spec: dict, actors: int) -> tuple[float, int]:
     """(num_cpus, torch threads) per actor: an hf actor owns its share of the node's CPUs; an http actor
     waits on the network and needs only a sliver (so it also runs beside Serve replicas)."""
+    if spec["kind"] == "llamacpp":  # one core each: llama.cpp runs one thread per process
+        return 1.0, 1
     if spec["kind"] != "hf":
         return 0.25, 0
     import ray
@@ -88,7 +95,8 @@ class LLMGenerator:
     version = PROMPT_VERSION
 
     def __init__(self, cfg: SynthesizeConfig):
-        self.name = f"{cfg.generator}:{cfg.model or 'smollm2-135m'}"
+        default = "qwen2.5-coder-1.5b" if cfg.generator == "llamacpp" else "smollm2-135m"
+        self.name = f"{cfg.generator}:{cfg.model or default}"
 
     def run(self, cfg: SynthesizeConfig, chunks, out: Path, key: str) -> GeneratorOutput:
         res = run_pipeline(cfg, chunks.to_pandas(), Path(out) / "steps" / key)

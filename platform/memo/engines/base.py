@@ -1,0 +1,30 @@
+"""The one engine interface every role generates text through (memory, executive, generator, judge,
+post-training checks), whatever the backend: transformers, llama.cpp, vLLM or an OpenAI-compatible URL.
+
+  chat(batch of conversations, max_tokens, temperature) -> [Reply]   the model's own chat template
+  complete(batch of token-id prompts, max_tokens, temperature) -> [Reply]   exact tokens in, text out
+
+`complete` is how a memory is asked: its own HF tokenizer renders the training prompt format and the ids
+go to the backend unchanged, so every backend sees exactly the tokens training used (train as you
+serve). A failed request never raises: it comes back as a Reply with `error` set, and the caller decides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    error: str = ""                 # engine_error / too_long / timeout ...: the caller rejects the row with it
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish: str = "stop"            # stop (end of turn) or length (max_tokens cut the reply)
+
+
+class Engine(Protocol):
+    def chat(self, batch: list[list[dict]], max_tokens: int, temperature: float) -> list[Reply]: ...
+
+    def complete(self, batch: list[list[int]], max_tokens: int, temperature: float) -> list[Reply]: ...
