@@ -73,7 +73,7 @@ def run_checks(args, exec_cfg: ExecutiveConfig) -> dict:
                "memo_correct": total["memo"], "by_kind": by_kind, "protocol": exec_cfg.protocol}
     out = memo_home() / "demo_results.json"
     write_text(out, json.dumps({"summary": summary, "rows": rows}, indent=2))
-    log.info(f"\nclosed-book base model: {total['closed_book']}/{n} correct;  MeMo (executive + memory): "
+    log.info(f"\nclosed-book executive: {total['closed_book']}/{n} correct;  MeMo (executive + memory): "
              f"{total['memo']}/{n} correct;  the memory's own answer to the question: {total['memory']}/{n}")
     for kind, c in sorted(by_kind.items()):
         log.info(f"  {kind or 'all'}: closed-book {c['closed_book']}/{c['n']}, memory {c['memory']}/{c['n']}, "
