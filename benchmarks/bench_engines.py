@@ -28,14 +28,6 @@ QUESTIONS = ["Who started the Halvenmere Cooperative?", "Which town is home to t
              "What does the Corvane Cell weigh?", "Which prize did Ysolde Marrowfen receive?"]
 
 
-def cpu_flags() -> str:
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0]
-    except (OSError, IndexError):
-        return "unknown"
-    return " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags)
-
-
 def run(memory, questions, max_tokens, clients):
     """Aggregate completion tokens/s with `clients` concurrent callers, each asking its share in turn."""
     t0 = time.time()
@@ -58,7 +50,7 @@ def main() -> int:
     import torch
     from memo.engines.memory import MemoryEngine
     from memo.models import resolve_base_model
-    from memo.runtime import quiet
+    from memo.runtime import cpu_flags, quiet
 
     quiet()
     model_dir = args.model_dir or resolve_base_model("smollm2-135m")
@@ -92,7 +84,7 @@ def main() -> int:
     a.close(), b.close()
 
     agree = sum(x.text == y.text for x, y in zip(base, fast)) / len(base)
-    print(f"\n{model_dir}; greedy, {args.max_tokens} max new tokens; CPU flags: {cpu_flags()}\n")
+    print(f"\n{model_dir}; greedy, {args.max_tokens} max new tokens; CPU flags: {' '.join(cpu_flags())}\n")
     print(f"{'engine':<44}{'tok/s':>8}")
     labels = {"transformers_1": "transformers, 1 client, 1 thread", "transformers_batch":
               f"transformers, {args.clients} clients as one batch, 1 thread", "llamacpp_1": "llama.cpp, 1 client, 1 thread",

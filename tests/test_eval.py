@@ -55,12 +55,16 @@ def test_summary_and_table():
     rows = [{"method": "bm25", "em": 1.0, "f1": 1.0, "contains": 1.0, "memory_calls": 0, "latency_s": 2.0,
              "executive_tokens": 100, "judge": None},
             {"method": "bm25", "em": 0.0, "f1": 0.5, "contains": 0.0, "memory_calls": 0, "latency_s": 4.0,
-             "executive_tokens": 300, "judge": None, "json_turns": 3, "json_failed": 1}]
+             "executive_tokens": 300, "judge": None, "json_turns": 3, "json_failed": 1,
+             # engine timings: 400 prompt tokens in 2 s, 60 completion tokens in 3 s
+             "executive_prefill_tokens": 400, "executive_prefill_ms": 2000, "executive_completion_tokens": 60,
+             "executive_decode_ms": 3000}]
     res = summarize(rows, ["bm25", "oracle"], "musique", 2)
     assert res["methods"] == {"bm25": {"em": 0.5, "f1": 0.75, "contains": 0.5, "memory_calls_per_q": 0.0,
                                        "latency_s_per_q": 3.0, "executive_tokens_per_q": 200.0, "n": 2,
-                                       "json_turns": 3, "json_parse_failures": 1}}
-    assert "| bm25 | 0.500 | 0.750 | 0.500 | 0.0 | 3.0 | 200 |" in markdown_table(res)
+                                       "json_turns": 3, "json_parse_failures": 1,
+                                       "executive_prefill_tok_s": 200.0, "executive_decode_tok_s": 20.0}}
+    assert "| bm25 | 0.500 | 0.750 | 0.500 | 0.0 | 3.0 | 200 | 1/3 | 200 / 20.0 |" in markdown_table(res)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -224,52 +224,6 @@ class TrainConfig(Settings):
         return self
 
 
-class ServeConfig(Settings):
-    domains: list[Domain] = F([], "domains to serve; empty = every registered memo-* model")
-    alias: str = F("champion", "the alias every domain's deployment follows")
-    max_new_tokens: int = F(64, "default reply length", ge=1)
-    max_tokens_cap: int = F(256, "largest max_tokens a request may ask for", ge=1)
-    max_models_per_replica: int = F(4, "LRU of loaded memory versions per replica (@serve.multiplexed)", ge=1)
-    replica_cpus: float = F(1.0, "CPUs reserved per memory replica", gt=0)
-    replica_gpus: float = F(0.0, "GPUs per memory replica (vllm engine: 1)", ge=0)
-    engine: Literal["auto", "llamacpp", "transformers", "vllm"] = F(
-        "auto", "memory engine: llamacpp (CPU default: llama-server, the version's GGUF), transformers, vllm "
-        "(GPU; pip install memo-platform[gpu]); auto = llamacpp when installed, else transformers")
-    engine_threads: int = F(1, "threads per llama.cpp server (one per replica: spinning threads collapse decode "
-                            "when Ray or torch share the cores)", ge=1)
-    engine_parallel: int = F(4, "llama.cpp slots per loaded version: concurrent questions decoded together", ge=1)
-    alias_refresh_s: float = F(5.0, "how stale the router's alias -> version view may get (seconds)", gt=0)
-    host: str = F("127.0.0.1", "address to listen on; loopback by default, expose deliberately")
-    port: int = F(8000, "HTTP port", ge=1, le=65535)
-    memo_home: str = F("", "'': MEMO_HOME of the process that builds the app (made absolute)")
-    tracking_uri: str = F("", "'': MLFLOW_TRACKING_URI, else the SQLite file under memo_home")
-    tenants_file: str = F("", "YAML of tenants (hashed API keys, allowed domains, rate limits; see memo.tenants); "
-                          "'' = no keys, loopback clients only")
-    allow_anonymous: bool = F(False, "serve without keys on a non-loopback host (you know what you do)")
-    max_prompt_chars: int = F(4000, "longer questions get 413", ge=1)
-    max_batch_size: int = F(8, "@serve.batch: questions generated together per replica (1 = off)", ge=1)
-    batch_wait_timeout_s: float = F(0.02, "how long a replica waits to fill a batch", ge=0)
-    dedicated_domains: list[Domain] = F([], "hot domains with their own autoscaled deployment")
-    dedicated_min_replicas: int = F(1, "replicas of each dedicated deployment, at least", ge=1)
-    dedicated_max_replicas: int = F(2, "replicas of each dedicated deployment, at most", ge=1)
-
-    @model_validator(mode="after")
-    def _check(self) -> "ServeConfig":
-        if self.domains and not set(self.dedicated_domains) <= set(self.domains):
-            raise ValueError(f"dedicated_domains={self.dedicated_domains}: each must also be in "
-                             f"domains={self.domains}")
-        if not self.tenants_file and not self.allow_anonymous and self.host not in LOOPBACK:
-            raise ValueError(f"host={self.host}: a non-loopback router needs API keys; set tenants_file "
-                             "(see `memo tenants add`) or allow_anonymous=true")
-        if self.engine == "vllm" and self.replica_gpus <= 0:
-            raise ValueError("engine=vllm: set replica_gpus (e.g. 1); vLLM runs on GPUs only")
-        if self.dedicated_min_replicas > self.dedicated_max_replicas:
-            raise ValueError("use dedicated_min_replicas <= dedicated_max_replicas")
-        if self.max_new_tokens > self.max_tokens_cap:
-            raise ValueError(f"max_new_tokens={self.max_new_tokens}: use 1..max_tokens_cap ({self.max_tokens_cap})")
-        return self
-
-
 class ExecutiveConfig(Settings):
     """The executive <-> memory protocol. Budgets and temperatures default to the paper's."""
     protocol: Literal["single", "structured"] = F("single", "single (decompose once) or structured (grounding, "
@@ -303,6 +257,68 @@ class ExecutiveEndpoint(Settings):
     def _endpoint(self) -> "ExecutiveEndpoint":
         if bool(self.executive_url) != bool(self.executive_model):
             raise ValueError("executive_url and executive_model go together (base URL and the model it serves)")
+        return self
+
+
+class ServeConfig(ExecutiveEndpoint):
+    """The Serve app (router, memory deployments, executive): the `args` of a serve config."""
+    domains: list[Domain] = F([], "domains to serve; empty = every registered memo-* model")
+    alias: str = F("champion", "the alias every domain's deployment follows")
+    max_new_tokens: int = F(64, "default reply length", ge=1)
+    max_tokens_cap: int = F(256, "largest max_tokens a request may ask for", ge=1)
+    max_models_per_replica: int = F(4, "LRU of loaded memory versions per replica (@serve.multiplexed)", ge=1)
+    replica_cpus: float = F(1.0, "CPUs reserved per memory replica", gt=0)
+    replica_gpus: float = F(0.0, "GPUs per memory replica (vllm engine: 1)", ge=0)
+    engine: Literal["auto", "llamacpp", "transformers", "vllm"] = F(
+        "auto", "memory engine: llamacpp (CPU default: llama-server, the version's GGUF), transformers, vllm "
+        "(GPU; pip install memo-platform[gpu]); auto = llamacpp when installed, else transformers")
+    engine_threads: int = F(1, "threads per llama.cpp server (one per replica: spinning threads collapse decode "
+                            "when Ray or torch share the cores)", ge=1)
+    engine_parallel: int = F(4, "llama.cpp slots per loaded version: concurrent questions decoded together", ge=1)
+    alias_refresh_s: float = F(5.0, "how stale the router's alias -> version view may get (seconds)", gt=0)
+    host: str = F("127.0.0.1", "address to listen on; loopback by default, expose deliberately")
+    port: int = F(8000, "HTTP port", ge=1, le=65535)
+    memo_home: str = F("", "'': MEMO_HOME of the process that builds the app (made absolute)")
+    tracking_uri: str = F("", "'': MLFLOW_TRACKING_URI, else the SQLite file under memo_home")
+    tenants_file: str = F("", "YAML of tenants (hashed API keys, allowed domains, rate limits; see memo.tenants); "
+                          "'' = no keys, loopback clients only")
+    allow_anonymous: bool = F(False, "serve without keys on a non-loopback host (you know what you do)")
+    max_prompt_chars: int = F(4000, "longer questions get 413", ge=1)
+    max_batch_size: int = F(8, "@serve.batch: questions generated together per replica (1 = off)", ge=1)
+    batch_wait_timeout_s: float = F(0.02, "how long a replica waits to fill a batch", ge=0)
+    dedicated_domains: list[Domain] = F([], "hot domains with their own autoscaled deployment")
+    dedicated_min_replicas: int = F(1, "replicas of each dedicated deployment, at least", ge=1)
+    dedicated_max_replicas: int = F(2, "replicas of each dedicated deployment, at most", ge=1)
+    tenants_reload_s: float = F(2.0, "how often the router re-reads a changed tenants file: a revoked key is "
+                                "refused, a new key works, within this many seconds (no redeploy)", gt=0)
+    # The MeMo answer (model "memo/<domain>"): the executive deployment. Its LLM is executive_local, or
+    # executive_url + executive_model (inherited from ExecutiveEndpoint) with the key read from the
+    # replica's environment variable executive_api_key_env (a Serve/RayService secret, never a config value).
+    serve_executive: bool = F(True, "serve model memo/<domain>: the executive answers after questioning the memory")
+    executive_protocol: Literal["single", "structured"] = F(
+        "single", "protocol of memo/<domain> when a request does not choose one (memo_protocol)")
+    executive_deadline_s: float = F(120.0, "a MeMo answer past this returns the best answer so far "
+                                    "(finish_reason length) or 504", gt=0)
+    executive_api_key_env: str = F("MEMO_EXECUTIVE_API_KEY", "environment variable holding executive_url's key")
+    executive_cpus: float = F(0.5, "CPUs reserved per executive replica (its llama-server runs one thread)", gt=0)
+    executive_replicas: int = F(1, "executive replicas", ge=1)
+    executive_parallel: int = F(4, "executive llama.cpp slots: MeMo answers whose executive turns decode together",
+                                ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeConfig":
+        if self.domains and not set(self.dedicated_domains) <= set(self.domains):
+            raise ValueError(f"dedicated_domains={self.dedicated_domains}: each must also be in "
+                             f"domains={self.domains}")
+        if not self.tenants_file and not self.allow_anonymous and self.host not in LOOPBACK:
+            raise ValueError(f"host={self.host}: a non-loopback router needs API keys; set tenants_file "
+                             "(see `memo tenants add`) or allow_anonymous=true")
+        if self.engine == "vllm" and self.replica_gpus <= 0:
+            raise ValueError("engine=vllm: set replica_gpus (e.g. 1); vLLM runs on GPUs only")
+        if self.dedicated_min_replicas > self.dedicated_max_replicas:
+            raise ValueError("use dedicated_min_replicas <= dedicated_max_replicas")
+        if self.max_new_tokens > self.max_tokens_cap:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens}: use 1..max_tokens_cap ({self.max_tokens_cap})")
         return self
 
 

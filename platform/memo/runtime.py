@@ -9,6 +9,17 @@ import warnings
 
 from memo.config import memo_home, tracking_uri
 
+def cpu_flags() -> list[str]:
+    """The CPU features that decide speeds here (bf16 matmul units, vector width), to state beside every
+    number and to pick precision: machines of the same class differ (AVX2-only vs AVX-512-BF16)."""
+    try:
+        line = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    have = set(line.split(":", 1)[1].split())
+    return [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in have]
+
+
 # Libraries whose INFO chatter (per request, per dataset, per migration) would bury our progress lines.
 QUIET_LOGGERS = ("mlflow", "alembic", "ray", "ray.data", "urllib3", "httpx", "transformers", "filelock")
 

@@ -13,6 +13,7 @@ import asyncio
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,20 @@ def _use_state_of(cfg: ServeConfig) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = cfg.tracking_uri
 
 
+def _load_error(model_id: str, e: Exception) -> dict:
+    return {"error": f"memory {model_id} could not be loaded: {type(e).__name__}: {e}"}
+
+
 # Helpers used by the deployments must be defined above them: @serve.ingress copies the class
 # with cloudpickle at decoration time, when later module globals do not exist yet.
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16)
+MAX_ONGOING = 16  # requests in flight per memory replica
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=MAX_ONGOING)
 class MemoryModel:
-    """Hosts memory models; many small domains share a replica through @serve.multiplexed (LRU), and
-    concurrent questions are generated together through @serve.batch."""
+    """Hosts memory models; many small domains share a replica through @serve.multiplexed (LRU).
+    Concurrent questions are generated together: on llama.cpp by the server's own continuous batching
+    (each request goes straight to a slot), on transformers and vLLM through @serve.batch."""
 
     def __init__(self, cfg: dict):
         quiet()
@@ -76,6 +85,9 @@ class MemoryModel:
         self._get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
         self._batched = serve.batch(max_batch_size=self.cfg.max_batch_size,
                                     batch_wait_timeout_s=self.cfg.batch_wait_timeout_s)(generate_batch)
+        # Blocking engine calls run here, one thread per request in flight (asyncio's default pool has
+        # cpu_count + 4 threads, which would cap overlap below max_ongoing_requests on a small node).
+        self._pool = ThreadPoolExecutor(max_workers=MAX_ONGOING, thread_name_prefix="memory")
 
     async def _load(self, model_id: str):
         """One loaded version: a MemoryEngine (llama.cpp server process or transformers model) or vLLM.
@@ -96,6 +108,13 @@ class MemoryModel:
             pass
         return memory
 
+    async def _generate(self, memory, questions: list[str], max_tokens: int) -> list[dict]:
+        t0 = time.time()
+        replies = await asyncio.get_running_loop().run_in_executor(self._pool, memory.ask, questions, max_tokens)
+        return [{"error": f"the memory could not answer: {r.error}"} if r.error else {
+            "text": r.text, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+            "finish": r.finish, "seconds": time.time() - t0, "batch_size": len(questions)} for r in replies]
+
     async def _generate_batch(self, requests: list) -> list:
         """One batch of (model_id, question, max_tokens): one generate call per (model, length) group."""
         out: list = [None] * len(requests)
@@ -107,18 +126,21 @@ class MemoryModel:
                 memory = await self._get_model(model_id)
             except Exception as e:
                 for i in idx:
-                    out[i] = {"error": f"memory {model_id} could not be loaded: {type(e).__name__}: {e}"}
+                    out[i] = _load_error(model_id, e)
                 continue
-            t0 = time.time()
-            replies = await asyncio.to_thread(memory.ask, [requests[i][1] for i in idx], max_tokens)
-            for i, r in zip(idx, replies):
-                out[i] = {"error": f"the memory could not answer: {r.error}"} if r.error else {
-                    "text": r.text, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                    "finish": r.finish, "seconds": time.time() - t0, "batch_size": len(idx)}
+            for i, r in zip(idx, await self._generate(memory, [requests[i][1] for i in idx], max_tokens)):
+                out[i] = r
         return out
 
     async def answer(self, question: str, max_tokens: int) -> dict:
-        return await self._batched((serve.get_multiplexed_model_id(), question, max_tokens))
+        model_id = serve.get_multiplexed_model_id()
+        try:
+            memory = await self._get_model(model_id)
+        except Exception as e:
+            return _load_error(model_id, e)
+        if getattr(memory, "batches_itself", False):
+            return (await self._generate(memory, [question], max_tokens))[0]
+        return await self._batched((model_id, question, max_tokens))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25})

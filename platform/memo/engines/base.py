@@ -22,6 +22,11 @@ class Reply:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish: str = "stop"            # stop (end of turn) or length (max_tokens cut the reply)
+    # Engine-side timings where the backend reports them (llama.cpp): prompt tokens actually evaluated
+    # (a cached prefix is not), and seconds spent on prefill and on decode, for tokens/s per phase.
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
 
 
 class Engine(Protocol):

@@ -51,6 +51,13 @@ def available() -> bool:
         return False
 
 
+def _timings(out: dict) -> dict:
+    """llama-server's per-request `timings` as Reply fields (absent: zeros)."""
+    t = out.get("timings") or {}
+    return {"prefill_tokens": int(t.get("prompt_n") or 0), "prefill_s": float(t.get("prompt_ms") or 0) / 1000,
+            "decode_s": float(t.get("predicted_ms") or 0) / 1000}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -142,11 +149,12 @@ class LlamaCppEngine:
         tokens = out.get("tokens") or []
         finish = "length" if out.get("stop_type") == "limit" or out.get("stopped_limit") else "stop"
         if self.tok is None:
-            return Reply((out.get("content") or "").strip(), "", len(ids), int(out.get("tokens_predicted") or 0), finish)
+            return Reply((out.get("content") or "").strip(), "", len(ids), int(out.get("tokens_predicted") or 0),
+                         finish, **_timings(out))
         # Decoded by the memory's own tokenizer, as transformers decodes; the end-of-turn token is not counted.
         special = set(self.tok.all_special_ids)
         return Reply(self.tok.decode(tokens, skip_special_tokens=True).strip(), "", len(ids),
-                     sum(t not in special for t in tokens), finish)
+                     sum(t not in special for t in tokens), finish, **_timings(out))
 
     def complete(self, batch: list[list[int]], max_tokens: int, temperature: float) -> list[Reply]:
         return list(self.pool.map(lambda ids: self._complete_one(list(ids), max_tokens, temperature), batch))
@@ -159,7 +167,8 @@ class LlamaCppEngine:
             return Reply(error=f"engine_error: {type(e).__name__}: {str(e)[:160]}")
         choice, usage = out["choices"][0], out.get("usage") or {}
         return Reply((choice["message"].get("content") or "").strip(), "", usage.get("prompt_tokens", 0),
-                     usage.get("completion_tokens", 0), "length" if choice.get("finish_reason") == "length" else "stop")
+                     usage.get("completion_tokens", 0), "length" if choice.get("finish_reason") == "length" else "stop",
+                     **_timings(out))
 
     def chat(self, batch: list[list[dict]], max_tokens: int, temperature: float) -> list[Reply]:
         return list(self.pool.map(lambda m: self._chat_one(m, max_tokens, temperature), batch))

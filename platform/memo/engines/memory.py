@@ -69,6 +69,12 @@ class MemoryEngine:
             self.engine = HfEngine(str(model_dir), 0, loaded=loaded)  # torch keeps the process's threads
             self.tok = self.engine.tok
 
+    @property
+    def batches_itself(self) -> bool:
+        """llama-server batches in-flight requests continuously over its slots: callers should send each
+        question as it comes rather than gather a batch and wait for its slowest member."""
+        return self.backend == "llamacpp"
+
     def ask(self, questions: list[str], max_tokens: int = 64, temperature: float = 0.0) -> list[Reply]:
         """One fresh single-turn chat per question, in the training format."""
         ids = [prompt_ids(self.tok, memory_messages(q)) for q in questions]

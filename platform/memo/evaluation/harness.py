@@ -144,6 +144,11 @@ def summarize(rows: list[dict], methods: list[str], benchmark: str, n: int) -> d
                  "executive_tokens_per_q": round(sum(r["executive_tokens"] for r in rs) / k, 1), "n": k,
                  "json_turns": sum(r.get("json_turns", 0) for r in rs),
                  "json_parse_failures": sum(r.get("json_failed", 0) for r in rs)}
+        for phase, tokens, ms in (("prefill", "executive_prefill_tokens", "executive_prefill_ms"),
+                                  ("decode", "executive_completion_tokens", "executive_decode_ms")):
+            total_ms = sum(r.get(ms, 0) for r in rs)
+            if total_ms:  # only engines that report timings
+                entry[f"executive_{phase}_tok_s"] = round(sum(r.get(tokens, 0) for r in rs) / total_ms * 1000, 1)
         if all(r.get("judge") is not None for r in rs):
             entry["judge"] = round(sum(r["judge"] for r in rs) / k, 4)
         out["methods"][m] = entry
@@ -153,15 +158,18 @@ def summarize(rows: list[dict], methods: list[str], benchmark: str, n: int) -> d
 def markdown_table(results: dict) -> str:
     has_judge = any("judge" in v for v in results["methods"].values())
     head = "| method | EM | F1 | contains |" + (" judge |" if has_judge else "") + \
-        " memory calls/q | latency s/q | executive tokens/q |"
+        " memory calls/q | latency s/q | executive tokens/q | JSON fails/turns | executive prefill/decode tok/s |"
     lines = [f"{results['benchmark']}: {results['n']} questions", "", head,
              "|---" * (head.count("|") - 1) + "|"]
     for m, v in results["methods"].items():
         judge = f" {v['judge']:.3f} |" if has_judge else ""
         if has_judge and "judge" not in v:
             judge = " - |"
+        speed = (f"{v['executive_prefill_tok_s']:.0f} / {v['executive_decode_tok_s']:.1f}"
+                 if "executive_decode_tok_s" in v and "executive_prefill_tok_s" in v else "-")
         lines.append(f"| {m} | {v['em']:.3f} | {v['f1']:.3f} | {v['contains']:.3f} |{judge} "
-                     f"{v['memory_calls_per_q']:.1f} | {v['latency_s_per_q']:.1f} | {v['executive_tokens_per_q']:.0f} |")
+                     f"{v['memory_calls_per_q']:.1f} | {v['latency_s_per_q']:.1f} | {v['executive_tokens_per_q']:.0f} | "
+                     f"{v.get('json_parse_failures', 0)}/{v.get('json_turns', 0)} | {speed} |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +225,7 @@ def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: di
         for i, (method, q) in enumerate(pending, 1):
             refs = [q.answer] + q.aliases
             e0, m0 = usage_of(executive), usage_of(ctx.get("memory"))
+            speed0 = dict(getattr(executive, "usage", {}))
             t0 = time.time()
             try:
                 prediction, trace = _answer(method, q, ctx)
@@ -227,6 +236,7 @@ def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: di
                 prediction, trace, error = "", {}, f"{type(e).__name__}: {e}"
             latency = time.time() - t0
             e1, m1 = usage_of(executive), usage_of(ctx.get("memory"))
+            speed = {k: v - speed0.get(k, 0) for k, v in dict(getattr(executive, "usage", {})).items()}
             memory_calls = trace.get("memory_calls", m1[0] - m0[0]) if method.startswith("memo_") else 0
             row = {"method": method, "qid": q.qid, "question": q.question, "reference": q.answer,
                    "aliases": q.aliases, "prediction": prediction, "em": exact_match(prediction, refs),
@@ -235,6 +245,11 @@ def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: di
                    "memory_calls": memory_calls, "executive_calls": e1[0] - e0[0],
                    "executive_tokens": e1[1] - e0[1], "memory_tokens": m1[1] - m0[1],
                    "latency_s": round(latency, 3), "error": error,
+                   # the executive's engine timings (llama.cpp reports them), for prefill / decode tokens/s
+                   "executive_prefill_tokens": speed.get("prefill_tokens", 0),
+                   "executive_prefill_ms": speed.get("prefill_ms", 0),
+                   "executive_completion_tokens": speed.get("completion_tokens", 0),
+                   "executive_decode_ms": speed.get("decode_ms", 0),
                    # executive turns that asked for JSON, and those whose reply did not parse even after repair
                    "json_turns": sum(1 for st in trace.get("steps", []) if "parse" in st),
                    "json_failed": sum(1 for st in trace.get("steps", []) if st.get("parse") == "failed")}

@@ -75,6 +75,9 @@ class LocalLLM:
         if r.error:
             raise MemoError(f"executive {self.name}: {r.error}")
         self.usage.update(calls=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+        # Engine timings (llama.cpp reports them) in milliseconds, so the Counter stays integer
+        self.usage.update(prefill_tokens=r.prefill_tokens, prefill_ms=round(r.prefill_s * 1000),
+                          decode_ms=round(r.decode_s * 1000))
         return r.text
 
 

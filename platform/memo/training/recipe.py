@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 
 def default_schedule(n_params: float, n_rows: int, recipe: str = "auto", finetune: str = "full") -> tuple[int, float, str]:
     """Epochs and learning rate when the user sets neither.
@@ -34,8 +32,6 @@ def resolve_precision(precision: str, device: str) -> str:
         return precision
     if device == "cuda":
         return "bf16"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "fp32"
-    return "bf16" if ("avx512_bf16" in flags or "amx_bf16" in flags) else "fp32"
+    from memo.runtime import cpu_flags
+
+    return "bf16" if {"avx512_bf16", "amx_bf16"} & set(cpu_flags()) else "fp32"
