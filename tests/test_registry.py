@@ -59,8 +59,44 @@ def test_parse_model_uri():
         registry.parse_model_uri("models:/other@x")
 
 
-def test_serving_audit(two_versions):
-    registry.record_serving("regtest", "MemoryModel", "2")
-    serving = registry.domain_status("regtest")["serving"]
-    assert serving["MemoryModel"]["version"] == "2"
-    json.dumps(serving)
+def test_serving_audit_spans(two_versions):
+    """A replica's spans: open v1, then v2 (v1 closes), as `memo status` reads them back."""
+    a = registry.open_serving_span("regtest", "MemoryModel", "r1", "1")
+    b = registry.open_serving_span("regtest", "MemoryModel", "r1", "2")
+    registry.close_serving_span(a)
+    st = registry.domain_status("regtest")
+    mine = [s for s in st["serving_history"] if s["replica"] == "r1"]
+    assert [(s["version"], s["until"] is None) for s in mine] == [("1", False), ("2", True)]
+    assert st["serving"]["MemoryModel/r1"] == {"version": "2", "since": b["since"]}
+    json.dumps(st)
+
+
+def _write_spans(writer: int, n: int) -> list[str]:
+    """One replica's life: n versions served in turn, each span opened, the previous one closed."""
+    from memo import registry as reg
+
+    ids, previous = [], None
+    for k in range(n):
+        span = reg.open_serving_span("audit", "MemoryModel", f"replica-{writer}", str(k % 3 + 1))
+        if previous:
+            reg.close_serving_span(previous)
+        ids.append(span["id"])
+        previous = span
+    return ids
+
+
+def test_concurrent_replicas_lose_no_span(tiny_model):
+    """8 replica processes x 50 spans, writing at once to the same registered model: every span is
+    there, each closed exactly when its replica moved on (the old read-modify-write tag lost spans)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    registry.register_memory("audit", tiny_model, registry.start_run("audit", "train", {}), {}, "champion")
+    with ProcessPoolExecutor(8, mp_context=multiprocessing.get_context("spawn")) as pool:
+        written = [i for ids in pool.map(_write_spans, range(8), [50] * 8) for i in ids]
+    spans = registry.serving_spans("audit")
+    assert len(written) == 400 and sorted(s["id"] for s in spans) == sorted(written)
+    for w in range(8):
+        mine = [s for s in spans if s["replica"] == f"replica-{w}"]
+        assert len(mine) == 50 and [s["until"] is None for s in mine] == [False] * 49 + [True]
+    assert len(registry.domain_status("audit")["serving"]) == 8

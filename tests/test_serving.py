@@ -1,7 +1,10 @@
 """Multi-tenant serving and gated promotion, on a real local Ray cluster with real HTTP on 127.0.0.1:
-two domains from one config (one on its own autoscaled deployment), hashed API keys, the documented
-401/403/404/413/429/400 errors, a promotion under load with zero failed requests, the serving audit
-trail, a gate that refuses a worse candidate, --force and rollback."""
+two domains from one config (one on its own autoscaled deployment), the MeMo answer (memo/<domain>,
+memo/a+b; plain and streamed through the official openai client), hashed API keys reloaded without a
+redeploy, the documented 401/403/404/413/429/400/504 errors, a promotion under load of both products
+with zero failed requests, the serving audit trail, a gate that refuses a worse candidate, --force
+and rollback. The executive here is the tiny random model on transformers (the protocol's mechanics,
+not its reading: the grounding guard falls back to the memory's answer); test_e2e runs the real one."""
 
 import json
 import socket
@@ -64,11 +67,11 @@ def keys(tmp_path_factory):
     return {"file": str(f),
             "both": add_tenant(f, "both", ["lighthouse", "harbour"]),
             "harbour": add_tenant(f, "harbour-only", ["harbour", "ghost"]),
-            "slow": add_tenant(f, "rate-limited", ["*"], requests_per_minute=6)}
+            "slow": add_tenant(f, "rate-limited", ["*"], requests_per_minute_per_replica=6)}
 
 
 @pytest.fixture(scope="module")
-def served(domains, keys):
+def served(domains, keys, tiny_model):
     from memo import serving
     from memo.config import ServeConfig
     from ray import serve
@@ -76,7 +79,8 @@ def served(domains, keys):
     url = serving.run(ServeConfig(domains=["lighthouse", "harbour"], dedicated_domains=["harbour"],
                                   dedicated_max_replicas=1, replica_cpus=0.5, port=free_port(), max_new_tokens=16,
                                   max_tokens_cap=32, max_prompt_chars=4000, alias_refresh_s=0.5,
-                                  tenants_file=keys["file"]))
+                                  tenants_file=keys["file"], tenants_reload_s=0.5, executive_local=tiny_model,
+                                  executive_cpus=0.25))
     yield url
     serve.shutdown()
 
@@ -100,7 +104,7 @@ def test_openai_client_answers_each_domain_with_its_version(served, domains, key
     from openai import OpenAI
 
     client = OpenAI(base_url=served + "/v1", api_key=keys["both"])
-    assert {m.id for m in client.models.list().data} == {"lighthouse", "harbour"}
+    assert {m.id for m in client.models.list().data} == {"lighthouse", "harbour", "memo/lighthouse", "memo/harbour"}
     for domain, version in (("lighthouse", domains["v1"]), ("harbour", "1")):
         raw = client.chat.completions.with_raw_response.create(
             model=domain, messages=[{"role": "user", "content": "Who keeps the Orrin lighthouse?"}], max_tokens=16)
@@ -113,7 +117,113 @@ def test_openai_client_answers_each_domain_with_its_version(served, domains, key
     assert "Mara Quill" in done.choices[0].text and done.model_extra["memo_version"] == domains["v1"]
     # a key sees only its own domains
     other = OpenAI(base_url=served + "/v1", api_key=keys["harbour"])
-    assert {m.id for m in other.models.list().data} == {"harbour"}
+    assert {m.id for m in other.models.list().data} == {"harbour", "memo/harbour"}
+
+
+def test_openai_client_gets_the_memo_answer_plain_and_streamed(served, domains, keys):
+    """model memo/<domain>: the executive questions the memory in-cluster; the answer carries the version
+    that answered, how many memory calls it took, the executive's token usage and, asked for, the trace."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=served + "/v1", api_key=keys["both"])
+    ask = {"model": "memo/lighthouse", "messages": [{"role": "user", "content": "Who keeps the Orrin lighthouse?"}]}
+    raw = client.chat.completions.with_raw_response.create(**ask, extra_body={"memo_trace": True})
+    assert raw.headers["x-memo-model-version"] == domains["v1"]
+    reply = raw.parse()
+    extra = reply.model_extra
+    assert "Mara Quill" in reply.choices[0].message.content and reply.model == "memo/lighthouse"
+    assert extra["memo_version"] == domains["v1"] and extra["memory_calls"] >= 1 and extra["memo_protocol"] == "single"
+    assert reply.usage.prompt_tokens > 0 and reply.usage.completion_tokens > 0  # the executive's tokens
+    calls = extra["memo_trace"]["memory_answers"]
+    assert len(calls) == extra["memory_calls"] and {c["domain"] for c in calls} == {"lighthouse"}
+    assert any("Mara Quill" in c["answer"] for c in calls)
+
+    chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert "Mara Quill" in text and chunks[-1].usage.prompt_tokens > 0
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    structured = client.chat.completions.create(**ask, extra_body={"memo_protocol": "structured"})
+    assert structured.model_extra["memo_protocol"] == "structured" and structured.model_extra["memory_calls"] >= 1
+
+
+def test_one_question_over_two_memories(served, domains, keys):
+    """memo/lighthouse+harbour: every memory question goes to both; the trace says which said what, and
+    a key without one of the domains gets 403 naming it."""
+    r = _post(served, keys["both"], _chat("memo/lighthouse+harbour", memo_trace=True))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["memo_version"] == f"lighthouse:{domains['v1']}+harbour:1" == r.headers["x-memo-model-version"]
+    calls = body["memo_trace"]["memory_answers"]
+    assert {c["domain"] for c in calls} == {"lighthouse", "harbour"} and body["memory_calls"] == len(calls)
+    assert all(c["version"] == {"lighthouse": domains["v1"], "harbour": "1"}[c["domain"]] for c in calls)
+    r = _post(served, keys["harbour"], _chat("memo/harbour+lighthouse"))
+    assert r.status_code == 403 and "'lighthouse'" in r.json()["error"]["message"]
+
+
+def _raw(url, key, text: bytes):
+    return httpx.post(url + "/v1/chat/completions", content=text, timeout=120,
+                      headers={"authorization": f"Bearer {key}", "content-type": "application/json"})
+
+
+@pytest.mark.parametrize("model", ["lighthouse", "memo/lighthouse"])
+def test_openai_compatibility_cases(served, keys, model):
+    """What clients send, as curl would: a lone surrogate, control characters, text parts, stream, a
+    length-cut answer, the templated prompt's token count, and sampling fields the server cannot honour."""
+    key = keys["both"]
+    surrogate = _raw(served, key, b'{"model": "%s", "messages": [{"role": "user", "content": "\\u0000\\ud800"}]}'
+                     % model.encode())
+    assert surrogate.status_code == 400 and surrogate.json()["error"]["param"] == "messages[0].content"
+    control = _raw(served, key, b'{"model": "%s", "max_tokens": 8, "messages": [{"role": "user", "content": '
+                   b'"Who keeps the Orrin lighthouse?\\u0000\\u0007"}]}' % model.encode())
+    assert control.status_code == 200, control.text
+    parts = _post(served, key, {"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Who keeps"}, {"type": "text", "text": "the Orrin lighthouse?"}]}]})
+    assert parts.status_code == 200, parts.text
+    streamed = httpx.post(served + "/v1/chat/completions", json=_chat(model, stream=True, max_tokens=8),
+                          headers={"authorization": f"Bearer {key}"}, timeout=120)
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    assert streamed.text.rstrip().endswith("data: [DONE]") and '"chat.completion.chunk"' in streamed.text
+    cut = _post(served, key, _chat(model, q="Who keeps the Orrin lighthouse?", max_tokens=1)).json()
+    assert cut["choices"][0]["finish_reason"] == "length"
+    one_word = _post(served, key, _chat(model, q="Lighthouse?")).json()
+    assert one_word["usage"]["prompt_tokens"] > 5  # the templated prompt, not the one word
+    for extra, param in (({"temperature": "hot"}, "temperature"), ({"n": 3}, "n")):
+        r = _post(served, key, _chat(model, **extra))
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_memo_answer_past_its_deadline_is_a_504_not_a_hang(served, keys):
+    t0 = time.time()
+    r = _post(served, keys["both"], _chat("memo/lighthouse", memo_deadline_s=0.001))
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout" and time.time() - t0 < 30
+
+
+def test_tenants_reload_without_a_redeploy(served, keys):
+    """A key added to the file works, a revoked one is refused, both within seconds; a malformed file
+    is rejected and the keys in force keep working."""
+    from memo.tenants import add_tenant, revoke_tenant
+
+    def status_within(key, want, seconds=10):
+        deadline = time.time() + seconds
+        while True:
+            got = _post(served, key, _chat("harbour", max_tokens=2)).status_code
+            if got == want or time.time() > deadline:
+                return got
+            time.sleep(0.3)
+
+    good = open(keys["file"]).read()
+    try:
+        new = add_tenant(keys["file"], "late-joiner", ["harbour"])
+        assert status_within(new, 200) == 200
+        revoke_tenant(keys["file"], "late-joiner")
+        assert status_within(new, 401) == 401
+        with open(keys["file"], "w") as f:
+            f.write("tenants: [this is not a tenant list")
+        time.sleep(1.5)  # past tenants_reload_s: the router has seen the bad file and kept the old tenants
+        assert _post(served, keys["both"], _chat("harbour", max_tokens=2)).status_code == 200
+    finally:
+        with open(keys["file"], "w") as f:
+            f.write(good)
 
 
 @pytest.mark.parametrize("key, body, status, code", [
@@ -124,6 +234,11 @@ def test_openai_client_answers_each_domain_with_its_version(served, domains, key
     ("both", _chat("lighthouse", q="x" * 5000), 413, "prompt_too_large"),
     ("both", _chat("lighthouse", max_tokens=999), 400, None),
     ("both", {"model": "lighthouse"}, 400, None),
+    (None, _chat("memo/lighthouse"), 401, "invalid_api_key"),
+    ("harbour", _chat("memo/lighthouse"), 403, "model_not_allowed"),
+    ("harbour", _chat("memo/ghost"), 404, "model_not_found"),
+    ("both", _chat("memo/lighthouse", q="x" * 5000), 413, "prompt_too_large"),
+    ("both", _chat("memo/lighthouse", memo_protocol="fancy"), 400, None),
 ])
 def test_documented_errors_are_openai_shaped(served, keys, key, body, status, code):
     r = _post(served, keys.get(key, key), body)
@@ -144,43 +259,49 @@ def test_rate_limit_gives_429_with_retry_after(served, keys):
 def test_health_and_metrics_need_no_key_and_reveal_no_tenant(served, keys):
     assert httpx.get(served + "/healthz").json() == {"status": "ok"}
     m = httpx.get(served + "/metrics").text
-    assert 'memo_requests_total{status="200"}' in m and 'status="401"' in m
+    assert 'memo_requests_total{product="memory",status="200"}' in m or \
+        'memo_requests_total{status="200",product="memory"}' in m, m
+    assert 'status="401"' in m and 'product="memo"' in m
     assert "harbour-only" not in m and "rate-limited" not in m and keys["both"] not in m
 
 
 def test_promotion_under_load_fails_no_request_and_is_audited(served, domains, keys):
-    """Clients keep asking while the champion moves v1 -> v2 (forced past the gate) and back by
-    rollback: zero failures; once a reply carries the new version, no later-started request gets the old."""
+    """Clients keep asking the memory and the MeMo answer while the champion moves v1 -> v2 (forced past
+    the gate) and back by rollback: zero failures; once a reply carries the new version, no
+    later-started request of that product gets the old."""
     from memo import registry
     from memo.promotion import promote, rollback
 
     log, stop = [], threading.Event()
 
-    def client():
+    def client(model):
         with httpx.Client(timeout=120) as c:
             while not stop.is_set():
                 t0 = time.time()
-                r = c.post(served + "/v1/chat/completions", json=_chat("lighthouse", max_tokens=4),
+                r = c.post(served + "/v1/chat/completions", json=_chat(model, max_tokens=4),
                            headers={"authorization": f"Bearer {keys['both']}"})
-                log.append((t0, time.time(), r.status_code, r.headers.get("x-memo-model-version")))
+                log.append((model, t0, time.time(), r.status_code, r.headers.get("x-memo-model-version")))
 
-    threads = [threading.Thread(target=client) for _ in range(3)]
+    threads = [threading.Thread(target=client, args=(m,)) for m in ("lighthouse", "lighthouse", "memo/lighthouse")]
     for t in threads:
         t.start()
     time.sleep(3)
     report = promote("lighthouse", "champion", version=domains["v2"], force=True, qa_files=[domains["qa"]])
     assert report["gate"] == "failed" and report["forced"]
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(v == domains["v2"] for *_, v in log):
+    deadline = time.time() + 90
+    while time.time() < deadline and not all(any(m == model and v == domains["v2"] for m, *_, v in log)
+                                             for model in ("lighthouse", "memo/lighthouse")):
         time.sleep(0.5)
     time.sleep(2)
     stop.set()
     for t in threads:
         t.join()
-    assert log and all(status == 200 for _, _, status, _ in log), [x for x in log if x[2] != 200][:3]
-    first_new_done = min(end for _, end, _, v in log if v == domains["v2"])
-    assert all(v == domains["v2"] for start, _, _, v in log if start > first_new_done)
-    assert any(v == domains["v1"] for *_, v in log)
+    assert log and all(status == 200 for *_, status, _ in log), [x for x in log if x[3] != 200][:3]
+    for model in ("lighthouse", "memo/lighthouse"):
+        mine = [x for x in log if x[0] == model]
+        first_new_done = min(end for _, _, end, _, v in mine if v == domains["v2"])
+        assert all(v == domains["v2"] for _, start, _, _, v in mine if start > first_new_done), model
+        assert any(v == domains["v1"] for *_, v in mine), model
 
     st = registry.domain_status("lighthouse")
     spans = [s for s in st["serving_history"] if s["deployment"] == "MemoryModel"]

@@ -68,7 +68,12 @@ class TenantAddArgs(Settings):
     file: str = F(..., "tenants YAML (created if missing; mode 600)")
     name: str = F(..., "the tenant's name")
     domains: list[str] = F(..., "comma-separated domains, or * for all")
-    rpm: int = F(0, "requests per minute (0 = unlimited)", ge=0)
+    rpm_per_replica: int = F(0, "requests per minute, enforced by each router replica (0 = unlimited)", ge=0)
+
+
+class TenantRevokeArgs(Settings):
+    file: str = F(..., "tenants YAML")
+    name: str = F(..., "the tenant whose key stops working (within the router's tenants_reload_s)")
 
 
 class StatusArgs(Settings):
@@ -79,7 +84,8 @@ class StatusArgs(Settings):
 class AskArgs(ExecutiveEndpoint):
     domain: str = F(..., "the domain whose memory answers")
     question: str = F(..., "the question", positional=True)
-    url: str = F("", "router base URL (e.g. http://127.0.0.1:8000); default: load the memory here")
+    url: str = F("", "router base URL (e.g. http://127.0.0.1:8000): the served MeMo answer (model memo/<domain>, "
+                 "key in MEMO_API_KEY; the executive is the server's); default: executive and memory run here")
     alias: str = F("champion", "the alias whose version answers (local memory)")
     as_json: bool = F(False, "print the whole trace as JSON", flags=("--json",))
 
@@ -277,11 +283,19 @@ def cmd_rollback(a: RollbackArgs, sections, args) -> dict:
 def cmd_tenants_add(a: TenantAddArgs, sections, args) -> dict:
     from memo.tenants import add_tenant
 
-    key = add_tenant(a.file, a.name, a.domains, a.rpm)
+    key = add_tenant(a.file, a.name, a.domains, a.rpm_per_replica)
     # The key is shown once, on stdout only; the file keeps its sha256.
     print(f"tenant {a.name!r} added to {a.file} (domains {','.join(a.domains)}, "
-          f"{a.rpm or 'no'} requests/min limit)")
+          f"{a.rpm_per_replica or 'no'} requests/min limit per router replica)")
     print(f"API key (shown once; store it in your secret manager): {key}")
+    return {"name": a.name}
+
+
+def cmd_tenants_revoke(a: TenantRevokeArgs, sections, args) -> dict:
+    from memo.tenants import revoke_tenant
+
+    revoke_tenant(a.file, a.name)
+    print(f"tenant {a.name!r} removed from {a.file}; running routers refuse its key within their tenants_reload_s")
     return {"name": a.name}
 
 
@@ -307,7 +321,7 @@ def cmd_status(a: StatusArgs, sections, args) -> dict:
         for dep, s in st["serving"].items():
             print(f"  served by {dep}: v{s['version']} since {s['since']}")
         for span in st["serving_history"][-6:]:
-            print(f"  {span['deployment']} served v{span['version']} from {span['since']} "
+            print(f"  {span['deployment']}/{span['replica']} served v{span['version']} from {span['since']} "
                   f"to {span['until'] or 'now'}")
         for h in st["alias_history"][-5:]:
             was = f"v{h['from']}" if h['from'] else "(new)"
@@ -335,17 +349,16 @@ def cmd_ask(a: AskArgs, sections, args) -> dict:
     import os
 
     from memo.executive import answer_question
-    from memo.executive.clients import HttpMemory, LocalMemory, make_executive
+    from memo.executive.clients import LocalMemory, make_executive
 
     exec_cfg = section(args, sections, ExecutiveConfig, "executive")
+    if a.url:
+        return _ask_served(a, exec_cfg.protocol, os.environ.get("MEMO_API_KEY"))
     llm = make_executive(a.executive_url, a.executive_model, os.environ.get("MEMO_EXECUTIVE_API_KEY"),
                          a.executive_local)
-    if a.url:
-        memory = HttpMemory(a.url, a.domain, os.environ.get("MEMO_API_KEY"), exec_cfg.memory_max_tokens)
-    else:
-        version = registry.resolve_version(a.domain, a.alias)
-        memory = LocalMemory(str(registry.download_version(a.domain, version)), exec_cfg.memory_max_tokens)
-        memory.version = version
+    version = registry.resolve_version(a.domain, a.alias)
+    memory = LocalMemory(str(registry.download_version(a.domain, version)), exec_cfg.memory_max_tokens)
+    memory.version = version
     tr = answer_question(a.question, llm, memory, exec_cfg)
     if a.as_json:
         print(json.dumps(asdict(tr), indent=2))
@@ -355,6 +368,30 @@ def cmd_ask(a: AskArgs, sections, args) -> dict:
                 print(f"  memory  Q: {s['question']}\n          A: {s['answer']}")
         print(f"answer (memo-{a.domain} v{tr.memory_version}, {tr.protocol} protocol): {tr.answer}")
     return asdict(tr)
+
+
+def _ask_served(a: AskArgs, protocol: str, key: str | None) -> dict:
+    """The MeMo answer from a running router (model memo/<domain>, the server's executive)."""
+    import openai
+
+    client = openai.OpenAI(base_url=a.url.rstrip("/") + "/v1", api_key=key or "none", max_retries=2, timeout=600)
+    try:
+        reply = client.chat.completions.create(
+            model=f"memo/{a.domain}", messages=[{"role": "user", "content": a.question}],
+            extra_body={"memo_protocol": protocol, "memo_trace": True})
+    except openai.APIStatusError as e:
+        raise MemoError(f"--url {a.url}: HTTP {e.status_code}: {e.message}") from None
+    except openai.APIConnectionError:
+        raise MemoError(f"--url {a.url}: no router answers there (start one with `memo serve`)") from None
+    out = reply.model_dump()
+    if a.as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        for call in (out.get("memo_trace") or {}).get("memory_answers", []):
+            print(f"  memory {call['domain']}  Q: {call['question']}\n          A: {call['answer']}")
+        print(f"answer (memo-{a.domain} v{out.get('memo_version')}, {out.get('memo_protocol')} protocol, "
+              f"{out.get('memory_calls')} memory calls): {reply.choices[0].message.content}")
+    return out
 
 
 def cmd_corpus(a: CorpusArgs, sections, args) -> dict:
@@ -412,6 +449,8 @@ COMMANDS = (
             cmd_promote),
     Command("rollback", "point an alias back at its previous version", RollbackArgs, cmd_rollback),
     Command("tenants add", "add a tenant and print its new API key once", TenantAddArgs, cmd_tenants_add),
+    Command("tenants revoke", "remove a tenant: its key stops working without a redeploy", TenantRevokeArgs,
+            cmd_tenants_revoke),
     Command("status", "domains, versions, aliases and what is served", StatusArgs, cmd_status),
     Command("serve", "run the OpenAI-compatible router (Ray Serve) in the foreground", ServeConfig, cmd_serve),
     Command("ask", "answer a question with an executive that questions the memory", AskArgs, cmd_ask, (_EXEC,)),

@@ -11,6 +11,8 @@ import json
 import re
 import shutil
 import time
+import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 from memo.atomic import atomic_path
@@ -176,6 +178,7 @@ def domain_status(domain: str) -> dict:
     name = registered_name(domain)
     rm = c.get_registered_model(name)
     versions = sorted(c.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    spans = serving_spans(domain, rm.tags)
     return {
         "domain": domain, "registered_model": name,
         "aliases": {a: str(v) for a, v in rm.aliases.items()},
@@ -183,29 +186,47 @@ def domain_status(domain: str) -> dict:
                       "base_model": v.tags.get("memo.base_model"), "rows": v.tags.get("memo.reflection_rows"),
                       "train_recall": v.tags.get("memo.train_recall")} for v in versions],
         "alias_history": json.loads(rm.tags.get("memo.alias_history", "[]")),
-        "serving": json.loads(rm.tags.get("memo.serving", "{}")),
-        "serving_history": json.loads(rm.tags.get("memo.serving_history", "[]")),
+        # what each replica serves now, and every span: (deployment, replica, version, since, until)
+        "serving": {f"{s['deployment']}/{s['replica']}": {"version": s["version"], "since": s["since"]}
+                    for s in spans if s["until"] is None},
+        "serving_history": spans,
     }
 
 
-def record_serving(domain: str, deployment: str, version: str) -> None:
-    """Audit which version a deployment serves, from when to when (called by replicas when they load a
-    version): `memo.serving` holds the current version per deployment, `memo.serving_history` the spans."""
-    c = client()
-    name = registered_name(domain)
-    rm = c.get_registered_model(name)
-    serving = json.loads(rm.tags.get("memo.serving", "{}"))
-    if serving.get(deployment, {}).get("version") == str(version):
-        return
-    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    history = json.loads(rm.tags.get("memo.serving_history", "[]"))
-    for span in history:
-        if span["deployment"] == deployment and span.get("until") is None:
-            span["until"] = now
-    history.append({"deployment": deployment, "version": str(version), "since": now, "until": None})
-    serving[deployment] = {"version": str(version), "since": now}
-    c.set_registered_model_tag(name, "memo.serving", json.dumps(serving))
-    c.set_registered_model_tag(name, "memo.serving_history", json.dumps(history[-100:]))
+# The serving audit: one registered-model tag per span, `memo.serving.span.<id>`, written only by the
+# replica that owns the span (opened when it starts serving a version, closed when it serves another
+# or shuts down). Replicas never read-modify-write a shared value, so concurrent replicas cannot
+# overwrite each other's records; the registry itself stays the one place to look (any MLflow backend).
+SPAN_TAG = "memo.serving.span."
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _write_span(span: dict) -> None:
+    client().set_registered_model_tag(registered_name(span["domain"]), SPAN_TAG + span["id"], json.dumps(span))
+
+
+def open_serving_span(domain: str, deployment: str, replica: str, version: str) -> dict:
+    """Record that `replica` of `deployment` starts serving `version` of `domain`; returns the span."""
+    span = {"id": uuid.uuid4().hex[:16], "domain": domain, "deployment": deployment, "replica": replica,
+            "version": str(version), "since": _now(), "until": None}
+    _write_span(span)
+    return span
+
+
+def close_serving_span(span: dict) -> dict:
+    span = {**span, "until": _now()}
+    _write_span(span)
+    return span
+
+
+def serving_spans(domain: str, tags: dict | None = None) -> list[dict]:
+    """Every serving span of `domain`, oldest first."""
+    tags = tags if tags is not None else client().get_registered_model(registered_name(domain)).tags
+    spans = [json.loads(v) for k, v in tags.items() if k.startswith(SPAN_TAG)]
+    return sorted(spans, key=lambda s: (s["since"], s["id"]))
 
 
 def previous_version(domain: str, alias: str) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Protocol
 
 from memo import registry
+from memo.engines.base import Reply
 from memo.engines.memory import MemoryEngine
 from memo.errors import MemoError
 from memo.gguf import resolve_gguf
@@ -70,7 +71,8 @@ class LocalLLM:
             self.engine, self.name = HfEngine(spec, strict=False), spec
         self.usage: Counter = Counter()
 
-    def complete(self, messages, max_tokens=96, temperature=0.0):
+    def reply(self, messages, max_tokens=96, temperature=0.0) -> Reply:
+        """One chat turn with its token counts (what a caller sharing this client counts per request)."""
         r = self.engine.chat([messages], max_tokens, temperature)[0]
         if r.error:
             raise MemoError(f"executive {self.name}: {r.error}")
@@ -78,7 +80,10 @@ class LocalLLM:
         # Engine timings (llama.cpp reports them) in milliseconds, so the Counter stays integer
         self.usage.update(prefill_tokens=r.prefill_tokens, prefill_ms=round(r.prefill_s * 1000),
                           decode_ms=round(r.decode_s * 1000))
-        return r.text
+        return r
+
+    def complete(self, messages, max_tokens=96, temperature=0.0) -> str:
+        return self.reply(messages, max_tokens, temperature).text
 
 
 class OpenAILLM:
@@ -95,15 +100,20 @@ class OpenAILLM:
         self.last_version: str | None = None
         self.usage: Counter = Counter()
 
-    def complete(self, messages, max_tokens=96, temperature=0.0):
+    def reply(self, messages, max_tokens=96, temperature=0.0) -> Reply:
         raw = self.client.chat.completions.with_raw_response.create(
             model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
         self.last_version = raw.headers.get("x-memo-model-version")
         resp = raw.parse()
         u = getattr(resp, "usage", None)
-        self.usage.update(calls=1, prompt_tokens=getattr(u, "prompt_tokens", 0) or 0,
-                          completion_tokens=getattr(u, "completion_tokens", 0) or 0)
-        return (resp.choices[0].message.content or "").strip()
+        r = Reply((resp.choices[0].message.content or "").strip(), "", getattr(u, "prompt_tokens", 0) or 0,
+                  getattr(u, "completion_tokens", 0) or 0,
+                  "length" if resp.choices[0].finish_reason == "length" else "stop")
+        self.usage.update(calls=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+        return r
+
+    def complete(self, messages, max_tokens=96, temperature=0.0) -> str:
+        return self.reply(messages, max_tokens, temperature).text
 
 
 class HttpMemory:
@@ -163,9 +173,9 @@ class LocalMemory:
         return [r.text for r in replies]
 
 
-def make_executive(url: str | None, model: str | None, api_key: str | None, local: str) -> ChatLLM:
+def make_executive(url: str | None, model: str | None, api_key: str | None, local: str, parallel: int = 2) -> ChatLLM:
     if url:
         if not model:
             raise MemoError("--executive-model is required with --executive-url (the model name the endpoint serves)")
         return OpenAILLM(url, model, api_key)
-    return LocalLLM(local)
+    return LocalLLM(local, parallel=parallel)
