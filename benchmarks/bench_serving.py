@@ -13,7 +13,8 @@ registered in a throwaway MLflow registry, so the numbers measure the serving pa
 Last line: RESULT {"requests_per_s", "p50_s", "p99_s", "errors" (first engine), "engines": {engine:
 {requests_per_s, p50_s, p99_s, tokens_per_s_1, tokens_per_s_C, errors}}, "llamacpp_vs_transformers"
 (1-client tokens/s), "concurrency_gain_16_vs_1" (llama.cpp, aggregate tokens/s at C clients over 1),
-"batched_vs_unbatched", "overhead_vs_direct", "cold_s", "warm_s", "cpu_flags"}.
+"batched_vs_unbatched", "overhead_vs_direct", "cold_s", "warm_s", "cpu_flags", "executive_endpoint":
+{requests_per_s, p50_s, p99_s, memory_calls_per_q, errors} (model memo/<domain>, the served executive)}.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def drive(url: str, key: str, domains: list[str], clients: int, seconds: float, 
     """C client threads, each sending requests back to back, round-robin over the domains."""
     import httpx
 
-    lat, errors, tokens, stop, lock = [], [0], [0], time.time() + seconds, threading.Lock()
+    lat, errors, tokens, calls, stop, lock = [], [0], [0], [0], time.time() + seconds, threading.Lock()
 
     def client(i: int) -> None:
         with httpx.Client(timeout=300, headers={"authorization": f"Bearer {key}"}) as c:
@@ -61,6 +62,7 @@ def drive(url: str, key: str, domains: list[str], clients: int, seconds: float, 
                     if ok:
                         lat.append(time.time() - t0)
                         tokens[0] += r.json()["usage"]["completion_tokens"]
+                        calls[0] += r.json().get("memory_calls", 0)
                     else:
                         errors[0] += 1
                 n += 1
@@ -74,7 +76,7 @@ def drive(url: str, key: str, domains: list[str], clients: int, seconds: float, 
     wall = time.time() - t0
     lat.sort()
     return {"requests": len(lat), "requests_per_s": len(lat) / wall, "errors": errors[0],
-            "tokens_per_s": tokens[0] / wall,
+            "tokens_per_s": tokens[0] / wall, "memory_calls_per_q": calls[0] / max(1, len(lat)),
             "p50_s": lat[len(lat) // 2] if lat else float("nan"),
             "p99_s": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else float("nan")}
 
@@ -88,6 +90,9 @@ def main() -> int:
     ap.add_argument("--domains", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--executive", default="qwen2.5-coder-0.5b",
+                    help="the served executive for the memo/<domain> phase (a GGUF alias or HF folder; '' skips it)")
+    ap.add_argument("--executive-clients", type=int, default=4)
     args = ap.parse_args()
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     if args.base_model == "tiny" and engines != ["transformers"]:
@@ -130,12 +135,13 @@ def main() -> int:
     key = add_tenant(home / "tenants.yaml", "bench", ["*"])
     init_ray()
 
-    def start(batch: int, engine: str) -> str:
+    def start(batch: int, engine: str, executive: str = "") -> str:
         port = free_port()
         url = serving.run(ServeConfig(domains=names + ["cold"], port=port, max_new_tokens=args.max_tokens,
                                       max_batch_size=batch, max_models_per_replica=args.domains + 1,
                                       engine=engine, engine_parallel=args.clients,
-                                      tenants_file=str(home / "tenants.yaml")))
+                                      tenants_file=str(home / "tenants.yaml"), serve_executive=bool(executive),
+                                      executive_local=executive or "auto"))
         drive(url, key, names, 1, 0.1, args.max_tokens)  # load every domain once before timing
         for d in names:
             drive(url, key, [d], 1, 0.1, args.max_tokens)
@@ -167,6 +173,15 @@ def main() -> int:
                 warm.append(time.time() - t0)
         serve.shutdown()
 
+    # The MeMo answer (model memo/<domain>): the served executive questions the memory over handles.
+    memo = None
+    if args.executive:
+        url = start(batch=8, engine=engines[-1], executive=args.executive)
+        drive(url, key, [f"memo/{names[0]}"], 1, 0.1, args.max_tokens)  # executive warm-up
+        memo = drive(url, key, [f"memo/{d}" for d in names], args.executive_clients, args.seconds * 2, args.max_tokens)
+        print(f"[bench] memo/<domain> ({args.executive} executive, {engines[-1]} memory): {memo}", flush=True)
+        serve.shutdown()
+
     # @serve.batch on vs off, and Serve + router overhead, on the reference engine (transformers).
     url = start(batch=1, engine="transformers")
     unbatched = drive(url, key, names, args.clients, args.seconds, args.max_tokens)
@@ -193,6 +208,13 @@ def main() -> int:
         "overhead_vs_direct": round(ref["p50_s_1"] - direct_s, 4) if ref else None,
         "cold_s": round(cold, 3), "warm_s": round(statistics.median(warm), 4), "cpu_flags": cpu_flags(),
     }
+    if memo:
+        result["executive_endpoint"] = {
+            "executive": args.executive, "clients": args.executive_clients,
+            "requests_per_s": round(memo["requests_per_s"], 3), "p50_s": round(memo["p50_s"], 3),
+            "p99_s": round(memo["p99_s"], 3), "memory_calls_per_q": round(memo["memory_calls_per_q"], 2),
+            "errors": memo["errors"]}
+        result["errors"] += memo["errors"]
     if "llamacpp" in per_engine:
         lc = per_engine["llamacpp"]
         result["concurrency_gain_16_vs_1"] = round(lc["tokens_per_s_C"] / max(lc["tokens_per_s_1"], 1e-9), 2)
@@ -203,6 +225,11 @@ def main() -> int:
     for engine, e in per_engine.items():
         print(f"{engine:<14} {e['requests_per_s']:>8.2f} {e['p50_s']:>8.3f} {e['p99_s']:>8.3f} "
               f"{e['tokens_per_s_1']:>15.1f} {e['tokens_per_s_C']:>17.1f} {e['errors']:>7}")
+    if memo:
+        e = result["executive_endpoint"]
+        print(f"{'memo/<domain>':<14} {e['requests_per_s']:>8.2f} {e['p50_s']:>8.3f} {e['p99_s']:>8.3f} "
+              f"{'(' + str(e['memory_calls_per_q']) + ' memory calls/q, ' + str(e['clients']) + ' clients)':>33} "
+              f"{e['errors']:>7}")
     print(f"\n{'measurement':<44} {'value':>10}")
     for name, v in [(f"transformers unbatched req/s ({args.clients} clients)", unbatched["requests_per_s"]),
                     ("transformers engine in-process, p50 (s)", direct_s),

@@ -1,6 +1,7 @@
 """The whole loop on a real local Ray cluster with a tiny model: synthesize (Ray Data) -> train
 (Ray Train, 2 FSDP2 workers on gloo) -> MLflow registry -> Ray Serve router over real HTTP on
-127.0.0.1 -> the official openai client and the executive."""
+127.0.0.1 -> the official openai client and the executive, here and served (model memo/e2e, with
+Qwen2.5-Coder-0.5B on llama.cpp as the served executive when make install has put it there)."""
 
 import json
 import socket
@@ -59,15 +60,27 @@ def test_training_registers_a_candidate_with_lineage(trained):
     assert history[-1].value < history[0].value  # it learned something
 
 
+def real_executive() -> str | None:
+    from memo.engines.llamacpp import available
+    from memo.errors import MemoError
+    from memo.gguf import resolve_gguf
+
+    try:
+        resolve_gguf("qwen2.5-coder-0.5b")
+        return "qwen2.5-coder-0.5b" if available() else None
+    except MemoError:
+        return None
+
+
 @pytest.fixture(scope="module")
-def served(trained):
+def served(trained, tiny_model):
     from memo import registry, serving
     from memo.config import ServeConfig
     from ray import serve
 
     registry.set_alias("e2e", "champion", trained[0]["version"])
     url = serving.run(ServeConfig(domains=["e2e"], port=free_port(), max_new_tokens=16, max_tokens_cap=32,
-                                   alias_refresh_s=0.5))
+                                   alias_refresh_s=0.5, executive_local=real_executive() or tiny_model))
     yield url
     serve.shutdown()
 
@@ -85,7 +98,7 @@ def test_openai_client_gets_an_answer_with_the_version(served, trained):
     assert body.model_extra["memo_version"] == version
     assert 0 < body.usage.completion_tokens <= 8
     models = client.models.list()
-    assert [(m.id, m.model_extra["memo_version"]) for m in models.data] == [("e2e", version)]
+    assert [(m.id, m.model_extra["memo_version"]) for m in models.data] == [("e2e", version), ("memo/e2e", version)]
 
 
 def test_router_errors_are_openai_shaped(served):
@@ -114,7 +127,8 @@ def test_promotion_switches_the_served_version(served, trained, tiny_model):
     r = httpx.post(served + "/v1/chat/completions",
                    json={"model": "e2e", "messages": [{"role": "user", "content": "q?"}], "max_tokens": 4}, timeout=60)
     assert r.status_code == 200 and r.headers["x-memo-model-version"] == v_new
-    assert registry.domain_status("e2e")["serving"]["MemoryModel"]["version"] == v_new
+    serving = registry.domain_status("e2e")["serving"]
+    assert [s["version"] for k, s in serving.items() if k.startswith("MemoryModel/")] == [v_new]
 
 
 def test_single_turn_executive_questions_the_served_memory(served, tiny_model):
@@ -128,3 +142,20 @@ def test_single_turn_executive_questions_the_served_memory(served, tiny_model):
     assert tr.memory_version is not None
     assert tr.answer
 
+
+
+@pytest.mark.skipif(real_executive() is None, reason="llama-server or qwen2.5-coder-0.5b is not installed")
+def test_served_memo_answer_with_a_real_executive(served):
+    """The product: the openai client asks memo/e2e, the served executive (a real instruct model on
+    llama.cpp) questions the memory in-cluster; plain and streamed, with version and memory calls."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=served + "/v1", api_key="unused")
+    ask = {"model": "memo/e2e", "messages": [{"role": "user", "content": "Who founded the Halvenmere Cooperative?"}]}
+    reply = client.chat.completions.create(**ask, extra_body={"memo_trace": True})
+    assert reply.choices[0].message.content and reply.model_extra["memory_calls"] >= 1
+    assert reply.model_extra["memo_version"] and reply.usage.prompt_tokens > 20
+    decompose = next(s for s in reply.model_extra["memo_trace"]["steps"] if s.get("step") == "decompose")
+    assert "?" in decompose["output"]  # a real executive writes sub-questions
+    chunks = list(client.chat.completions.create(**ask, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()

@@ -6,7 +6,8 @@ import json
 
 import pytest
 from conftest import DEMO_CORPUS, run_cli
-from memo.evaluation.baselines import BM25Index, gold_subquestion, short_answer
+from memo.evaluation.baselines import BM25Index, gold_subquestion
+from memo.text import short_answer
 from memo.evaluation.harness import markdown_table, summarize
 
 DOCS = {d["id"]: d for d in map(json.loads, DEMO_CORPUS.read_text().splitlines())}
@@ -63,8 +64,19 @@ def test_summary_and_table():
     assert res["methods"] == {"bm25": {"em": 0.5, "f1": 0.75, "contains": 0.5, "memory_calls_per_q": 0.0,
                                        "latency_s_per_q": 3.0, "executive_tokens_per_q": 200.0, "n": 2,
                                        "json_turns": 3, "json_parse_failures": 1,
-                                       "executive_prefill_tok_s": 200.0, "executive_decode_tok_s": 20.0}}
-    assert "| bm25 | 0.500 | 0.750 | 0.500 | 0.0 | 3.0 | 200 | 1/3 | 200 / 20.0 |" in markdown_table(res)
+                                       "executive_prefill_tok_s": 200.0, "executive_decode_tok_s": 20.0,
+                                       "em_ci": [0.0, 1.0], "f1_ci": [0.5, 1.0], "contains_ci": [0.0, 1.0]}}
+    assert ("| bm25 | 0.500 [0.00, 1.00] | 0.750 [0.50, 1.00] | 0.500 [0.00, 1.00] | 0.0 | 3.0 | 200 | 1/3 | "
+            "200 / 20.0 |") in markdown_table(res)
+
+
+def test_bootstrap_interval_narrows_with_more_questions():
+    from memo.evaluation.metrics import bootstrap_ci
+
+    few, many = bootstrap_ci([1, 0, 1, 0, 1, 0, 1, 0]), bootstrap_ci([1, 0] * 200)
+    assert few[0] < 0.5 < few[1] and many[0] < 0.5 < many[1]
+    assert many[1] - many[0] < (few[1] - few[0]) / 3  # ~1/sqrt(n)
+    assert bootstrap_ci([1, 1, 1]) == [1.0, 1.0] and bootstrap_ci([0.25, 0.75]) == bootstrap_ci([0.25, 0.75])
 
 
 @pytest.mark.parametrize("args, message", [
@@ -82,13 +94,14 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_eval_builds_the_memory_runs_every_method_and_resumes(tmp_path, tiny_model):
-    """No --memory: synthesize + train + register the corpus' memory, then all six methods with a tiny
-    model as executive and base; results, table, chart, predictions, traces, MLflow; a re-run resumes."""
+    """No --memory: synthesize + train + register the corpus' memory, then all seven methods with a tiny
+    model as executive, judge and base; results with intervals, the judge and its agreement with
+    `contains`, the three diagnostics, table, chart, predictions, traces, MLflow; a re-run resumes."""
     import mlflow
     from memo import registry
 
     data, out = musique_file(tmp_path / "m.jsonl"), tmp_path / "out"
-    methods = "closed_book,bm25,oracle,memo_single,memo_structured,memo_gold_decomp"
+    methods = "closed_book,bm25,oracle,memo_single,memo_structured,memo_gold_decomp,memo_rag"
     args = ["eval", "--benchmark", "musique", "--data", str(data), "--out", str(out), "--methods", methods,
             "--domain", "evaltest", "--executive-local", tiny_model, "--set", f"base_model={tiny_model}",
             "--set", "epochs=1", "--set", "train.workers=1", "--set", "pinning_turns=2", "--set", "seeking_turns=2",
@@ -101,13 +114,20 @@ def test_eval_builds_the_memory_runs_every_method_and_resumes(tmp_path, tiny_mod
     for name, m in results["methods"].items():
         assert m["n"] == 2 and 0 <= m["em"] <= m["contains"] <= 1 and 0 <= m["f1"] <= 1 and m["latency_s_per_q"] > 0
         assert (m["memory_calls_per_q"] > 0) == name.startswith("memo_")
+        assert m["f1_ci"][0] <= m["f1"] <= m["f1_ci"][1] and 0 <= m["judge"] <= 1
+        assert 0 <= m["judge_agrees_with_contains"] <= 1
+    d = results["diagnostics"]
+    assert d["memory_recall"]["probes"] == sum(len(q["question_decomposition"]) for q in map(
+        json.loads, data.read_text().splitlines()))
+    assert 0 <= d["memory_recall"]["recall"] <= 1 and 0 <= d["reflections_recited"]["recited"] <= 1
+    assert d["reflections_recited"]["asked"] > 0 and d["reflection_coverage"]["facts"] > 0
     assert results["methods"]["memo_gold_decomp"]["memory_calls_per_q"] >= 1
     assert results["memory"].startswith("models:/memo-evaltest/")
     table = (out / "results.md").read_text()
     assert all(f"| {m} |" in table for m in methods.split(","))
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     preds = (out / "predictions.jsonl").read_text().splitlines()
-    assert len(preds) == 12
+    assert len(preds) == 14
     structured = [json.loads(line) for line in (out / "traces" / "memo_structured.jsonl").read_text().splitlines()]
     assert len(structured) == 2 and all(t["protocol"] == "structured" for t in structured)
     assert any(s["role"] == "state" for s in structured[0]["steps"])
@@ -121,8 +141,8 @@ def test_eval_builds_the_memory_runs_every_method_and_resumes(tmp_path, tiny_mod
 
     # the same command again: nothing is answered twice
     again = run_cli(*args)
-    assert again.returncode == 0 and "12 answers already in" in again.stdout and "0 to go" in again.stdout
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 12
+    assert again.returncode == 0 and "14 answers already in" in again.stdout and "0 to go" in again.stdout
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 14
     resumed = json.loads((out / "results.json").read_text())
     assert resumed["methods"] == results["methods"]
     # other settings into the same folder: refused, nothing overwritten

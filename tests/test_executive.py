@@ -12,7 +12,7 @@ class Scripted:
     def __init__(self, *replies):
         self.replies, self.prompts = list(replies), []
 
-    def complete(self, messages, max_tokens=96, temperature=0.0):
+    def complete(self, messages, max_tokens=96, temperature=0.0, json_mode=False):
         self.prompts.append(messages[-1]["content"])
         return self.replies.pop(0)
 
@@ -88,3 +88,26 @@ def test_an_answer_that_drops_what_the_memory_said_falls_back_with_a_trace():
     # an answer that keeps the memory's facts stands
     exe = Scripted("", "Ilsabet Vornhollow, who invented the Corvane Cell.")
     assert single_turn(q, exe, Memory({q: said})).answer == "Ilsabet Vornhollow, who invented the Corvane Cell."
+
+
+def test_a_chained_subquestion_is_asked_with_the_earlier_answer_put_in():
+    q = "Where was the founder of the Halvenmere Cooperative born?"
+    exe = Scripted("1. Who founded the Halvenmere Cooperative?\n2. Where was #1 born?\n3. When was #2 founded?",
+                   "Dunmore")
+    mem = Memory({"Who founded the Halvenmere Cooperative?": "Tobiah Quenlark founded the Halvenmere Cooperative.",
+                  "Where was Tobiah Quenlark born?": "Tobiah Quenlark was born in Dunmore."})
+    tr = single_turn(q, exe, mem, max_subquestions=3)
+    # hop 1 with the question itself, then hop 2 with hop 1's entity, then hop 3 with hop 2's
+    assert mem.asked == [q, "Who founded the Halvenmere Cooperative?", "Where was Tobiah Quenlark born?",
+                         "When was Dunmore founded?"]
+    assert tr.answer == "Dunmore" and "born in Dunmore" in exe.prompts[1]
+    chained = [s for s in tr.steps if s.get("chained_from")]
+    assert [s["chained_from"] for s in chained] == ["Where was #1 born?", "When was #2 founded?"]
+
+
+def test_a_chain_stops_where_the_memory_does_not_know():
+    exe = Scripted("1. Who founded the Orrin Guild?\n2. Where was #1 born?", "unused")
+    mem = Memory({})
+    tr = single_turn("Where was the Orrin Guild's founder born?", exe, mem, max_subquestions=2)
+    assert mem.asked == ["Where was the Orrin Guild's founder born?", "Who founded the Orrin Guild?"]
+    assert tr.answer == "I don't know." and any(s.get("step") == "skip" for s in tr.steps)

@@ -24,7 +24,7 @@ class Scripted:
     def __init__(self, replies):
         self.replies, self.prompts = replies, []
 
-    def chat(self, batch, max_tokens, temperature):
+    def chat(self, batch, max_tokens, temperature, json_mode=False):
         out = []
         for msgs in batch:
             self.prompts.append(msgs[-1]["content"])

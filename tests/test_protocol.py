@@ -15,7 +15,7 @@ class Scripted:
     def __init__(self, **replies):
         self.replies, self.prompts = {k: list(v) for k, v in replies.items()}, []
 
-    def complete(self, messages, max_tokens=96, temperature=0.0):
+    def complete(self, messages, max_tokens=96, temperature=0.0, json_mode=False):
         prompt = messages[-1]["content"]
         self.prompts.append(prompt)
         if "Reply with one JSON object only" in prompt:

@@ -1,5 +1,7 @@
 """`memo check`: the demo's check questions against a served domain, three ways side by side: the base
 model answering closed-book, the memory's own answer, and MeMo (the executive questioning the memory).
+MeMo is the served product by default (`model: memo/<domain>`: the router's executive deployment
+questions the memory in-cluster); `--memo-answer local` runs the executive here against the raw memory.
 
 The check questions are reworded, never the training reflections, and several need two documents.
 Results go to MEMO_HOME/demo_results.json; the table goes to stdout.
@@ -40,16 +42,45 @@ def matches(prediction: str, row: dict) -> bool:
     return contains_reference(prediction, [row["answer"], *row.get("aliases", [])])
 
 
+class ServedMemo:
+    """The router's MeMo answer (model memo/<domain>), in the shape the local protocol returns."""
+
+    def __init__(self, url: str, domain: str, key: str | None):
+        from openai import OpenAI
+
+        self.client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=key or "none", timeout=600, max_retries=2)
+        self.domain = domain
+
+    def answer(self, question: str, protocol: str):
+        from types import SimpleNamespace
+
+        r = self.client.chat.completions.create(model=f"memo/{self.domain}",
+                                                messages=[{"role": "user", "content": question}],
+                                                extra_body={"memo_protocol": protocol, "memo_trace": True})
+        x = r.model_extra
+        calls = (x.get("memo_trace") or {}).get("memory_answers", [])
+        return SimpleNamespace(answer=r.choices[0].message.content or "", memory_version=x.get("memo_version"),
+                               memory_calls=x.get("memory_calls", 0),
+                               seconds=(x.get("memo_trace") or {}).get("seconds", 0.0),
+                               steps=[{"role": "memory", **c} for c in calls])
+
+
 def run_checks(args, exec_cfg: ExecutiveConfig) -> dict:
     questions = load_questions(args.questions)
-    memory = HttpMemory(args.url, args.domain, os.environ.get("MEMO_API_KEY"), exec_cfg.memory_max_tokens)
+    key = os.environ.get("MEMO_API_KEY")
     executive = make_executive(args.executive_url, args.executive_model, os.environ.get("MEMO_EXECUTIVE_API_KEY"),
                                args.executive_local)
+    if args.memo_answer == "served":
+        served = ServedMemo(args.url, args.domain, key)
+        memo = lambda question: served.answer(question, exec_cfg.protocol)  # noqa: E731
+    else:
+        memory = HttpMemory(args.url, args.domain, key, exec_cfg.memory_max_tokens)
+        memo = lambda question: answer_question(question, executive, memory, exec_cfg)  # noqa: E731
     rows, by_kind = [], {}
     for i, q in enumerate(questions, 1):
         cb = closed_book(q["question"], executive)
-        tr = answer_question(q["question"], executive, memory, exec_cfg)
-        direct = next((s["answer"] for s in tr.steps if s["role"] == "memory"), "")
+        tr = memo(q["question"])
+        direct = next((s["answer"] for s in tr.steps if s["role"] == "memory" and s["question"] == q["question"]), "")
         ok = {"closed_book": matches(cb, q), "memory": matches(direct, q), "memo": matches(tr.answer, q)}
         kind = q.get("kind", "")
         for k, v in ok.items():
@@ -70,7 +101,8 @@ def run_checks(args, exec_cfg: ExecutiveConfig) -> dict:
     total = {k: sum(r[f"{k}_ok"] for r in rows) for k in ("closed_book", "memory", "memo")}
     summary = {"domain": args.domain, "version": rows[0]["memory_version"] if rows else None, "questions": n,
                "closed_book_correct": total["closed_book"], "memory_direct_correct": total["memory"],
-               "memo_correct": total["memo"], "by_kind": by_kind, "protocol": exec_cfg.protocol}
+               "memo_correct": total["memo"], "by_kind": by_kind, "protocol": exec_cfg.protocol,
+               "memo_answer": args.memo_answer}
     out = memo_home() / "demo_results.json"
     write_text(out, json.dumps({"summary": summary, "rows": rows}, indent=2))
     log.info(f"\nclosed-book executive: {total['closed_book']}/{n} correct;  MeMo (executive + memory): "

@@ -109,6 +109,8 @@ class CheckArgs(ExecutiveEndpoint):
     domain: str = F("demo", "the served domain")
     questions: str = F("examples/demo/questions.jsonl", "check questions (question, answer, aliases?, kind?)")
     url: str = F("http://127.0.0.1:8000", "the router serving the domain")
+    memo_answer: Literal["served", "local"] = F("served", "served: the router's MeMo answer (model memo/<domain>); "
+                                                "local: the executive runs here and questions the served memory")
 
 
 @dataclass(frozen=True)

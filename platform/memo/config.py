@@ -36,7 +36,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 Generator = Literal["rules", "llamacpp", "hf", "http", "vllm"]
 Benchmark = Literal["musique", "hotpotqa", "2wiki", "narrativeqa"]
-EvalMethod = Literal["closed_book", "bm25", "oracle", "memo_single", "memo_structured", "memo_gold_decomp"]
+EvalMethod = Literal["closed_book", "bm25", "oracle", "memo_single", "memo_structured", "memo_gold_decomp",
+                     "memo_rag"]
 BENCHMARKS: tuple[str, ...] = get_args(Benchmark)
 EVAL_METHODS: tuple[str, ...] = get_args(EvalMethod)
 
@@ -346,8 +347,12 @@ class EvalConfig(BenchmarkSample, ExecutiveEndpoint):
     memory_url: str = F("", "ask the memory through this router instead (with domain; key in MEMO_API_KEY)")
     domain: str = F("", "domain to register a memory built here under ('' = <benchmark>-<hash>), or the "
                     "router's model name")
-    judge_url: str = F("", "optional LLM judge, OpenAI-compatible (key in MEMO_JUDGE_API_KEY)")
+    judge_url: str = F("", "LLM judge on an OpenAI-compatible endpoint (key in MEMO_JUDGE_API_KEY)")
     judge_model: str = F("", "the judge endpoint's model name")
+    judge_local: str = F("auto", "the local judge when no judge_url is given ('' = no judge): a GGUF alias or HF "
+                         "folder; auto = the executive's local model (one engine for both)")
+    diagnostics: bool = F(True, "memory recall on gold sub-questions, recited reflections, coverage (memo_* runs)",
+                          run_only=True)
     bm25_k: int = F(9, "passages the BM25 baseline reads (paper: 9)", ge=1)
     chunk_words: int = F(200, "BM25 passage size in words (MuSiQue paragraphs stay whole)", ge=20)
     reader_max_tokens: int = F(48, "tokens of a reader's answer", ge=1)

@@ -96,3 +96,13 @@ def find_spans(sentence: str) -> list[dict]:
             continue
         spans.append({"start": start, "end": start + len(text), "kind": "name", "text": text})
     return sorted(spans, key=lambda s: s["start"])
+
+
+def short_answer(question: str, answer: str) -> str:
+    """The memory answers in sentences; a chained step needs the entity: the first name, date or number
+    the answer gives that the question does not already contain (else the whole answer)."""
+    q = question.lower()
+    for sp in find_spans(answer):
+        if sp["text"].lower() not in q:
+            return sp["text"]
+    return answer.strip()

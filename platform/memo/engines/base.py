@@ -1,7 +1,9 @@
 """The one engine interface every role generates text through (memory, executive, generator, judge,
 post-training checks), whatever the backend: transformers, llama.cpp, vLLM or an OpenAI-compatible URL.
 
-  chat(batch of conversations, max_tokens, temperature) -> [Reply]   the model's own chat template
+  chat(batch of conversations, max_tokens, temperature, json_mode) -> [Reply]   the model's chat template;
+      json_mode asks the engine to constrain decoding to a JSON object where it can (llama.cpp grammar,
+      an endpoint's response_format); transformers generates unconstrained and callers still repair
   complete(batch of token-id prompts, max_tokens, temperature) -> [Reply]   exact tokens in, text out
 
 `complete` is how a memory is asked: its own HF tokenizer renders the training prompt format and the ids
@@ -30,6 +32,7 @@ class Reply:
 
 
 class Engine(Protocol):
-    def chat(self, batch: list[list[dict]], max_tokens: int, temperature: float) -> list[Reply]: ...
+    def chat(self, batch: list[list[dict]], max_tokens: int, temperature: float,
+             json_mode: bool = False) -> list[Reply]: ...
 
     def complete(self, batch: list[list[int]], max_tokens: int, temperature: float) -> list[Reply]: ...

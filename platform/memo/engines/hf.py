@@ -21,7 +21,8 @@ class HfEngine:
         limit = getattr(self.model.config, "max_position_embeddings", 2048)
         self.max_prompt_tokens = min(max_prompt_tokens or limit, limit) if strict else 10**9
 
-    def chat(self, batch: list[list[dict]], max_tokens: int, temperature: float) -> list[Reply]:
+    def chat(self, batch: list[list[dict]], max_tokens: int, temperature: float,
+             json_mode: bool = False) -> list[Reply]:  # no grammar here: json_mode is a hint callers repair
         from memo.inference import prompt_ids
 
         return self.complete([prompt_ids(self.tok, m) for m in batch], max_tokens, temperature)

@@ -159,10 +159,12 @@ class LlamaCppEngine:
     def complete(self, batch: list[list[int]], max_tokens: int, temperature: float) -> list[Reply]:
         return list(self.pool.map(lambda ids: self._complete_one(list(ids), max_tokens, temperature), batch))
 
-    def _chat_one(self, messages: list[dict], max_tokens: int, temperature: float) -> Reply:
+    def _chat_one(self, messages: list[dict], max_tokens: int, temperature: float, json_mode: bool) -> Reply:
+        body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        if json_mode:  # a grammar: the reply is a JSON object (a small model otherwise drifts into prose)
+            body["response_format"] = {"type": "json_object"}
         try:
-            out = self._post("/v1/chat/completions", {"messages": messages, "max_tokens": max_tokens,
-                                                      "temperature": temperature})
+            out = self._post("/v1/chat/completions", body)
         except (httpx.HTTPError, MemoError) as e:
             return Reply(error=f"engine_error: {type(e).__name__}: {str(e)[:160]}")
         choice, usage = out["choices"][0], out.get("usage") or {}
@@ -170,5 +172,6 @@ class LlamaCppEngine:
                      usage.get("completion_tokens", 0), "length" if choice.get("finish_reason") == "length" else "stop",
                      **_timings(out))
 
-    def chat(self, batch: list[list[dict]], max_tokens: int, temperature: float) -> list[Reply]:
-        return list(self.pool.map(lambda m: self._chat_one(m, max_tokens, temperature), batch))
+    def chat(self, batch: list[list[dict]], max_tokens: int, temperature: float,
+             json_mode: bool = False) -> list[Reply]:
+        return list(self.pool.map(lambda m: self._chat_one(m, max_tokens, temperature, json_mode), batch))

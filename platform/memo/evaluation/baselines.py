@@ -1,17 +1,20 @@
 """The baselines every MeMo number is compared with. Every method uses the same executive as its reader,
 so the methods differ only in where the knowledge comes from: nowhere (closed_book), BM25 top-k passages,
 the gold paragraphs (oracle), or the memory model (memo_*, and memo_gold_decomp: the gold sub-questions
-asked in order, what the memory knows independently of the executive)."""
+asked in order, what the memory knows independently of the executive). memo_rag is the hybrid: the
+executive reads the memory's answers (single protocol) and the BM25 passages together."""
 
 from __future__ import annotations
 
 from memo.corpus import Document, chunk_document
 from memo.errors import MemoError
 from memo.evaluation.benchmarks import Question
-from memo.text import IDK_ANSWER, find_spans, is_idk
+from memo.text import IDK_ANSWER, is_idk, short_answer
 
 READER = ("Passages:\n{passages}\n\nUsing the passages, answer the question in a few words.\n"
           "Question: {q}\nAnswer:")
+HYBRID = ("Facts from the memory:\n{facts}\n\nPassages:\n{passages}\n\nUsing the facts and the passages, answer the "
+          "question in a few words.\nQuestion: {q}\nAnswer:")
 
 
 class BM25Index:
@@ -45,9 +48,13 @@ def passages_of(docs: list[Document], chunk_words: int) -> list[dict]:
     return out
 
 
-def read_passages(question: str, passages: list[dict], executive, max_tokens: int) -> tuple[str, dict]:
+def read_passages(question: str, passages: list[dict], executive, max_tokens: int,
+                  facts: list[str] | None = None) -> tuple[str, dict]:
+    """The reader: BM25's or the gold passages; with `facts` (memo_rag), the memory's answers beside them."""
     text = "\n".join(f"[{i + 1}] {p['title'] + ': ' if p['title'] else ''}{p['text']}" for i, p in enumerate(passages))
-    messages = [{"role": "user", "content": READER.format(passages=text, q=question)}]
+    prompt = (HYBRID.format(facts="\n".join(f"- {f}" for f in facts), passages=text, q=question) if facts
+              else READER.format(passages=text, q=question))
+    messages = [{"role": "user", "content": prompt}]
     out = executive.complete(messages, max_tokens=max_tokens)
     return out.strip(), {"passages": [p.get("chunk_id", p["doc_id"]) for p in passages], "messages": messages,
                          "output": out}
@@ -64,16 +71,6 @@ def gold_subquestion(text: str, earlier: list[str]) -> str:
         text = f"What is the {relation.strip()} of {subject.strip()}?"
     text = text.strip()
     return text[0].upper() + text[1:] + ("" if text.endswith("?") else "?") if text else text
-
-
-def short_answer(question: str, answer: str) -> str:
-    """The memory answers in sentences; a chained step needs the entity: the first name, date or number
-    the answer gives that the question does not already contain (else the whole answer)."""
-    q = question.lower()
-    for sp in find_spans(answer):
-        if sp["text"].lower() not in q:
-            return sp["text"]
-    return answer.strip()
 
 
 def gold_decomposition(q: Question, memory) -> tuple[str, dict]:

@@ -29,10 +29,11 @@ from memo.evaluation.baselines import (
     read_passages,
 )
 from memo.evaluation.benchmarks import Question, load_benchmark, write_corpus
-from memo.evaluation.metrics import judge_correct
+from memo.evaluation.metrics import bootstrap_ci, judge_correct
 from memo.executive import answer_question, closed_book
 from memo.executive.clients import (
     HttpMemory,
+    LocalLLM,
     LocalMemory,
     OpenAILLM,
     load_memory,
@@ -41,7 +42,7 @@ from memo.executive.clients import (
 from memo.executive.single import CLOSED_BOOK
 from memo.executive.trace import usage_of
 from memo.models import materialize_full_model
-from memo.text import contains_reference, exact_match, f1
+from memo.text import contains_reference, exact_match, f1, is_idk
 
 log = logging.getLogger(__name__)
 EVAL_VERSION = "eval-1"  # part of the resume key: a scoring or protocol change starts a new OUT
@@ -112,6 +113,18 @@ def _memory_client(cfg: EvalConfig, docs: list[Document], out: Path, exec_cfg: E
     return mem, label
 
 
+def _judge(cfg: EvalConfig, executive):
+    """The paper's binary correctness judge: an endpoint, else a local model (by default the executive's
+    own engine, so no second model is loaded); '' turns it off."""
+    if cfg.judge_url:
+        return OpenAILLM(cfg.judge_url, cfg.judge_model, os.environ.get("MEMO_JUDGE_API_KEY"))
+    if not cfg.judge_local:
+        return None
+    if cfg.judge_local == "auto" and not cfg.executive_url:
+        return executive
+    return LocalLLM(cfg.judge_local)
+
+
 def _answer(method: str, q: Question, ctx: dict) -> tuple[str, dict]:
     executive, cfg = ctx["executive"], ctx["cfg"]
     if method == "closed_book":
@@ -125,6 +138,12 @@ def _answer(method: str, q: Question, ctx: dict) -> tuple[str, dict]:
         return read_passages(q.question, passages, executive, cfg.reader_max_tokens)
     if method == "memo_gold_decomp":
         return gold_decomposition(q, ctx["memory"])
+    if method == "memo_rag":  # parametric + text retrieval: the memory's answers and BM25's passages, one reader
+        tr = answer_question(q.question, executive, ctx["memory"], ctx["exec_cfg"].model_copy(update={"protocol": "single"}))
+        facts = list(dict.fromkeys(s["answer"] for s in tr.steps if s["role"] == "memory" and not is_idk(s["answer"])))
+        answer, read = read_passages(q.question, ctx["bm25"].search(q.question, cfg.bm25_k), executive,
+                                     cfg.reader_max_tokens, facts)
+        return answer, {**asdict(tr), "answer": answer, "read": read, "memory_calls": tr.memory_calls}
     exec_cfg = ctx["exec_cfg"].model_copy(update={"protocol": "structured" if method == "memo_structured" else "single"})
     tr = answer_question(q.question, executive, ctx["memory"], exec_cfg)
     return tr.answer, asdict(tr)
@@ -151,25 +170,44 @@ def summarize(rows: list[dict], methods: list[str], benchmark: str, n: int) -> d
                 entry[f"executive_{phase}_tok_s"] = round(sum(r.get(tokens, 0) for r in rs) / total_ms * 1000, 1)
         if all(r.get("judge") is not None for r in rs):
             entry["judge"] = round(sum(r["judge"] for r in rs) / k, 4)
+            # how far to trust the judge: the share of answers where it agrees with `contains`
+            entry["judge_agrees_with_contains"] = round(sum(r["judge"] == r["contains"] for r in rs) / k, 4)
+        for metric in ("em", "f1", "contains", "judge"):  # 95% bootstrap intervals over questions
+            if metric in entry:
+                entry[f"{metric}_ci"] = bootstrap_ci([r[metric] for r in rs])
         out["methods"][m] = entry
     return out
 
 
 def markdown_table(results: dict) -> str:
+    """The results table; each score with its 95% bootstrap interval over questions."""
     has_judge = any("judge" in v for v in results["methods"].values())
     head = "| method | EM | F1 | contains |" + (" judge |" if has_judge else "") + \
         " memory calls/q | latency s/q | executive tokens/q | JSON fails/turns | executive prefill/decode tok/s |"
-    lines = [f"{results['benchmark']}: {results['n']} questions", "", head,
+    lines = [f"{results['benchmark']}: {results['n']} questions (scores: mean [95% bootstrap interval])", "", head,
              "|---" * (head.count("|") - 1) + "|"]
+
+    def score(v: dict, metric: str) -> str:
+        ci = v.get(f"{metric}_ci")
+        return f"{v[metric]:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
     for m, v in results["methods"].items():
-        judge = f" {v['judge']:.3f} |" if has_judge else ""
-        if has_judge and "judge" not in v:
-            judge = " - |"
+        judge = f" {score(v, 'judge')} |" if has_judge and "judge" in v else (" - |" if has_judge else "")
         speed = (f"{v['executive_prefill_tok_s']:.0f} / {v['executive_decode_tok_s']:.1f}"
                  if "executive_decode_tok_s" in v and "executive_prefill_tok_s" in v else "-")
-        lines.append(f"| {m} | {v['em']:.3f} | {v['f1']:.3f} | {v['contains']:.3f} |{judge} "
+        lines.append(f"| {m} | {score(v, 'em')} | {score(v, 'f1')} | {score(v, 'contains')} |{judge} "
                      f"{v['memory_calls_per_q']:.1f} | {v['latency_s_per_q']:.1f} | {v['executive_tokens_per_q']:.0f} | "
                      f"{v.get('json_parse_failures', 0)}/{v.get('json_turns', 0)} | {speed} |")
+    d = results.get("diagnostics")
+    if d:
+        r = d["memory_recall"]
+        lines += ["", f"memory recall on gold sub-questions: {r['recall']:.3f} {r['recall_ci']} over {r['probes']} "
+                      f"probes (by hop {r['by_hop']})"]
+        if "reflections_recited" in d:
+            lines.append(f"own reflections recited: {d['reflections_recited']['recited']:.3f} "
+                         f"({d['reflections_recited']['asked']} asked)")
+            c = d["reflection_coverage"]
+            lines.append(f"gold facts the reflections state: {c['coverage']:.3f} ({c['covered']}/{c['facts']})")
     return "\n".join(lines) + "\n"
 
 
@@ -208,11 +246,10 @@ def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: di
 
     executive = make_executive(cfg.executive_url or None, cfg.executive_model or None,
                                os.environ.get("MEMO_EXECUTIVE_API_KEY"), cfg.executive_local)
-    judge = OpenAILLM(cfg.judge_url, cfg.judge_model, os.environ.get("MEMO_JUDGE_API_KEY")) if cfg.judge_url \
-        else None
+    judge = _judge(cfg, executive)
     ctx = {"cfg": cfg, "executive": executive, "exec_cfg": exec_cfg, "docs": {d.doc_id: d for d in docs}}
     pending = [(m, q) for m in cfg.methods for q in questions if (m, q.qid) not in done]
-    if "bm25" in cfg.methods:
+    if {"bm25", "memo_rag"} & set(cfg.methods):
         ctx["bm25"] = BM25Index(passages_of(docs, cfg.chunk_words))
     memory_label = None
     if any(m.startswith("memo_") for m, _ in pending):
@@ -263,6 +300,8 @@ def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: di
                      f"{latency:5.1f}s  eta {rate * (len(pending) - i):.0f}s" + (f"  ERROR {error}" if error else ""))
     rows = [r for r in done.values() if r["method"] in cfg.methods]
     results = summarize(rows, cfg.methods, cfg.benchmark, len(questions))
+    if cfg.diagnostics and any(m.startswith("memo_") for m in cfg.methods):
+        results["diagnostics"] = _diagnostics(cfg, questions, ctx, docs, out, exec_cfg, train, synth)
     built = out / "memory.json"
     memory_label = memory_label or cfg.memory or (json.loads(built.read_text())["label"] if built.exists() else None)
     results.update({"memory": memory_label,
@@ -275,6 +314,24 @@ def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: di
     write_text(out / "results.json", json.dumps(results, indent=2))
     log.info(markdown_table(results))
     return results
+
+
+def _diagnostics(cfg: EvalConfig, questions, ctx: dict, docs, out: Path, exec_cfg, train: dict, synth: dict) -> dict:
+    """Memory recall, recited reflections and coverage (memo.evaluation.diagnostics), once per OUT."""
+    from memo.evaluation.diagnostics import diagnose
+    from memo.synthesis import load_reflections
+
+    path = out / "diagnostics.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    if "memory" not in ctx:
+        ctx["memory"], _ = _memory_client(cfg, docs, out, exec_cfg, train, synth)
+    refl = out / "reflections"
+    reflections = load_reflections(str(refl)) if (refl / "reflections.parquet").exists() else None
+    log.info("[eval] diagnostics: memory recall on gold sub-questions, recited reflections, coverage")
+    result = diagnose(questions, ctx["memory"], reflections)
+    write_text(path, json.dumps(result, indent=2))
+    return result
 
 
 def _log_to_mlflow(cfg: EvalConfig, settings: dict, results: dict, out: Path) -> str:

@@ -1,5 +1,6 @@
 """What a benchmark run measures besides EM/F1 (memo.text): how much of what the benchmark needs the
-reflections state, and the paper's binary correctness judgement by an LLM judge."""
+reflections state, the paper's binary correctness judgement by an LLM judge, and the uncertainty of
+a mean over a few questions (bootstrap intervals)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,18 @@ def judge_correct(judge, question: str, references: list[str], prediction: str) 
               "Reply yes or no.")
     out = judge.complete([{"role": "user", "content": prompt}], max_tokens=4, temperature=0.0)
     return float(out.strip().lower().startswith("yes"))
+
+
+def bootstrap_ci(values: list[float], confidence: float = 0.95, resamples: int = 2000) -> list[float]:
+    """The percentile bootstrap interval of the mean over questions (scipy.stats.bootstrap, seeded so a
+    re-run reports the same interval). A handful of questions gives a wide interval: that is the point."""
+    import numpy as np
+    from scipy.stats import bootstrap
+
+    data = np.asarray(values, dtype=float)
+    if len(data) < 2 or np.all(data == data[0]):  # no spread to resample (scipy would warn and return nan)
+        m = float(data.mean()) if len(data) else float("nan")
+        return [round(m, 4), round(m, 4)]
+    res = bootstrap((data,), np.mean, confidence_level=confidence, n_resamples=resamples, method="percentile",
+                    random_state=np.random.default_rng(0))
+    return [round(float(res.confidence_interval.low), 4), round(float(res.confidence_interval.high), 4)]

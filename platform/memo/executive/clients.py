@@ -11,6 +11,7 @@ from typing import Protocol
 
 from memo import registry
 from memo.engines.base import Reply
+from memo.engines.http import JsonFormat
 from memo.engines.memory import MemoryEngine
 from memo.errors import MemoError
 from memo.gguf import resolve_gguf
@@ -23,7 +24,8 @@ class ChatLLM(Protocol):
     """An executive: `usage` counts calls and tokens so every trace can report its cost."""
     usage: Counter
 
-    def complete(self, messages: list[dict], max_tokens: int = 96, temperature: float = 0.0) -> str: ...
+    def complete(self, messages: list[dict], max_tokens: int = 96, temperature: float = 0.0,
+                 json_mode: bool = False) -> str: ...
 
 
 class MemoryClient(Protocol):
@@ -71,9 +73,9 @@ class LocalLLM:
             self.engine, self.name = HfEngine(spec, strict=False), spec
         self.usage: Counter = Counter()
 
-    def reply(self, messages, max_tokens=96, temperature=0.0) -> Reply:
+    def reply(self, messages, max_tokens=96, temperature=0.0, json_mode=False) -> Reply:
         """One chat turn with its token counts (what a caller sharing this client counts per request)."""
-        r = self.engine.chat([messages], max_tokens, temperature)[0]
+        r = self.engine.chat([messages], max_tokens, temperature, json_mode=json_mode)[0]
         if r.error:
             raise MemoError(f"executive {self.name}: {r.error}")
         self.usage.update(calls=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
@@ -82,8 +84,8 @@ class LocalLLM:
                           decode_ms=round(r.decode_s * 1000))
         return r
 
-    def complete(self, messages, max_tokens=96, temperature=0.0) -> str:
-        return self.reply(messages, max_tokens, temperature).text
+    def complete(self, messages, max_tokens=96, temperature=0.0, json_mode=False) -> str:
+        return self.reply(messages, max_tokens, temperature, json_mode).text
 
 
 class OpenAILLM:
@@ -97,12 +99,14 @@ class OpenAILLM:
 
         self.client = OpenAI(base_url=base_url, api_key=api_key or "none", timeout=timeout, max_retries=2)
         self.model = model
+        self.json_format = JsonFormat()
         self.last_version: str | None = None
         self.usage: Counter = Counter()
 
-    def reply(self, messages, max_tokens=96, temperature=0.0) -> Reply:
-        raw = self.client.chat.completions.with_raw_response.create(
-            model=self.model, messages=messages, max_tokens=max_tokens, temperature=temperature)
+    def reply(self, messages, max_tokens=96, temperature=0.0, json_mode=False) -> Reply:
+        raw = self.json_format.create(self.client.chat.completions.with_raw_response.create, json_mode,
+                                      model=self.model, messages=messages, max_tokens=max_tokens,
+                                      temperature=temperature)
         self.last_version = raw.headers.get("x-memo-model-version")
         resp = raw.parse()
         u = getattr(resp, "usage", None)
@@ -112,8 +116,8 @@ class OpenAILLM:
         self.usage.update(calls=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
         return r
 
-    def complete(self, messages, max_tokens=96, temperature=0.0) -> str:
-        return self.reply(messages, max_tokens, temperature).text
+    def complete(self, messages, max_tokens=96, temperature=0.0, json_mode=False) -> str:
+        return self.reply(messages, max_tokens, temperature, json_mode).text
 
 
 class HttpMemory:

@@ -1,5 +1,10 @@
 """The single protocol: the executive decomposes the question once, the memory answers every
-sub-question (and the question itself), the executive answers from the non-IDK answers."""
+sub-question (and the question itself), the executive answers from the non-IDK answers.
+
+A sub-question that needs an earlier one's answer says so with "#k" (the MuSiQue convention): it is
+asked after sub-question k, with k's answer (the entity it names) put in, so hop 2 asks about what hop 1
+found instead of a description the memory never saw ("Who employed #1?" -> "Who employed Ernst Mach?").
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,7 @@ import time
 from memo.config import ExecutiveConfig
 from memo.executive.guard import guarded_answer
 from memo.executive.trace import Meter, Trace, ask_and_record
-from memo.text import IDK_ANSWER, is_idk
+from memo.text import IDK_ANSWER, is_idk, short_answer
 
 
 def parse_subquestions(text: str, limit: int) -> list[str]:
@@ -24,8 +29,11 @@ def parse_subquestions(text: str, limit: int) -> list[str]:
     return out[:limit]
 
 
-DECOMPOSE = ("Split the question into at most {n} short, simple questions that each ask for one fact. "
-             "Write one question per line and nothing else.\n\nQuestion: {q}")
+DECOMPOSE = ("Split the question into at most {n} short, simple questions that each ask for one fact, in the "
+             "order they must be answered. When a question needs the answer to an earlier one, write #1, #2, ... "
+             "in its place (for example: 1. Who founded the company? 2. Where was #1 born?). Write one question "
+             "per line and nothing else.\n\nQuestion: {q}")
+_REF = re.compile(r"#(\d+)")
 ANSWER = ("Facts:\n{facts}\n\nUsing only these facts, answer the question in a few words.\n"
           "Question: {q}\nAnswer:")
 CLOSED_BOOK = "Answer the question in a few words.\nQuestion: {q}\nAnswer:"
@@ -44,8 +52,8 @@ def single_turn(question: str, executive, memory, cfg=None,
     tr.steps.append({"role": "executive", "step": "decompose", "messages": messages, "output": plan, "parsed": subs})
     # The user's own question goes to the memory too: a weak executive's decomposition may lose the
     # point, and the memory was trained on composite (cross-document) questions as well.
-    questions = [question] + [q for q in subs if q.lower() != question.lower()]
-    answers = ask_and_record(tr, memory, questions)
+    subs = [q for q in subs if q.lower() != question.lower()]
+    answers = ask_chained(tr, memory, question, subs)
     facts = [a for a in answers if not is_idk(a)]
     if not facts:
         tr.answer = IDK_ANSWER
@@ -56,6 +64,29 @@ def single_turn(question: str, executive, memory, cfg=None,
         tr.steps.append({"role": "executive", "step": "answer", "messages": messages, "output": out})
         tr.answer = guarded_answer(tr, question, out, facts, answers[0] if not is_idk(answers[0]) else "")
     return meter.close(tr, t0)
+
+
+def ask_chained(tr: Trace, memory, question: str, subs: list[str]) -> list[str]:
+    """The question and every sub-question without a "#k" in one memory round; then each chained one in
+    order, with the answers it refers to put in (skipped, and traced, when one of them is unknown)."""
+    free = [i for i, q in enumerate(subs) if not _REF.search(q)]
+    first = ask_and_record(tr, memory, [question] + [subs[i] for i in free])
+    answers, by_sub = first[:1], dict(zip(free, first[1:]))
+    resolved = {i: subs[i] for i in free}
+    for i, q in enumerate(subs):
+        if i in by_sub:
+            continue
+        refs = [int(k) - 1 for k in _REF.findall(q)]
+        known = [k for k in refs if k in by_sub and not is_idk(by_sub[k])]
+        if len(known) < len(refs):
+            tr.steps.append({"role": "executive", "step": "skip", "question": q,
+                             "why": "it needs the answer to a sub-question the memory did not answer"})
+            by_sub[i] = IDK_ANSWER
+            continue
+        filled = _REF.sub(lambda m: short_answer(resolved[int(m.group(1)) - 1], by_sub[int(m.group(1)) - 1]), q)
+        resolved[i] = filled
+        by_sub[i] = ask_and_record(tr, memory, [filled], chained_from=q)[0]
+    return answers + [by_sub[i] for i in range(len(subs))]
 
 
 def closed_book(question: str, executive, max_tokens: int = 48) -> str:

@@ -39,7 +39,8 @@ def ask_json(tr: Trace, executive, phase: str, turn: int, prompt: str, example: 
     """One executive turn: the prompt, the reply, the parsed object (or {} and "failed")."""
     messages = [{"role": "user", "content": prompt}]
     for attempt in range(cfg.json_retries + 1):
-        out = executive.complete(messages, max_tokens=cfg.executive_max_tokens, temperature=temperature)
+        out = executive.complete(messages, max_tokens=cfg.executive_max_tokens, temperature=temperature,
+                                 json_mode=True)
         obj, how = parse_json(out)
         tr.steps.append({"role": "executive", "phase": phase, "turn": turn, "attempt": attempt,
                          "messages": messages, "output": out, "parse": how, "parsed": obj})

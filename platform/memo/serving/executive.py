@@ -48,10 +48,10 @@ class RequestExecutive:
         self.llm, self.deadline = llm, deadline
         self.usage: Counter = Counter()
 
-    def complete(self, messages, max_tokens=96, temperature=0.0) -> str:
+    def complete(self, messages, max_tokens=96, temperature=0.0, json_mode=False) -> str:
         if time.monotonic() > self.deadline:
             raise DeadlineExceeded
-        r = self.llm.reply(messages, max_tokens, temperature)
+        r = self.llm.reply(messages, max_tokens, temperature, json_mode)
         self.usage.update(calls=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
         return r.text
 

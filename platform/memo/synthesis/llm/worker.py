@@ -36,8 +36,9 @@ class StepWorker:
         results: list[tuple[dict | None, str, str]] = [(None, "", "")] * len(prompts)
         pending = list(range(len(prompts)))
         for attempt in range(self.json_retries + 1):
+            # Every step's reply is a JSON object: engines that can constrain decoding to one do.
             replies = self.engine.chat([messages(prompts[i], attempt > 0) for i in pending],
-                                       max_tokens or self.max_tokens, self.temperature)
+                                       max_tokens or self.max_tokens, self.temperature, json_mode=True)
             retry = []
             for i, r in zip(pending, replies):
                 usage[i].update(calls=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
