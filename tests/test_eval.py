@@ -155,3 +155,17 @@ def test_eval_builds_the_memory_runs_every_method_and_resumes(tmp_path, tiny_mod
                        "--executive-local", tiny_model, "--set", "memory_max_tokens=12")
     assert by_alias.returncode == 0, by_alias.stderr[-2000:]
     assert json.loads((tmp_path / "alias" / "results.json").read_text())["memory"] == "models:/memo-evaltest/1"
+
+
+def test_presets_size_a_run_and_flags_given_beside_win(tmp_path):
+    from memo.cli import parse
+
+    data = musique_file(tmp_path / "m.jsonl")
+    base = ["eval", "--benchmark", "musique", "--data", str(data), "--out", str(tmp_path / "o")]
+    _, cpu, _, _ = parse(base + ["--preset", "cpu"])
+    assert (cpu.limit, cpu.distractors) == (24, 1) and "memo_structured" not in cpu.methods
+    assert {"memo_single", "memo_rag", "memo_gold_decomp", "bm25", "oracle"} <= set(cpu.methods)
+    _, mine, _, _ = parse(base + ["--preset", "cpu", "--limit", "6", "--methods", "bm25"])
+    assert (mine.limit, mine.methods, mine.distractors) == (6, ["bm25"], 1)
+    _, gpu, _, _ = parse(base + ["--preset", "gpu"])
+    assert gpu.limit is None and "memo_structured" in gpu.methods

@@ -146,6 +146,16 @@ def test_openai_client_gets_the_memo_answer_plain_and_streamed(served, domains, 
     assert structured.model_extra["memo_protocol"] == "structured" and structured.model_extra["memory_calls"] >= 1
 
 
+def test_memo_ask_talks_to_the_served_endpoint(served, domains, keys):
+    res = run_cli("ask", "--domain", "lighthouse", "--url", served, "--protocol", "structured",
+                  "Who keeps the Orrin lighthouse?", env={"MEMO_API_KEY": keys["both"]})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "Mara Quill" in res.stdout and f"v{domains['v1']}, structured protocol" in res.stdout
+    assert "memory lighthouse  Q: " in res.stdout and keys["both"] not in res.stdout + res.stderr
+    res = run_cli("ask", "--domain", "lighthouse", "--url", served, "Who?", env={"MEMO_API_KEY": "memo-sk-wrong"})
+    assert res.returncode == 2 and "HTTP 401" in res.stderr
+
+
 def test_one_question_over_two_memories(served, domains, keys):
     """memo/lighthouse+harbour: every memory question goes to both; the trace says which said what, and
     a key without one of the domains gets 403 naming it."""

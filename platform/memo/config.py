@@ -336,8 +336,22 @@ class BenchmarkSample(Settings):
         return self
 
 
+# Evaluation sizes. cpu: a MuSiQue or NarrativeQA run that finishes in about an hour on 2 cores, corpus
+# and memory built included (measured per question with the 1.5B executive on llama.cpp: closed-book
+# ~1 s, BM25 ~20 s, oracle ~4 s, memo_single ~5 s, memo_rag ~25 s, the judge ~1.5 s per answer; the
+# structured protocol, ~50 s, is left out). gpu: the paper's scale, every question and method.
+EVAL_PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"limit": 24, "distractors": 1,
+            "methods": ["closed_book", "bm25", "oracle", "memo_single", "memo_rag", "memo_gold_decomp"]},
+    "gpu": {"limit": None, "distractors": None, "methods": list(EVAL_METHODS)},
+}
+
+
 class EvalConfig(BenchmarkSample, ExecutiveEndpoint):
     """`memo eval`: one benchmark sample, several methods, the same executive as reader for all."""
+    preset: Literal["", "cpu", "gpu"] = F("", "sizes a run: cpu (~1 h on 2 cores: 24 questions, 1 distractor "
+                                          "each, all but the structured protocol) or gpu (every question and method); "
+                                          "flags given beside it win")
     out: str = F(..., "results.json, results.md, results.png, predictions, traces", run_only=True)
     noise: float = F(0.0, "extra distractors: paragraphs of noise x N more records", ge=0)
     distractors: int | None = F(None, "non-gold paragraphs kept per question (default: all)", ge=0)
@@ -356,6 +370,17 @@ class EvalConfig(BenchmarkSample, ExecutiveEndpoint):
     bm25_k: int = F(9, "passages the BM25 baseline reads (paper: 9)", ge=1)
     chunk_words: int = F(200, "BM25 passage size in words (MuSiQue paragraphs stay whole)", ge=20)
     reader_max_tokens: int = F(48, "tokens of a reader's answer", ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data):
+        """A preset fills what the user did not set (memo_gold_decomp only where a decomposition exists)."""
+        if isinstance(data, dict) and data.get("preset"):
+            for k, v in EVAL_PRESETS.get(data["preset"], {}).items():
+                if k not in data:
+                    data[k] = [m for m in v if m != "memo_gold_decomp" or data.get("benchmark") == "musique"] \
+                        if k == "methods" else v
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "EvalConfig":
