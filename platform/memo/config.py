@@ -121,6 +121,10 @@ class SynthesizeConfig(Settings):
     max_groups: int = F(0, "cross-document groups at most; 0 = one group per document at most", ge=0)
     group_by: Literal["entities", "bm25", "entities+bm25"] = F(
         "entities+bm25", "how groups form from the corpus alone: shared names, lexical neighbours, or both")
+    paraphrases: int = F(0, "LLM rewrites per direct reflection as the short relational questions an executive "
+                         "asks (0 = off; memo.synthesis.paraphrase)", ge=0, le=8)
+    paraphrase_model: str = F("qwen2.5-coder-1.5b", "the GGUF (alias or file) that writes the paraphrases, on llama.cpp")
+    paraphrase_max_pairs: int = F(400, "direct reflections paraphrased at most", ge=1)
     near_duplicate: float = F(0.8, "MinHash Jaccard above which two questions count as one (1.0: exact only)",
                               ge=0.3, le=1.0)
     model: str = F("", "llamacpp: GGUF alias or file (default qwen2.5-coder-1.5b); hf: alias or folder (default "

@@ -24,6 +24,7 @@ from memo.errors import MemoError
 from memo.synthesis.abstain import abstain_rows
 from memo.synthesis.dedup import dedup
 from memo.synthesis.llm.pipeline import LLMGenerator
+from memo.synthesis.paraphrase import PARAPHRASE_VERSION, paraphrase
 from memo.synthesis.rules import RulesGenerator
 from memo.synthesis.schema import REFLECTION_COLUMNS, STEPS, dataset_hash
 
@@ -51,7 +52,8 @@ def synthesize(cfg: SynthesizeConfig) -> dict:
     docs = load_documents(cfg.corpus)
     chash = corpus_hash(docs)
     generator = make_generator(cfg)
-    key = resume_key(cfg, version=generator.version, corpus=chash)
+    version = generator.version + (f"+{PARAPHRASE_VERSION}" if cfg.paraphrases else "")
+    key = resume_key(cfg, version=version, corpus=chash)
     out = output_dir(cfg, key)
     stats_path = out / "stats.json"
     if stats_path.exists():
@@ -73,7 +75,12 @@ def synthesize(cfg: SynthesizeConfig) -> dict:
     n_chunks = chunks.count()
     log.info(f"[synthesize] {n_chunks} chunks")
     res = generator.run(cfg, chunks, out, key)
-    good, dup = dedup(res.pairs, cfg.near_duplicate)
+    pairs = res.pairs
+    if cfg.paraphrases:
+        more, res.steps["paraphrase"] = paraphrase(pairs, cfg.domain, cfg.paraphrase_model, cfg.paraphrases,
+                                                   cfg.paraphrase_max_pairs)
+        pairs = pd.concat([pairs, more], ignore_index=True) if len(more) else pairs
+    good, dup = dedup(pairs, cfg.near_duplicate)
     log.info(f"[synthesize] dedup: {dup['exact']} exact and {dup['near']} near-duplicate questions removed")
     abstain = abstain_rows(good, " ".join(d.text for d in docs), cfg.abstain_ratio, cfg.domain, generator.name)
     good = pd.concat([good, abstain], ignore_index=True)[REFLECTION_COLUMNS] if len(abstain) else good
