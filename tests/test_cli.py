@@ -1,6 +1,8 @@
-"""Bad input through the real `memo` entry point: one clear line, non-zero exit, nothing damaged."""
+"""Bad input through the real `memo` entry point: one clear line, non-zero exit, nothing damaged; and
+`memo serve` stopping cleanly on SIGTERM."""
 
 import json
+import pytest
 
 from conftest import DEMO_CORPUS, run_cli
 
@@ -95,3 +97,39 @@ def test_a_setting_two_sections_share_must_say_which(tmp_path):
     res = run_cli("eval", "--benchmark", "musique", "--data", str(DEMO_CORPUS), "--out", str(tmp_path / "o"),
                   "--set", "workers=2")
     assert "in both train and synthesize: write train.workers=" in one_error_line(res)
+
+
+@pytest.mark.slow
+def test_memo_serve_stops_cleanly_on_sigterm_even_with_sigint_ignored(tmp_path):
+    """What `make demo`'s trap and process supervisors do: TERM (a script's background job starts with
+    SIGINT ignored, so INT would never arrive). The router must shut Serve down and exit 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MEMO_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "memo.cli", "serve", "--port", str(port), "--no-serve-executive"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stdout.read()
+                time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0 and "memo router stopped" in out, out[-2000:]

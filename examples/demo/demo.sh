@@ -34,9 +34,11 @@ memo promote --domain demo --to champion --reason "make demo" \
 stage "3/4 serve: memo serve --domains demo --port $PORT"
 memo serve --domains demo --port "$PORT" &
 server=$!
-trap 'kill -INT $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+# TERM, not INT: a background job of a non-interactive shell starts with SIGINT ignored, so an INT
+# would never reach it and `wait` would hang; memo serve shuts Serve down cleanly on TERM.
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
 for _ in $(seq 120); do
-  python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/healthz', timeout=2)" 2>/dev/null && break
+  python -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$PORT/v1/models', timeout=2)" 2>/dev/null && break
   kill -0 $server 2>/dev/null || { echo "memo serve exited early"; exit 1; }
   sleep 1
 done

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -336,15 +337,23 @@ def cmd_serve(cfg: ServeConfig, sections, args) -> None:
 
     from memo import serving
 
+    def stop(signum, frame):  # SIGTERM (kill, a supervisor, a script's trap) shuts down like Ctrl-C
+        raise KeyboardInterrupt
+
     init_ray()
-    url = serving.run(cfg)
-    print(f"memo router on {url}  (GET {url}/v1/models, POST {url}/v1/chat/completions); Ctrl-C stops it",
-          flush=True)
+    # After ray.init (which installs its own handlers), before the app starts: a TERM while the app is
+    # still deploying stops it too. SIGINT as well: a background job of a script starts with it ignored.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     try:
+        url = serving.run(cfg)
+        print(f"memo router on {url}  (GET {url}/v1/models, POST {url}/v1/chat/completions); Ctrl-C or "
+              "SIGTERM stops it", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        print("memo router stopped", flush=True)
 
 
 def cmd_ask(a: AskArgs, sections, args) -> dict:
