@@ -340,8 +340,8 @@ class BenchmarkSample(Settings):
         return self
 
 
-# Evaluation sizes. cpu: a MuSiQue or NarrativeQA run that finishes in about an hour on 2 cores, corpus
-# and memory built included (measured per question with the 1.5B executive on llama.cpp: closed-book
+# Evaluation sizes. cpu: a MuSiQue run in about an hour on 2 cores, corpus and memory built included
+# (measured: 66 min with other work on the cores, the memory build 41 of them) (measured per question with the 1.5B executive on llama.cpp: closed-book
 # ~1 s, BM25 ~20 s, oracle ~4 s, memo_single ~5 s, memo_rag ~25 s, the judge ~1.5 s per answer; the
 # structured protocol, ~50 s, is left out). gpu: the paper's scale, every question and method.
 EVAL_PRESETS: dict[str, dict[str, Any]] = {
