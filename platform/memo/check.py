@@ -49,14 +49,25 @@ class ServedMemo:
         from openai import OpenAI
 
         self.client = OpenAI(base_url=url.rstrip("/") + "/v1", api_key=key or "none", timeout=600, max_retries=2)
-        self.domain = domain
+        self.url, self.domain = url, domain
+
+    def create(self, question: str, protocol: str):
+        """The raw chat completion (with its trace); HTTP and connection errors as one-line MemoErrors."""
+        import openai
+
+        try:
+            return self.client.chat.completions.create(
+                model=f"memo/{self.domain}", messages=[{"role": "user", "content": question}],
+                extra_body={"memo_protocol": protocol, "memo_trace": True})
+        except openai.APIStatusError as e:
+            raise MemoError(f"--url {self.url}: HTTP {e.status_code}: {e.message}") from None
+        except openai.APIConnectionError:
+            raise MemoError(f"--url {self.url}: no router answers there (start one with `memo serve`)") from None
 
     def answer(self, question: str, protocol: str):
         from types import SimpleNamespace
 
-        r = self.client.chat.completions.create(model=f"memo/{self.domain}",
-                                                messages=[{"role": "user", "content": question}],
-                                                extra_body={"memo_protocol": protocol, "memo_trace": True})
+        r = self.create(question, protocol)
         x = r.model_extra
         calls = (x.get("memo_trace") or {}).get("memory_answers", [])
         return SimpleNamespace(answer=r.choices[0].message.content or "", memory_version=x.get("memo_version"),

@@ -383,17 +383,9 @@ def cmd_ask(a: AskArgs, sections, args) -> dict:
 
 def _ask_served(a: AskArgs, protocol: str, key: str | None) -> dict:
     """The MeMo answer from a running router (model memo/<domain>, the server's executive)."""
-    import openai
+    from memo.check import ServedMemo
 
-    client = openai.OpenAI(base_url=a.url.rstrip("/") + "/v1", api_key=key or "none", max_retries=2, timeout=600)
-    try:
-        reply = client.chat.completions.create(
-            model=f"memo/{a.domain}", messages=[{"role": "user", "content": a.question}],
-            extra_body={"memo_protocol": protocol, "memo_trace": True})
-    except openai.APIStatusError as e:
-        raise MemoError(f"--url {a.url}: HTTP {e.status_code}: {e.message}") from None
-    except openai.APIConnectionError:
-        raise MemoError(f"--url {a.url}: no router answers there (start one with `memo serve`)") from None
+    reply = ServedMemo(a.url, a.domain, key).create(a.question, protocol)
     out = reply.model_dump()
     if a.as_json:
         print(json.dumps(out, indent=2))
