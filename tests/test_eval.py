@@ -13,8 +13,9 @@ from memo.evaluation.harness import markdown_table, summarize
 DOCS = {d["id"]: d for d in map(json.loads, DEMO_CORPUS.read_text().splitlines())}
 
 
-def musique_file(path):
-    """Two 2-hop questions in MuSiQue's schema; every other demo document is a distractor paragraph."""
+def musique_file(path, noise_records: bool = False):
+    """Two 2-hop questions in MuSiQue's schema; every other demo document is a distractor paragraph.
+    `noise_records`: two more records after them (other gold paragraphs), what `--noise 1` adds."""
     questions = [
         ("2hop__1", "Where was the founder of the Halvenmere Cooperative born?", "Quillstead", ["doc-01", "doc-02"],
          [("Who founded the Halvenmere Cooperative?", "Ysolde Marrowfen"), ("#1 >> place of birth", "Quillstead")]),
@@ -23,6 +24,13 @@ def musique_file(path):
          [("Which division designs the Vessamere Lantern?", "Glimmerfield Division"), ("Where is #1 based?",
                                                                                        "Skarreth Point")]),
     ]
+    if noise_records:
+        questions += [
+            ("2hop__3", "Who runs the Saltmarrow Works?", "Tobiah Quenlark", ["doc-05", "doc-06"],
+             [("Who runs the Saltmarrow Works?", "Tobiah Quenlark"), ("#1 >> occupation", "engineer")]),
+            ("2hop__4", "What does the Ketterline Lab build?", "the Thistlewire Relay", ["doc-09", "doc-10"],
+             [("What does the Ketterline Lab build?", "the Thistlewire Relay"), ("#1 >> owner", "Ketterline")]),
+        ]
     with open(path, "w") as f:
         for qid, q, a, gold, decomp in questions:
             paragraphs = [{"idx": i, "title": d["title"], "paragraph_text": d["text"], "is_supporting": k in gold}
@@ -169,3 +177,90 @@ def test_presets_size_a_run_and_flags_given_beside_win(tmp_path):
     assert (mine.limit, mine.methods, mine.distractors) == (6, ["bm25"], 1)
     _, gpu, _, _ = parse(base + ["--preset", "gpu"])
     assert gpu.limit is None and "memo_structured" in gpu.methods
+
+
+def test_noise_levels_must_differ_and_a_given_memory_cannot_be_retrained(tmp_path):
+    data = musique_file(tmp_path / "m.jsonl")
+    base = ["eval", "--benchmark", "musique", "--data", str(data), "--out", str(tmp_path / "o")]
+    for args, message in ((["--noise", "0,1,0"], "noise 0,1,0: give each level once"),
+                          (["--seeds", "3", "--memory", "models:/memo-x/1"], "drop memory / memory_url"),
+                          (["--noise", "0,-1"], "--noise 0,-1: use 0.0 or more")):
+        res = run_cli(*base, *args)
+        assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def _fake_run(out, f1s: dict[str, list[float]], recall: float):
+    """A finished single run as the sweep reads it: predictions.jsonl and the summarized results."""
+    out.mkdir(parents=True)
+    rows = [{"method": m, "qid": f"q{i}", "em": float(v == 1), "f1": v, "contains": float(v > 0), "judge": None,
+             "memory_calls": 2 if m.startswith("memo_") else 0, "latency_s": 1.0, "executive_tokens": 10}
+            for m, vals in f1s.items() for i, v in enumerate(vals)]
+    (out / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = summarize(rows, list(f1s), "musique", 4)
+    return {**res, "documents": 10, "memory": "m", "errors": 0,
+            "diagnostics": {"memory_recall": {"recall": recall}}}
+
+
+def test_sweep_reports_the_paired_noise_drop_and_the_spread_over_seeds(tmp_path):
+    from memo.config import EvalConfig
+    from memo.evaluation.sweep import combine, markdown
+
+    cfg = EvalConfig(benchmark="musique", data=str(musique_file(tmp_path / "m.jsonl")), out=str(tmp_path),
+                     methods=["bm25", "memo_single"],
+                     noise=[0, 1], seeds=2)
+    runs = [
+        {"noise": 0.0, "seed": 0, "out": tmp_path / "a",
+         "results": _fake_run(tmp_path / "a", {"bm25": [1, 1, 0.5, 0], "memo_single": [1, 0, 0, 0]}, 0.5)},
+        {"noise": 0.0, "seed": 1, "out": tmp_path / "b", "results": _fake_run(tmp_path / "b", {"memo_single": [1, 1, 0, 0]}, 0.7)},
+        {"noise": 1.0, "seed": 0, "out": tmp_path / "c",
+         "results": _fake_run(tmp_path / "c", {"bm25": [0, 1, 0.5, 0], "memo_single": [1, 0, 0, 0]}, 0.4)},
+        {"noise": 1.0, "seed": 1, "out": tmp_path / "d", "results": _fake_run(tmp_path / "d", {"memo_single": [0, 0, 0, 0]}, 0.2)},
+    ]
+    c = combine(cfg, runs)
+    bm25, memo = c["methods"]["bm25"], c["methods"]["memo_single"]
+    # BM25 lost question q0 at noise 1: -0.25 on average, paired over the same four questions
+    assert bm25["f1_change_vs_first"]["noise-1"]["f1_change"] == -0.25
+    lo, hi = bm25["f1_change_vs_first"]["noise-1"]["f1_change_ci"]
+    assert lo <= -0.25 <= hi and hi <= 0
+    assert bm25["levels"]["noise-0"]["f1"] == 0.625 and "f1_ci" in bm25["levels"]["noise-0"]  # one run: its CI
+    # MeMo: the mean over two seeds, their values and sd; the drop is seed 0's (paired), here none
+    assert memo["levels"]["noise-0"]["f1_seeds"] == [0.25, 0.5] and memo["levels"]["noise-0"]["f1"] == 0.375
+    assert memo["levels"]["noise-0"]["f1_sd"] == pytest.approx(0.1768, abs=1e-4)
+    assert memo["f1_change_vs_first"]["noise-1"]["f1_change"] == 0.0
+    assert c["memory_recall"]["noise-0"] == {"recall": 0.6, "seeds": [0.5, 0.7], "sd": pytest.approx(0.1414, abs=1e-4)}
+    table = markdown(c)
+    assert "| bm25 | 0.625 [" in table and "-0.250 [" in table
+    assert "| memo_single | noise-0 | 0.250 | 0.500 | 0.375 | 0.177 | 0.250 |" in table
+    assert "| memory recall | noise-1 | 0.400 | 0.200 |" in table
+
+
+@pytest.mark.slow
+def test_eval_noise_sweep_with_seeds_builds_a_memory_per_level_and_resumes(tmp_path, tiny_model):
+    """--noise 0,1 --seeds 2: four memories (two per corpus, the second from the first's reflections),
+    BM25 once per level, one combined table; the same command again answers nothing twice."""
+    data, out = musique_file(tmp_path / "m.jsonl", noise_records=True), tmp_path / "out"
+    args = ["eval", "--benchmark", "musique", "--data", str(data), "--limit", "2", "--distractors", "1",
+            "--out", str(out), "--methods", "bm25,memo_gold_decomp", "--noise", "0,1", "--seeds", "2",
+            "--domain", "sweeptest", "--executive-local", tiny_model, "--judge-local", "",
+            "--set", f"base_model={tiny_model}", "--set", "epochs=1", "--set", "train.workers=1",
+            "--set", "memory_max_tokens=8", "--set", "eval_sample=4"]
+    res = run_cli(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    c = json.loads((out / "results.json").read_text())
+    assert c["documents"]["noise-1"] > c["documents"]["noise-0"]  # the noise records' paragraphs joined
+    assert set(c["memories"]) == {"noise-0/seed-0", "noise-0/seed-1", "noise-1/seed-0", "noise-1/seed-1"}
+    assert c["memories"]["noise-0/seed-0"] != c["memories"]["noise-0/seed-1"]
+    assert c["memories"]["noise-1/seed-1"].startswith("models:/memo-sweeptest-noise1/")
+    memo = c["methods"]["memo_gold_decomp"]["levels"]["noise-0"]
+    assert memo["seeds"] == 2 and len(memo["f1_seeds"]) == 2 and "f1_sd" in memo
+    assert c["methods"]["bm25"]["levels"]["noise-1"]["seeds"] == 1  # BM25 does not depend on the memory
+    assert "questions" in c["methods"]["bm25"]["f1_change_vs_first"]["noise-1"]
+    # seed 1 trained on seed 0's reflections, with another seed
+    seed1 = json.loads((out / "runs" / "noise-0" / "seed-1" / "settings.json").read_text())["settings"]
+    assert seed1["train"]["seed"] == 1 and seed1["eval"]["methods"] == ["memo_gold_decomp"]
+    assert not (out / "runs" / "noise-0" / "seed-1" / "reflections").exists()
+    table = (out / "results.md").read_text()
+    assert "F1 change noise-0 -> noise-1" in table and "| memo_gold_decomp | noise-0 |" in table
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    again = run_cli(*args)
+    assert again.returncode == 0 and again.stdout.count(" 0 to go") == 4, again.stdout[-2000:]

@@ -357,7 +357,12 @@ class EvalConfig(BenchmarkSample, ExecutiveEndpoint):
                                           "each, all but the structured protocol) or gpu (every question and method); "
                                           "flags given beside it win")
     out: str = F(..., "results.json, results.md, results.png, predictions, traces", run_only=True)
-    noise: float = F(0.0, "extra distractors: paragraphs of noise x N more records", ge=0)
+    noise: list[Annotated[float, Field(ge=0)]] = F(
+        [0.0], "extra distractor records, as a multiple of the questions (the paper's noise test); several "
+        "levels (0,1) run each with its own memory and report the drop per method in one table", min_length=1)
+    seeds: int = F(1, "memories trained per noise level (train.seed, +1, ...): memo_* scores are reported as "
+                   "mean, sd and range over them; the other methods do not depend on the memory and run once",
+                   ge=1, le=10)
     distractors: int | None = F(None, "non-gold paragraphs kept per question (default: all)", ge=0)
     methods: list[EvalMethod] = F(list(EVAL_METHODS[:5]), "comma-separated methods", min_length=1)
     memory: str = F("", "models:/memo-X@alias, models:/memo-X/N or a model folder; '' = synthesize and train "
@@ -379,6 +384,8 @@ class EvalConfig(BenchmarkSample, ExecutiveEndpoint):
     @classmethod
     def _preset(cls, data):
         """A preset fills what the user did not set (memo_gold_decomp only where a decomposition exists)."""
+        if isinstance(data, dict) and isinstance(data.get("noise"), (int, float)):  # `noise: 1` in YAML
+            data["noise"] = [data["noise"]]
         if isinstance(data, dict) and data.get("preset"):
             for k, v in EVAL_PRESETS.get(data["preset"], {}).items():
                 if k not in data:
@@ -393,6 +400,11 @@ class EvalConfig(BenchmarkSample, ExecutiveEndpoint):
                              "benchmark=musique only")
         if self.memory and self.memory_url:
             raise ValueError("give memory (load it here) or memory_url (ask a router), not both")
+        if len(set(self.noise)) != len(self.noise):
+            raise ValueError(f"noise {','.join(f'{n:g}' for n in self.noise)}: give each level once")
+        if (self.memory or self.memory_url) and (self.seeds > 1 or len(self.noise) > 1):
+            raise ValueError("seeds and several noise levels train a memory per run; drop memory / memory_url "
+                             "(or evaluate that one memory at one noise level)")
         if self.memory_url and not self.domain:
             raise ValueError("memory_url needs domain (the model name the router serves)")
         if self.domain:

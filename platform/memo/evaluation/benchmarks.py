@@ -3,7 +3,8 @@
 Each loader reads the benchmark's public JSONL format and returns the corpus the memory is built from
 (the gold and distractor paragraphs of the selected questions, deduplicated by title and text) and the
 questions with their reference answers and aliases. `noise` adds the paragraphs of that many times as
-many other questions as distractors, so cost and accuracy can be measured as the corpus grows. The
+many other questions as distractors (kept to the same `distractors` per record), so cost and accuracy
+can be measured as the corpus grows (the paper's noise test). The
 data files are third-party: read them where they are, never copy them into the repository.
 
     memo corpus --benchmark musique --data ../shared/data/benchmarks/musique/musique_ans_dev.sample80.jsonl \\
@@ -94,7 +95,8 @@ def load_benchmark(name: str, path: str | Path, limit: int | None = None, noise:
         loc = where(p, line)
         gold, kept = [], 0
         for title, text, is_gold in _paragraphs(name, row, loc):
-            if not is_gold and k < n and distractors is not None:
+            # noise records are trimmed like the questions' own, so `noise` grows the corpus by that multiple
+            if not is_gold and distractors is not None:
                 if kept >= distractors:
                     continue
                 kept += 1

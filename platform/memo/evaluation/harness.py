@@ -49,8 +49,10 @@ EVAL_VERSION = "eval-1"  # part of the resume key: a scoring or protocol change 
 
 
 def _settings(cfg: EvalConfig, exec_cfg: ExecutiveConfig, train: dict, synth: dict) -> dict:
-    """What an answer depends on: a resumed run must not mix answers made under other settings."""
-    return {"eval": cfg.output_fields(), "executive": exec_cfg.output_fields(), "train": train,
+    """What an answer depends on: a resumed run must not mix answers made under other settings. One run
+    has one noise level (and one memory), so its settings name the level, not the sweep."""
+    fields = {k: v for k, v in cfg.output_fields().items() if k != "seeds"}
+    return {"eval": {**fields, "noise": cfg.noise[0]}, "executive": exec_cfg.output_fields(), "train": train,
             "synthesize": synth}
 
 
@@ -79,7 +81,7 @@ def _open_run(cfg: EvalConfig, settings: dict, out: Path) -> dict[tuple[str, str
 
 
 def _memory_client(cfg: EvalConfig, docs: list[Document], out: Path, exec_cfg: ExecutiveConfig, train: dict,
-                   synth: dict):
+                   synth: dict, reflections: Path | None = None):
     """The memory the memo_* methods question: a router, a registered/local model, or one built here
     (once: OUT/memory.json names it, so a resumed run questions the same memory instead of retraining)."""
     from memo.runtime import init_ray
@@ -103,7 +105,9 @@ def _memory_client(cfg: EvalConfig, docs: list[Document], out: Path, exec_cfg: E
     domain = cfg.domain or f"{cfg.benchmark}-{corpus_hash(docs)[:8]}"
     log.info(f"[eval] building the memory for {len(docs)} documents as memo-{domain} (synthesize + train)")
     init_ray()
-    synth_cfg = SynthesizeConfig(**{**synth, "domain": domain, "corpus": str(corpus), "out": str(out / "reflections")})
+    # `reflections`: another seed's folder for this corpus; synthesis sees its resume key and skips
+    synth_cfg = SynthesizeConfig(**{**synth, "domain": domain, "corpus": str(corpus),
+                                    "out": str(reflections or out / "reflections")})
     result = build_memory(TrainConfig(**{**train, "domain": domain, "corpus": str(corpus)}), synth_cfg)
     model = str(materialize_full_model(Path(result["model_dir"])))
     label = f"models:/{registry.registered_name(domain)}/{result['version']}" if result.get("version") else model
@@ -211,36 +215,54 @@ def markdown_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def bar_chart(results: dict, path: Path) -> None:
+def grouped_bars(path: Path, title: str, names: list[str], series: dict[str, list[float]],
+                 errors: dict[str, list[float]] | None = None) -> None:
+    """A bar group per method, a bar per series (metric or noise level), scores on [0, 1]."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display on a cluster node
     import matplotlib.pyplot as plt
 
-    names = list(results["methods"])
-    metrics = ["em", "f1", "contains"] + (["judge"] if all("judge" in v for v in results["methods"].values()) else [])
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6))
-    width = 0.8 / len(metrics)
-    for i, metric in enumerate(metrics):
-        ax.bar([x + i * width for x in range(len(names))], [results["methods"][n][metric] for n in names], width,
-               label=metric.upper() if metric != "contains" else "contains")
-    ax.set_xticks([x + width * (len(metrics) - 1) / 2 for x in range(len(names))], names, rotation=20)
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series.items()):
+        ax.bar([x + i * width for x in range(len(names))], values, width, label=label,
+               yerr=(errors or {}).get(label))
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(names))], names, rotation=20)
     ax.set_ylim(0, 1)
-    ax.set_title(f"{results['benchmark']} ({results['n']} questions)")
+    ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def bar_chart(results: dict, path: Path) -> None:
+    names = list(results["methods"])
+    metrics = ["em", "f1", "contains"] + (["judge"] if all("judge" in v for v in results["methods"].values()) else [])
+    grouped_bars(path, f"{results['benchmark']} ({results['n']} questions)", names,
+                 {m.upper() if m != "contains" else m: [results["methods"][n][m] for n in names] for m in metrics})
+
+
 def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: dict | None = None,
              synth: dict | None = None) -> dict:
     """`memo eval`: answer every question with every method, score, write OUT, log to MLflow. `train` and
-    `synth` are the TrainConfig / SynthesizeConfig settings of a memory built here (validated by the CLI)."""
+    `synth` are the TrainConfig / SynthesizeConfig settings of a memory built here (validated by the CLI).
+    Several noise levels or seeds run one evaluation each under OUT/runs/ and combine them (memo.evaluation.sweep)."""
     exec_cfg = exec_cfg or ExecutiveConfig()
     train, synth = train or {}, synth or {}
+    if len(cfg.noise) > 1 or cfg.seeds > 1:
+        from memo.evaluation.sweep import run_sweep
+
+        return run_sweep(cfg, exec_cfg, train, synth, run_one)
+    return run_one(cfg, exec_cfg, train, synth)
+
+
+def run_one(cfg: EvalConfig, exec_cfg: ExecutiveConfig, train: dict, synth: dict,
+            reflections: Path | None = None) -> dict:
+    """One evaluation: one noise level, one memory (built here with `train` and `synth` unless given)."""
     out = Path(cfg.out)
-    docs, questions = load_benchmark(cfg.benchmark, cfg.data, cfg.limit, cfg.noise, cfg.distractors)
+    docs, questions = load_benchmark(cfg.benchmark, cfg.data, cfg.limit, cfg.noise[0], cfg.distractors)
     settings = _settings(cfg, exec_cfg, train, synth)
     done = _open_run(cfg, settings, out)
 
@@ -253,7 +275,7 @@ def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: di
         ctx["bm25"] = BM25Index(passages_of(docs, cfg.chunk_words))
     memory_label = None
     if any(m.startswith("memo_") for m, _ in pending):
-        ctx["memory"], memory_label = _memory_client(cfg, docs, out, exec_cfg, train, synth)
+        ctx["memory"], memory_label = _memory_client(cfg, docs, out, exec_cfg, train, synth, reflections)
     log.info(f"[eval] {cfg.benchmark}: {len(questions)} questions over {len(docs)} documents; methods "
              f"{', '.join(cfg.methods)}; {len(done)} answers already in {out}, {len(pending)} to go")
     (out / "traces").mkdir(exist_ok=True)
@@ -301,7 +323,7 @@ def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: di
     rows = [r for r in done.values() if r["method"] in cfg.methods]
     results = summarize(rows, cfg.methods, cfg.benchmark, len(questions))
     if cfg.diagnostics and any(m.startswith("memo_") for m in cfg.methods):
-        results["diagnostics"] = _diagnostics(cfg, questions, ctx, docs, out, exec_cfg, train, synth)
+        results["diagnostics"] = _diagnostics(cfg, questions, ctx, docs, out, exec_cfg, train, synth, reflections)
     built = out / "memory.json"
     memory_label = memory_label or cfg.memory or (json.loads(built.read_text())["label"] if built.exists() else None)
     results.update({"memory": memory_label,
@@ -316,7 +338,8 @@ def run_eval(cfg: EvalConfig, exec_cfg: ExecutiveConfig | None = None, train: di
     return results
 
 
-def _diagnostics(cfg: EvalConfig, questions, ctx: dict, docs, out: Path, exec_cfg, train: dict, synth: dict) -> dict:
+def _diagnostics(cfg: EvalConfig, questions, ctx: dict, docs, out: Path, exec_cfg, train: dict, synth: dict,
+                 reflections: Path | None = None) -> dict:
     """Memory recall, recited reflections and coverage (memo.evaluation.diagnostics), once per OUT."""
     from memo.evaluation.diagnostics import diagnose
     from memo.synthesis import load_reflections
@@ -325,8 +348,8 @@ def _diagnostics(cfg: EvalConfig, questions, ctx: dict, docs, out: Path, exec_cf
     if path.exists():
         return json.loads(path.read_text())
     if "memory" not in ctx:
-        ctx["memory"], _ = _memory_client(cfg, docs, out, exec_cfg, train, synth)
-    refl = out / "reflections"
+        ctx["memory"], _ = _memory_client(cfg, docs, out, exec_cfg, train, synth, reflections)
+    refl = reflections or out / "reflections"
     reflections = load_reflections(str(refl)) if (refl / "reflections.parquet").exists() else None
     log.info("[eval] diagnostics: memory recall on gold sub-questions, recited reflections, coverage")
     result = diagnose(questions, ctx["memory"], reflections)
