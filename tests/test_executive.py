@@ -111,3 +111,23 @@ def test_a_chain_stops_where_the_memory_does_not_know():
     tr = single_turn("Where was the Orrin Guild's founder born?", exe, mem, max_subquestions=2)
     assert mem.asked == ["Where was the Orrin Guild's founder born?", "Who founded the Orrin Guild?"]
     assert tr.answer == "I don't know." and any(s.get("step") == "skip" for s in tr.steps)
+
+
+def test_grounding_facts_lets_the_answer_stand_and_open_lets_the_executive_use_what_it_knows():
+    from memo.config import ExecutiveConfig
+
+    q = "Who is the head of the Ketterline Lab?"
+    wrong = {q: "The Ketterline Lab is the lab of the Ketterline Lab."}  # a memory that echoes
+    strict = single_turn(q, Scripted("", "Wenna Ostrocliff"), Memory(wrong), ExecutiveConfig())
+    assert strict.answer == wrong[q]  # the guard hands the user the memory's sentence
+    facts = single_turn(q, Scripted("", "Wenna Ostrocliff"), Memory(wrong), ExecutiveConfig(grounding="facts"))
+    assert facts.answer == "Wenna Ostrocliff" and facts.steps[-1]["step"] == "answer"
+    # open: the notes are offered as possibly wrong, and the executive's own knowledge is allowed
+    exe = Scripted("", "Wenna Ostrocliff")
+    single_turn(q, exe, Memory(wrong), ExecutiveConfig(grounding="open"))
+    assert "may be incomplete" in exe.prompts[-1] and "what you know" in exe.prompts[-1]
+    # open, and the memory knows nothing: the executive answers closed-book instead of "I don't know"
+    exe = Scripted("", "Wenna Ostrocliff")
+    tr = single_turn(q, exe, Memory({}), ExecutiveConfig(grounding="open"))
+    assert tr.answer == "Wenna Ostrocliff" and "Notes" not in exe.prompts[-1] and len(exe.prompts) == 2
+    assert single_turn(q, Scripted(""), Memory({}), ExecutiveConfig(grounding="facts")).answer == "I don't know."

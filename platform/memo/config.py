@@ -248,6 +248,11 @@ class ExecutiveConfig(Settings):
     executive_max_tokens: int = F(160, "tokens per executive turn (JSON state + questions)", ge=1)
     memory_max_tokens: int = F(64, "tokens per memory answer", ge=1)
     json_retries: int = F(1, "re-asks after an unparseable executive reply, before the fallback", ge=0)
+    grounding: Literal["strict", "facts", "open"] = F(
+        "strict", "the final answer: strict = from the memory's answers only, and the memory's own answer "
+        "replaces one that names none of their facts; facts = from the memory's answers only, the executive's "
+        "answer stands; open = the memory's answers first, the executive's own knowledge where they do not "
+        "answer (and for the whole answer when the memory knows nothing)")
 
 
 class ExecutiveEndpoint(Settings):

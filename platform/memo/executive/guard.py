@@ -1,5 +1,11 @@
 """The executive's grounding guard: an answer must carry a fact from the memory's answers, and must not
-drop what the memory said to the user's own question; otherwise the memory's answer stands (traced)."""
+drop what the memory said to the user's own question; otherwise the memory's answer stands (traced).
+
+`grounding=strict` applies it. It protects a weak executive's answer ("The lab is led by the head of the
+lab") but hands the user the memory's raw sentence whenever the executive's answer names nothing the
+memory said, which is also what happens when the memory is wrong: on the MuSiQue --preset cpu run it
+replaced 19 of 24 answers. `facts` lets the executive's answer stand, `open` also lets the executive
+use what it knows itself (memo.executive.single, memo.executive.structured)."""
 
 from __future__ import annotations
 
@@ -38,4 +44,17 @@ def guarded_answer(tr: Trace, question: str, out: str, facts: list[str], direct:
                          "why": f"the executive's answer dropped {', '.join(lost)} from the memory's answer "
                                 "to the question"})
         return direct
+    return answer
+
+
+def final_answer(tr: Trace, grounding: str, question: str, out: str, facts: list[str], direct: str) -> str:
+    """The answer the user gets, by `grounding`: strict = guarded; facts and open = the executive's own
+    (the memory's first fact only when the executive said nothing)."""
+    if grounding == "strict":
+        return guarded_answer(tr, question, out, facts, direct)
+    answer = out.strip()
+    if not answer and facts:
+        tr.steps.append({"role": "executive", "step": "fallback", "output": facts[0],
+                         "why": "the executive gave no answer"})
+        return facts[0]
     return answer

@@ -12,7 +12,7 @@ import re
 import time
 
 from memo.config import ExecutiveConfig
-from memo.executive.guard import guarded_answer
+from memo.executive.guard import final_answer
 from memo.executive.trace import Meter, Trace, ask_and_record
 from memo.text import IDK_ANSWER, is_idk, short_answer
 
@@ -36,6 +36,10 @@ DECOMPOSE = ("Split the question into at most {n} short, simple questions that e
 _REF = re.compile(r"#(\d+)")
 ANSWER = ("Facts:\n{facts}\n\nUsing only these facts, answer the question in a few words.\n"
           "Question: {q}\nAnswer:")
+# grounding=open: the memory's answers can be wrong or about something else; the executive keeps its own knowledge
+ANSWER_OPEN = ("Notes from a memory of the user's documents (they may be incomplete, or about something else):\n"
+               "{facts}\n\nAnswer the question in a few words. Use the notes where they answer it, and what "
+               "you know otherwise.\nQuestion: {q}\nAnswer:")
 CLOSED_BOOK = "Answer the question in a few words.\nQuestion: {q}\nAnswer:"
 
 
@@ -55,14 +59,19 @@ def single_turn(question: str, executive, memory, cfg=None,
     subs = [q for q in subs if q.lower() != question.lower()]
     answers = ask_chained(tr, memory, question, subs)
     facts = [a for a in answers if not is_idk(a)]
-    if not facts:
+    if not facts and cfg.grounding != "open":
         tr.answer = IDK_ANSWER
     else:
-        messages = [{"role": "user", "content": ANSWER.format(
-            facts="\n".join(f"- {f}" for f in dict.fromkeys(facts)), q=question)}]
+        prompt = ANSWER_OPEN if cfg.grounding == "open" else ANSWER
+        if facts:
+            content = prompt.format(facts="\n".join(f"- {f}" for f in dict.fromkeys(facts)), q=question)
+        else:  # open, and the memory knows nothing: the executive alone
+            content = CLOSED_BOOK.format(q=question)
+        messages = [{"role": "user", "content": content}]
         out = executive.complete(messages, max_tokens=48, temperature=cfg.final_temperature)
         tr.steps.append({"role": "executive", "step": "answer", "messages": messages, "output": out})
-        tr.answer = guarded_answer(tr, question, out, facts, answers[0] if not is_idk(answers[0]) else "")
+        tr.answer = final_answer(tr, cfg.grounding, question, out, facts,
+                                 answers[0] if not is_idk(answers[0]) else "")
     return meter.close(tr, t0)
 
 

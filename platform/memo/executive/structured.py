@@ -15,8 +15,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from memo.config import ExecutiveConfig
-from memo.executive.guard import adds_a_fact, guarded_answer
-from memo.executive.single import parse_subquestions
+from memo.executive.guard import adds_a_fact, final_answer
+from memo.executive.single import CLOSED_BOOK, parse_subquestions
 from memo.executive.trace import Meter, Trace, ask_and_record
 from memo.llm_json import parse_json
 from memo.text import IDK_ANSWER, find_spans, is_idk
@@ -233,10 +233,15 @@ def structured(question: str, executive, memory, cfg=None) -> Trace:
     facts = [a for _, a in st.facts]
     if not facts:
         tr.answer = IDK_ANSWER
+        if cfg.grounding == "open":  # the memory knows nothing: the executive answers alone
+            messages = [{"role": "user", "content": CLOSED_BOOK.format(q=question)}]
+            out = executive.complete(messages, max_tokens=48, temperature=cfg.final_temperature)
+            tr.steps.append({"role": "executive", "step": "answer", "messages": messages, "output": out})
+            tr.answer = out.strip() or IDK_ANSWER
         return meter.close(tr, t0)
     js = ask_json(tr, executive, "final", 0, FINAL.format(state=st.render()), FINAL_EXAMPLE, cfg,
                   cfg.final_temperature)
     out = js.get("answer") if isinstance(js.get("answer"), str) else (proposed or "")
     direct = next((a for q, a in st.facts if q == question), "")
-    tr.answer = guarded_answer(tr, question, out or proposed or "", facts, direct)
+    tr.answer = final_answer(tr, cfg.grounding, question, out or proposed or "", facts, direct)
     return meter.close(tr, t0)
