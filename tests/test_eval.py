@@ -264,3 +264,30 @@ def test_eval_noise_sweep_with_seeds_builds_a_memory_per_level_and_resumes(tmp_p
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     again = run_cli(*args)
     assert again.returncode == 0 and again.stdout.count(" 0 to go") == 4, again.stdout[-2000:]
+
+
+def test_memory_recall_tells_echoes_from_abstentions_and_wrong_answers():
+    from memo.evaluation.benchmarks import Question
+    from memo.evaluation.diagnostics import memory_recall
+    from memo.text import adds_nothing
+
+    assert adds_nothing("What was the name of Frankie Ryan's friend Jeff?", "Jeff's name was Jeff.")
+    assert adds_nothing("What is the employer of Ernst Mach?", "The employer of Ernst Mach named after Ernst Mach.")
+    assert not adds_nothing("Who runs the station?", "Rita Wilson runs the station.")
+    assert not adds_nothing("Who runs the station?", "I don't know.")  # an abstention, not an echo
+
+    class Memory:
+        answers = {"Who founded the Orrin Light?": "Mara Quill founded the Orrin Light.",
+                   "Where was Mara Quill born?": "Mara Quill was born where Mara Quill was born.",
+                   "Which river runs past Harlow?": "I don't know.", "Who keeps Harlow?": "Tess Vane keeps it."}
+
+        def ask(self, questions):
+            return [self.answers[q] for q in questions]
+
+    qs = [Question("1", "Where was the founder of the Orrin Light born?", "Vennick",
+                   decomposition=[{"question": "Who founded the Orrin Light?", "answer": "Mara Quill"},
+                                  {"question": "Where was #1 born?", "answer": "Vennick"}]),
+          Question("2", "Which river runs past Harlow?", "the Sable"), Question("3", "Who keeps Harlow?", "Ivo Lark")]
+    r = memory_recall(qs, Memory())
+    assert r["probes"] == 4 and r["recall"] == 0.25 and r["by_hop"] == {"hop1": 0.333, "hop2": 0.0}
+    assert r["misses"] == {"echo": 0.25, "idk": 0.25, "wrong": 0.25}

@@ -307,6 +307,9 @@ class ServeConfig(ExecutiveEndpoint):
     serve_executive: bool = F(True, "serve model memo/<domain>: the executive answers after questioning the memory")
     executive_protocol: Literal["single", "structured"] = F(
         "single", "protocol of memo/<domain> when a request does not choose one (memo_protocol)")
+    executive_grounding: Literal["strict", "facts", "open"] = F(
+        ExecutiveConfig.model_fields["grounding"].default, "memo/<domain>'s final answer (executive.grounding): "
+        "strict, facts or open")
     executive_deadline_s: float = F(120.0, "a MeMo answer past this returns the best answer so far "
                                     "(finish_reason length) or 504", gt=0)
     executive_api_key_env: str = F("MEMO_EXECUTIVE_API_KEY", "environment variable holding executive_url's key")

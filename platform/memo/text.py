@@ -106,3 +106,21 @@ def short_answer(question: str, answer: str) -> str:
         if sp["text"].lower() not in q:
             return sp["text"]
     return answer.strip()
+
+
+# Function words and question words: what an answer may repeat of its question without saying anything.
+_FILLER = set("""a an the of in on at to for by with from and or as is was are were be been being has have had do
+does did what who whom whose which when where why how s name named names called it its this that there their
+his her they he she one after also""".split())
+
+
+def content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _FILLER}
+
+
+def adds_nothing(question: str, answer: str) -> bool:
+    """True for an answer that only restates its question ("What was the name of Frankie's friend
+    Jeff?" -> "Jeff's name was Jeff."): no content word the question does not already have. A
+    generated pair like that teaches the memory to echo; a memory answer like that is an echo, not
+    an answer, and not an abstention either (is_idk)."""
+    return not is_idk(answer) and not (content_words(answer) - content_words(question))

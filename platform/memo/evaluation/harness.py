@@ -206,7 +206,9 @@ def markdown_table(results: dict) -> str:
     if d:
         r = d["memory_recall"]
         lines += ["", f"memory recall on gold sub-questions: {r['recall']:.3f} {r['recall_ci']} over {r['probes']} "
-                      f"probes (by hop {r['by_hop']})"]
+                      f"probes (by hop {r['by_hop']})" + (f"; misses: {r['misses']['echo']:.3f} echo the question, "
+                                                          f"{r['misses']['idk']:.3f} I don't know, "
+                                                          f"{r['misses']['wrong']:.3f} wrong" if "misses" in r else "")]
         if "reflections_recited" in d:
             lines.append(f"own reflections recited: {d['reflections_recited']['recited']:.3f} "
                          f"({d['reflections_recited']['asked']} asked)")

@@ -128,7 +128,8 @@ class ExecutiveModel:
         memory = ServedMemories([(d, v, self.dedicated.get(d, self.memory)) for d, v in versions.items()],
                                 min(ExecutiveConfig().memory_max_tokens, self.cfg.max_tokens_cap), deadline)
         try:
-            tr = answer_question(question, llm, memory, ExecutiveConfig(protocol=protocol))
+            tr = answer_question(question, llm, memory, ExecutiveConfig(protocol=protocol,
+                                                                       grounding=self.cfg.executive_grounding))
             text, finish, trace = tr.answer, "stop", asdict(tr)
         except DeadlineExceeded:
             text, finish = memory.best_answer(question), "length"
