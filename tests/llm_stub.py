@@ -36,15 +36,17 @@ def scripted_reply(prompt: str) -> str:
     if "states explicitly" in prompt:
         pairs = [{"question": f"What is recorded about {title} in fact {i + 1}?", "answer": s}
                  for i, s in enumerate(_sentences(_body(prompt)))]
+        pairs.append({"question": f"What is the name of {title}?", "answer": f"{title}'s name is {title}."})  # an echo
         return "```json\n" + json.dumps({"pairs": pairs}) + "\n```"  # fenced, as chat models often do
     if "two or more sentences of this" in prompt:
         sents = _sentences(_body(prompt))
         return json.dumps({"pairs": [{"question": f"How do the first two facts about {title} connect?",
                                       "answer": " ".join(sents[:2])}]}) + "\n"
     if "Merge pairs that share" in prompt:
-        n = len(re.findall(r"^p\d+\. ", prompt, re.M))
-        return json.dumps({"composites": [{"merged": ["p1", "p2", "p3"][:n], "question":
-                                           f"What three facts are known about {title}?", "answer": "Three facts."},
+        answers = re.findall(r"^p\d+\. Q: .*? A: (.*)$", prompt, re.M)
+        return json.dumps({"composites": [{"merged": ["p1", "p2", "p3"][:len(answers)], "question":
+                                           f"What three facts are known about {title}?",
+                                           "answer": " ".join(answers[:3])},
                                           {"merged": ["p1"], "question": "A one-pair merge that must be rejected?",
                                            "answer": "No."}]})
     if "stand alone for a reader" in prompt:

@@ -297,6 +297,10 @@ def test_pipeline_through_http_engine_six_kinds_rejects_and_resume(ray_local, tm
         assert len(bad) >= 3 and all("bad#0" in list(ids) for ids in bad.source_chunk_ids)
         assert bad.raw.str.contains("no JSON").all() and {"bad#0|direct", "bad#0|indirect"} <= set(bad.input_id)
         assert {"question_names_the_entity", "fewer_than_2_documents", "merged_fewer_than_2_pairs"} <= set(rejects.reason)
+        # pairs whose answer only restates the question never reach verification or the memory
+        echoes = rejects[rejects.reason == "answer_adds_nothing"]
+        assert len(echoes) == stats["steps"]["extract"]["echoes"] >= 2
+        assert not df.answer.str.contains("'s name is").any()
         # verification rewrote the FIXME pairs instead of dropping them
         checked = df[df.step.isin(["direct", "indirect", "consolidated"])]
         assert checked.verified.all() and not checked.question.str.contains("FIXME").any()

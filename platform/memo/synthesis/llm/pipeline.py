@@ -35,6 +35,7 @@ from memo.synthesis.llm.prompts import PROMPT_VERSION
 from memo.synthesis.llm.rows import STEP_COLUMNS
 from memo.synthesis.llm.runner import run_step
 from memo.synthesis.questions import check_self_contained
+from memo.text import adds_nothing
 from memo.synthesis.schema import (
     GeneratorOutput,
     reflection_frame,
@@ -106,6 +107,17 @@ class LLMGenerator:
             extra={"throughput": res["throughput"], "step_dir": res["step_dir"]})
 
 
+def drop_echoes(pairs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(kept, rejected) pairs: an answer that only restates its question ("What was the name of Frankie's
+    friend Jeff?" -> "Jeff's name was Jeff."; 13 of the 30 reflections the 1.5B model wrote for one
+    NarrativeQA story) teaches the memory to echo questions back instead of answering or abstaining."""
+    if pairs.empty:
+        return pairs, pairs
+    echo = [adds_nothing(q, a) for q, a in zip(pairs["question"], pairs["answer"])]
+    keep = [not e for e in echo]
+    return pairs[keep], pairs[echo].assign(status="reject", reason="answer_adds_nothing")
+
+
 def run_pipeline(cfg: SynthesizeConfig, chunks: pd.DataFrame, base: Path) -> dict:
     """Steps 1-5 over the chunks; returns {"pairs": DataFrame (reflection rows), "rejects": DataFrame,
     "steps": {step: {in, out, rejected, ...}}, "groups": report, "throughput": {...}}."""
@@ -142,7 +154,8 @@ def run_pipeline(cfg: SynthesizeConfig, chunks: pd.DataFrame, base: Path) -> dic
         ext_in = pd.DataFrame([{**c, "pass": p, "input_id": f"{c['chunk_id']}|{p}"} for c in chunk_rows
                                for p in ("direct", "indirect")])
         ext = step("extract", ext_in, "1/5 extract (direct and indirect facts)")
-        pairs = ext[ext.status == "ok"].copy()
+        pairs, echoed = drop_echoes(ext[ext.status == "ok"].copy())
+        stats["extract"]["echoes"] = len(echoed)
         pairs["pair_id"] = [stable_id(cfg.domain, q) for q in pairs["question"]]
         pairs = pairs.drop_duplicates("pair_id")
         # 2. consolidation: documents with >= consolidate_min_pairs pairs
@@ -200,8 +213,9 @@ def run_pipeline(cfg: SynthesizeConfig, chunks: pd.DataFrame, base: Path) -> dic
     # Entity and cross-document pairs are checked by rules only (the paper verifies steps 1-2).
     for df in (ent_ok, cross_ok):
         df["verified"] = [check_self_contained(q, a) is None for q, a in zip(df["question"], df["answer"])]
-    good = pd.concat([verified, ent_ok, cross_ok], ignore_index=True)
-    rejects = pd.concat([r[r.status == "reject"] for r in (ext, con, ver, ent, cross)], ignore_index=True)
+    good, late = drop_echoes(pd.concat([verified, ent_ok, cross_ok], ignore_index=True))  # rewrites echo too
+    rejects = pd.concat([r[r.status == "reject"] for r in (ext, con, ver, ent, cross)] + [echoed, late],
+                        ignore_index=True)
     gen_tokens = sum(s["completion_tokens"] for s in stats.values())
     seconds = time.time() - t0
     return {"pairs": good, "rejects": rejects, "steps": stats, "groups": group_report, "step_dir": str(base),

@@ -6,7 +6,7 @@ anew instead of answering "nothing to do" with reflections made by the old promp
 
 from __future__ import annotations
 
-PROMPT_VERSION = "v1"
+PROMPT_VERSION = "v2"  # v2: pairs whose answer only restates the question are dropped (pipeline.drop_echoes)
 JUDGE_MAX_TOKENS = 48  # {"ok": false, "violations": ["unresolved_pronoun", "relative_time"]} is ~20 tokens
 VIOLATIONS = ("unresolved_pronoun", "relative_time", "document_reference", "vague_reference", "missing_context",
               "incomplete_answer")
