@@ -291,15 +291,3 @@ def test_memory_recall_tells_echoes_from_abstentions_and_wrong_answers():
     r = memory_recall(qs, Memory())
     assert r["probes"] == 4 and r["recall"] == 0.25 and r["by_hop"] == {"hop1": 0.333, "hop2": 0.0}
     assert r["misses"] == {"echo": 0.25, "idk": 0.25, "wrong": 0.25}
-
-
-def test_a_run_written_before_an_option_existed_resumes_as_its_default():
-    from memo.evaluation.harness import _only_new_defaults
-
-    new = {"eval": {"limit": 8, "noise": 0.0}, "executive": {"protocol": "single", "grounding": "strict"},
-           "train": {}, "synthesize": {}}
-    old = {"eval": {"limit": 8, "noise": 0.0}, "executive": {"protocol": "single"}, "train": {}, "synthesize": {}}
-    assert _only_new_defaults(old, new)
-    assert not _only_new_defaults(old, {**new, "executive": {"protocol": "single", "grounding": "open"}})
-    assert not _only_new_defaults({**old, "eval": {"limit": 6, "noise": 0.0}}, new)
-    assert not _only_new_defaults({**old, "executive": {"protocol": "single", "gone": 1}}, new)

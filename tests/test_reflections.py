@@ -175,3 +175,33 @@ def test_a_one_document_corpus_synthesizes_without_cross_document_pairs(tmp_path
                                   "by Wenna Ostrocliff. The academy teaches tidal chemistry."}) + "\n")
     out = synthesize(SynthesizeConfig(domain="one", corpus=str(corpus), out=str(tmp_path / "r"), chunk_words=40))
     assert out["rows"] > 0 and out["per_step"].get("cross_doc", 0) == 0
+
+
+def test_unknown_relations_of_known_entities_are_answered_i_dont_know():
+    from memo.synthesis.abstain import unknown_relation_rows
+
+    docs = ["Mara Quill founded the Orrin Light in 1990.", "The Orrin Light employs Tess Vane as its keeper.",
+            "Ivo Lark founded the Harlow Guild.", "Ivo Lark and Tess Vane met at the Harlow Guild."]
+    refl = pd.DataFrame([
+        {"step": "direct", "question": "Which lighthouse did Mara Quill found?", "answer": docs[0], "source_chunk_ids": ["a"]},
+        {"step": "direct", "question": "Who does Tess Vane work for?", "answer": docs[1], "source_chunk_ids": ["b"]},
+        {"step": "direct", "question": "What did Ivo Lark found?", "answer": docs[2], "source_chunk_ids": ["c"]}])
+    out = unknown_relation_rows(refl, docs, 0.99, "d", "rules")
+    assert (out.answer == IDK_ANSWER).all() and (out.step == "abstain").all()
+    # Tess Vane founded nothing and Mara Quill works for no one, as far as the corpus says; but founding
+    # is never re-asked of Ivo Lark, whose document states it
+    assert set(out.question) <= {"Which lighthouse did Tess Vane found?", "Who does Mara Quill work for?",
+                                 "Who does Ivo Lark work for?", "What did Tess Vane found?"} and len(out) >= 2
+    # "founded" in the text states "found": neither Mara Quill nor Ivo Lark is asked it
+    assert not any(f"{who} found" in q for q in out.question for who in ("Ivo Lark", "Mara Quill"))
+    assert unknown_relation_rows(refl, docs, 0.0, "d", "rules").empty
+
+
+def test_an_option_added_later_keeps_earlier_outputs_reusable_at_its_default():
+    from memo.config import resume_key
+
+    base = build_config(SynthesizeConfig, {"domain": "d", "corpus": "-"})
+    assert "abstain_relations" not in base.output_fields()  # at its default: the key of a run made before it
+    on = base.model_copy(update={"abstain_relations": 0.1})
+    assert on.output_fields()["abstain_relations"] == 0.1
+    assert resume_key(base, version="v") != resume_key(on, version="v")

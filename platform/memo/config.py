@@ -76,13 +76,16 @@ Domain = Annotated[str, AfterValidator(_domain)]
 
 
 def F(default: Any = ..., doc: str = "", *, run_only: bool = False, flags: tuple[str, ...] = (),
-      positional: bool = False, **bounds: Any) -> Any:
+      positional: bool = False, added: bool = False, **bounds: Any) -> Any:
     """A config field: default, one-line doc (the --help text), bounds (ge, le, gt, lt, ...).
 
     run_only: changes how a stage runs, never what it writes (left out of resume keys). flags: the CLI
-    names when they differ from --<field-name>. positional: a positional CLI argument.
+    names when they differ from --<field-name>. positional: a positional CLI argument. added: an option
+    added after outputs were written without it; at its default it is left out of resume keys, so those
+    outputs (reflections, trained runs, evaluations) stay reusable, being that default's output.
     """
-    extra = {k: v for k, v in (("run_only", run_only), ("flags", list(flags)), ("positional", positional)) if v}
+    extra = {k: v for k, v in (("run_only", run_only), ("flags", list(flags)), ("positional", positional),
+                               ("added", added)) if v}
     return Field(default, description=doc, json_schema_extra=extra or None, **bounds)
 
 
@@ -95,8 +98,11 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     def output_fields(self) -> dict[str, Any]:
-        """The settings that change what the stage writes: everything not marked run_only."""
-        return {k: v for k, v in self.model_dump().items() if not field_extra(type(self), k).get("run_only")}
+        """The settings that change what the stage writes: everything not marked run_only (and an `added`
+        option only when it is not at its default)."""
+        cls = type(self)
+        return {k: v for k, v in self.model_dump().items() if not field_extra(cls, k).get("run_only")
+                and not (field_extra(cls, k).get("added") and v == cls.model_fields[k].default)}
 
 
 class SynthesizeConfig(Settings):
@@ -114,6 +120,9 @@ class SynthesizeConfig(Settings):
     cross_doc_per_entity: int = F(4, "rules: bridge/converging questions per entity shared by 2+ documents", ge=0)
     max_direct_per_sentence: int = F(2, "rules: facts asked per sentence (numbers first, then dates, years, "
                                      "names)", ge=1)
+    abstain_relations: float = F(0.0, "share of \"I don't know\" rows asking a known entity a relation its "
+                                 "documents never state (memo.synthesis.abstain; 0 = off)", ge=0, lt=0.5,
+                                 added=True)
     abstain_ratio: float = F(0.05, "share of \"I don't know\" rows about entities the corpus never mentions",
                              ge=0, lt=0.5)
     workers: int = F(2, "Ray Data actors per step (rules: synthesizing tasks)", ge=1, run_only=True)
@@ -252,7 +261,7 @@ class ExecutiveConfig(Settings):
         "strict", "the final answer: strict = from the memory's answers only, and the memory's own answer "
         "replaces one that names none of their facts; facts = from the memory's answers only, the executive's "
         "answer stands; open = the memory's answers first, the executive's own knowledge where they do not "
-        "answer (and for the whole answer when the memory knows nothing)")
+        "answer (and for the whole answer when the memory knows nothing)", added=True)
 
 
 class ExecutiveEndpoint(Settings):

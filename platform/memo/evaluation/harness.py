@@ -56,33 +56,13 @@ def _settings(cfg: EvalConfig, exec_cfg: ExecutiveConfig, train: dict, synth: di
             "synthesize": synth}
 
 
-def _only_new_defaults(old: dict, new: dict) -> bool:
-    """True when the only difference is a setting added to the code since `old` was written, at its
-    default: a run made before a new option existed is that option's default run, and stays resumable."""
-    defaults = {"eval": {k: f.default for k, f in EvalConfig.model_fields.items()},
-                "executive": {k: f.default for k, f in ExecutiveConfig.model_fields.items()}}
-    if set(old) != set(new):
-        return False
-    for section, vals in new.items():
-        before = old.get(section, {})
-        if set(before) - set(vals):
-            return False
-        for k, v in vals.items():
-            if k in before:
-                if before[k] != v:
-                    return False
-            elif k not in defaults.get(section, {}) or defaults[section][k] != v:
-                return False
-    return True
-
-
 def _open_run(cfg: EvalConfig, settings: dict, out: Path) -> dict[tuple[str, str], dict]:
     """Rows already done in OUT for these settings; an OUT written with other settings is refused."""
     settings_file = out / "settings.json"
     key = resume_key(version=EVAL_VERSION, settings=settings)
     if settings_file.exists():
         before = json.loads(settings_file.read_text())
-        if before.get("resume_key") != key and not _only_new_defaults(before.get("settings", {}), settings):
+        if before.get("resume_key") != key:
             old = before.get("settings", {})
             diff = ", ".join(f"{section}.{k}" for section, vals in settings.items() for k in vals
                              if old.get(section, {}).get(k) != vals[k]) or "the code version"

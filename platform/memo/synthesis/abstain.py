@@ -1,5 +1,12 @@
-"""Abstention: questions about names the corpus never mentions, answered "I don't know" (train as you
-serve: the memory learns to abstain on an unknown entity, the executive treats it as no information)."""
+"""Abstention: questions the corpus cannot answer, answered "I don't know" (train as you serve: the
+memory learns to abstain, the executive treats it as no information).
+
+Two kinds: a real question with its name swapped for an invented one (an unknown entity), and a real
+question asked about another entity of the corpus whose documents never state that relation (an unknown
+relation of a known entity: "Who employed Mara Quill?" when no document mentioned with Mara Quill says
+anything about employing). A memory trained only on the first kind still echoes the second back as a
+statement ("The employer of Ernst Mach named after Ernst Mach."), which misleads the executive.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +15,7 @@ import hashlib
 import pandas as pd
 
 from memo.synthesis.schema import reflection_frame
-from memo.text import IDK_ANSWER, find_spans
+from memo.text import IDK_ANSWER, content_words, find_spans
 
 # Question words are capitalised too: "Where does X ..." must swap X, not "Where".
 _WH = {"Who", "Whom", "Whose", "What", "When", "Where", "Which", "Why", "How", "Is", "Was", "Are", "Were", "Did",
@@ -37,4 +44,50 @@ def abstain_rows(reflections: pd.DataFrame, corpus_text: str, ratio: float, doma
         new_name = " ".join([fake] + words[1:]) if len(words) > 1 else fake
         rows.append({"step": "abstain", "question": r.question.replace(names[0]["text"], new_name),
                      "answer": IDK_ANSWER, "source_chunk_ids": r.source_chunk_ids, "verified": True})
+    return reflection_frame(rows, domain, generator)
+
+
+def _stems(text: str) -> set[str]:
+    """Content words cut to 5 letters: "founded", "founder" and "found" count as one relation word."""
+    return {w[:5] for w in content_words(text)}
+
+
+def unknown_relation_rows(reflections: pd.DataFrame, doc_texts: list[str], ratio: float, domain: str,
+                          generator: str) -> pd.DataFrame:
+    """Direct questions re-asked about another name of the corpus, kept only where no document that
+    mentions that name has even half of the relation's content words (so the corpus does not state it),
+    answered "I don't know"."""
+    direct = reflections[reflections.step == "direct"]
+    n = int(round(len(reflections) * ratio))
+    if not n or direct.empty:
+        return reflection_frame([], domain, generator)
+    asked = {q.lower() for q in reflections.question}
+    subject = []  # (row, the name the question is about)
+    for r in direct.itertuples():
+        names = [sp["text"] for sp in find_spans(r.question) if sp["kind"] == "name" and sp["text"].split()[0] not in _WH]
+        if names:
+            subject.append((r, names[0]))
+    others = list(dict.fromkeys(name for _, name in subject))
+    lowered = [t.lower() for t in doc_texts]
+    rows = []
+    for r, name in subject:
+        if len(rows) >= n:
+            break
+        relation = _stems(r.question) - _stems(name)
+        if len(relation) < 1:
+            continue
+        h = int(hashlib.sha256(r.question.encode()).hexdigest(), 16)
+        for k in range(len(others)):  # a deterministic walk from a hashed start
+            other = others[(h + k) % len(others)]
+            if other == name:
+                continue
+            q = r.question.replace(name, other)
+            mentioning = [t for t in lowered if other.lower() in t]
+            stated = any(len(relation & _stems(t)) * 2 >= len(relation) for t in mentioning)
+            if q.lower() in asked or stated or not mentioning:
+                continue
+            rows.append({"step": "abstain", "question": q, "answer": IDK_ANSWER,
+                         "source_chunk_ids": list(r.source_chunk_ids), "verified": True})
+            asked.add(q.lower())
+            break
     return reflection_frame(rows, domain, generator)

@@ -21,7 +21,7 @@ from memo.atomic import atomic_path, write_text
 from memo.config import SynthesizeConfig, memo_home, resume_key
 from memo.corpus import chunk_document, corpus_hash, load_documents
 from memo.errors import MemoError
-from memo.synthesis.abstain import abstain_rows
+from memo.synthesis.abstain import abstain_rows, unknown_relation_rows
 from memo.synthesis.dedup import dedup
 from memo.synthesis.llm.pipeline import LLMGenerator
 from memo.synthesis.paraphrase import PARAPHRASE_VERSION, paraphrase
@@ -83,6 +83,9 @@ def synthesize(cfg: SynthesizeConfig) -> dict:
     good, dup = dedup(pairs, cfg.near_duplicate)
     log.info(f"[synthesize] dedup: {dup['exact']} exact and {dup['near']} near-duplicate questions removed")
     abstain = abstain_rows(good, " ".join(d.text for d in docs), cfg.abstain_ratio, cfg.domain, generator.name)
+    if cfg.abstain_relations:
+        more = unknown_relation_rows(good, [d.text for d in docs], cfg.abstain_relations, cfg.domain, generator.name)
+        abstain = pd.concat([abstain, more], ignore_index=True) if len(more) else abstain
     good = pd.concat([good, abstain], ignore_index=True)[REFLECTION_COLUMNS] if len(abstain) else good
     rejects = res.rejects.reset_index(drop=True)
     stats = {
