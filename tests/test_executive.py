@@ -3,9 +3,13 @@ are exercised in test_e2e.py and test_real_model.py)."""
 
 from collections import Counter
 
+from memo.config import ExecutiveConfig
 from memo.executive import single_turn
 from memo.executive.single import parse_subquestions
 from memo.text import is_idk
+
+
+STRICT = ExecutiveConfig(grounding="strict")  # the guard's own tests
 
 
 class Scripted:
@@ -61,7 +65,7 @@ def test_all_idk_means_idk_without_asking_the_executive_to_guess():
 
 def test_empty_executive_answer_falls_back_to_the_memory_answer():
     exe = Scripted("", "")
-    tr = single_turn("Who leads the lab?", exe, Memory({"Who leads the lab?": "Wenna leads the lab."}))
+    tr = single_turn("Who leads the lab?", exe, Memory({"Who leads the lab?": "Wenna leads the lab."}), STRICT)
     assert tr.answer == "Wenna leads the lab."
     assert tr.steps[-1]["step"] == "fallback"
 
@@ -69,11 +73,11 @@ def test_empty_executive_answer_falls_back_to_the_memory_answer():
 def test_an_answer_that_adds_no_fact_falls_back_to_the_memory():
     q = "Who is the head of the Ketterline Lab?"
     exe = Scripted("", "The head of the Ketterline Lab is the head of the Ketterline Lab.")
-    tr = single_turn(q, exe, Memory({q: "Wenna Ostrocliff leads the Ketterline Lab."}))
+    tr = single_turn(q, exe, Memory({q: "Wenna Ostrocliff leads the Ketterline Lab."}), STRICT)
     assert tr.answer == "Wenna Ostrocliff leads the Ketterline Lab."
     assert tr.steps[-1]["step"] == "fallback"
     exe = Scripted("", "Wenna Ostrocliff.")
-    tr = single_turn(q, exe, Memory({q: "Wenna Ostrocliff leads the Ketterline Lab."}))
+    tr = single_turn(q, exe, Memory({q: "Wenna Ostrocliff leads the Ketterline Lab."}), STRICT)
     assert tr.answer == "Wenna Ostrocliff." and tr.steps[-1]["step"] == "answer"
 
 
@@ -82,12 +86,12 @@ def test_an_answer_that_drops_what_the_memory_said_falls_back_with_a_trace():
     q = "Who came up with the power cell that the Vessamere Lantern has relied on since 2013?"
     said = "Ilsabet Vornhollow came up with the Corvane Cell."
     exe = Scripted("", "The Corvane Cell has relied on the Vessamere Lantern since 2013.")
-    tr = single_turn(q, exe, Memory({q: said}))
+    tr = single_turn(q, exe, Memory({q: said}), STRICT)
     assert tr.answer == said
     assert tr.steps[-1]["step"] == "fallback" and "Ilsabet Vornhollow" in tr.steps[-1]["why"]
     # an answer that keeps the memory's facts stands
     exe = Scripted("", "Ilsabet Vornhollow, who invented the Corvane Cell.")
-    assert single_turn(q, exe, Memory({q: said})).answer == "Ilsabet Vornhollow, who invented the Corvane Cell."
+    assert single_turn(q, exe, Memory({q: said}), STRICT).answer == "Ilsabet Vornhollow, who invented the Corvane Cell."
 
 
 def test_a_chained_subquestion_is_asked_with_the_earlier_answer_put_in():
@@ -114,11 +118,9 @@ def test_a_chain_stops_where_the_memory_does_not_know():
 
 
 def test_grounding_facts_lets_the_answer_stand_and_open_lets_the_executive_use_what_it_knows():
-    from memo.config import ExecutiveConfig
-
     q = "Who is the head of the Ketterline Lab?"
     wrong = {q: "The Ketterline Lab is the lab of the Ketterline Lab."}  # a memory that echoes
-    strict = single_turn(q, Scripted("", "Wenna Ostrocliff"), Memory(wrong), ExecutiveConfig())
+    strict = single_turn(q, Scripted("", "Wenna Ostrocliff"), Memory(wrong), STRICT)
     assert strict.answer == wrong[q]  # the guard hands the user the memory's sentence
     facts = single_turn(q, Scripted("", "Wenna Ostrocliff"), Memory(wrong), ExecutiveConfig(grounding="facts"))
     assert facts.answer == "Wenna Ostrocliff" and facts.steps[-1]["step"] == "answer"

@@ -205,3 +205,8 @@ def test_an_option_added_later_keeps_earlier_outputs_reusable_at_its_default():
     on = base.model_copy(update={"abstain_relations": 0.1})
     assert on.output_fields()["abstain_relations"] == 0.1
     assert resume_key(base, version="v") != resume_key(on, version="v")
+    # grounding came after evaluations made under the guard (strict): those keep their key, the new
+    # default (facts) is another run
+    from memo.config import ExecutiveConfig
+    assert "grounding" not in ExecutiveConfig(grounding="strict").output_fields()
+    assert ExecutiveConfig().output_fields()["grounding"] == "facts"

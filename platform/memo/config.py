@@ -76,16 +76,17 @@ Domain = Annotated[str, AfterValidator(_domain)]
 
 
 def F(default: Any = ..., doc: str = "", *, run_only: bool = False, flags: tuple[str, ...] = (),
-      positional: bool = False, added: bool = False, **bounds: Any) -> Any:
+      positional: bool = False, added: Any = None, **bounds: Any) -> Any:
     """A config field: default, one-line doc (the --help text), bounds (ge, le, gt, lt, ...).
 
     run_only: changes how a stage runs, never what it writes (left out of resume keys). flags: the CLI
-    names when they differ from --<field-name>. positional: a positional CLI argument. added: an option
-    added after outputs were written without it; at its default it is left out of resume keys, so those
-    outputs (reflections, trained runs, evaluations) stay reusable, being that default's output.
+    names when they differ from --<field-name>. positional: a positional CLI argument. added: for an
+    option added after outputs were written without it, the value that reproduces them; at that value
+    it is left out of resume keys, so those outputs (reflections, trained runs, evaluations) stay reusable.
     """
-    extra = {k: v for k, v in (("run_only", run_only), ("flags", list(flags)), ("positional", positional),
-                               ("added", added)) if v}
+    extra = {k: v for k, v in (("run_only", run_only), ("flags", list(flags)), ("positional", positional)) if v}
+    if added is not None:
+        extra["added"] = {"value": added}
     return Field(default, description=doc, json_schema_extra=extra or None, **bounds)
 
 
@@ -102,7 +103,7 @@ class Settings(BaseModel):
         option only when it is not at its default)."""
         cls = type(self)
         return {k: v for k, v in self.model_dump().items() if not field_extra(cls, k).get("run_only")
-                and not (field_extra(cls, k).get("added") and v == cls.model_fields[k].default)}
+                and not ("added" in field_extra(cls, k) and v == field_extra(cls, k)["added"]["value"])}
 
 
 class SynthesizeConfig(Settings):
@@ -122,7 +123,7 @@ class SynthesizeConfig(Settings):
                                      "names)", ge=1)
     abstain_relations: float = F(0.0, "share of \"I don't know\" rows asking a known entity a relation its "
                                  "documents never state (memo.synthesis.abstain; 0 = off)", ge=0, lt=0.5,
-                                 added=True)
+                                 added=0.0)
     abstain_ratio: float = F(0.05, "share of \"I don't know\" rows about entities the corpus never mentions",
                              ge=0, lt=0.5)
     workers: int = F(2, "Ray Data actors per step (rules: synthesizing tasks)", ge=1, run_only=True)
@@ -258,10 +259,10 @@ class ExecutiveConfig(Settings):
     memory_max_tokens: int = F(64, "tokens per memory answer", ge=1)
     json_retries: int = F(1, "re-asks after an unparseable executive reply, before the fallback", ge=0)
     grounding: Literal["strict", "facts", "open"] = F(
-        "strict", "the final answer: strict = from the memory's answers only, and the memory's own answer "
+        "facts", "the final answer: strict = from the memory's answers only, and the memory's own answer "
         "replaces one that names none of their facts; facts = from the memory's answers only, the executive's "
         "answer stands; open = the memory's answers first, the executive's own knowledge where they do not "
-        "answer (and for the whole answer when the memory knows nothing)", added=True)
+        "answer (and for the whole answer when the memory knows nothing)", added="strict")
 
 
 class ExecutiveEndpoint(Settings):
