@@ -80,7 +80,9 @@ def served(domains, keys, tiny_model):
                                   dedicated_max_replicas=1, replica_cpus=0.5, port=free_port(), max_new_tokens=16,
                                   max_tokens_cap=32, max_prompt_chars=4000, alias_refresh_s=0.5,
                                   tenants_file=keys["file"], tenants_reload_s=0.5, executive_local=tiny_model,
-                                  executive_cpus=0.25))
+                                  # strict: the random executive's words give way to the memory's answer, so
+                                  # what the memo answer carries is the trained memory's fact
+                                  executive_cpus=0.25, executive_grounding="strict"))
     yield url
     serve.shutdown()
 
