@@ -18,6 +18,7 @@ from memo.config import (
     ExecutiveConfig,
     SynthesizeConfig,
     TrainConfig,
+    field_extra,
     resume_key,
 )
 from memo.corpus import Document, corpus_hash
@@ -52,8 +53,10 @@ def _settings(cfg: EvalConfig, exec_cfg: ExecutiveConfig, train: dict, synth: di
     """What an answer depends on: a resumed run must not mix answers made under other settings. One run
     has one noise level (and one memory), so its settings name the level, not the sweep."""
     fields = {k: v for k, v in cfg.output_fields().items() if k != "seeds"}
-    return {"eval": {**fields, "noise": cfg.noise[0]}, "executive": exec_cfg.output_fields(), "train": train,
-            "synthesize": synth}
+    # how a stage runs (workers, batch sizes) is not what it writes: a resumed run may change it
+    outputs = lambda cls, given: {k: v for k, v in given.items() if not field_extra(cls, k).get("run_only")}  # noqa: E731
+    return {"eval": {**fields, "noise": cfg.noise[0]}, "executive": exec_cfg.output_fields(),
+            "train": outputs(TrainConfig, train), "synthesize": outputs(SynthesizeConfig, synth)}
 
 
 def _open_run(cfg: EvalConfig, settings: dict, out: Path) -> dict[tuple[str, str], dict]:
@@ -74,7 +77,8 @@ def _open_run(cfg: EvalConfig, settings: dict, out: Path) -> dict[tuple[str, str
         for line in pred.read_text().splitlines():
             try:
                 row = json.loads(line)
-                done[(row["method"], row["qid"])] = row
+                if not row.get("error"):  # a failed answer (a timeout, a dead engine) is asked again
+                    done[(row["method"], row["qid"])] = row
             except (json.JSONDecodeError, KeyError):
                 continue  # a line cut by a crash: that question is simply redone
     return done
