@@ -30,6 +30,7 @@ from memo.evaluation.baselines import (
     read_passages,
 )
 from memo.evaluation.benchmarks import Question, load_benchmark, write_corpus
+from memo.evaluation.charts import grouped_bars
 from memo.evaluation.metrics import bootstrap_ci, judge_correct
 from memo.executive import answer_question, closed_book
 from memo.executive.clients import (
@@ -219,28 +220,6 @@ def markdown_table(results: dict) -> str:
             c = d["reflection_coverage"]
             lines.append(f"gold facts the reflections state: {c['coverage']:.3f} ({c['covered']}/{c['facts']})")
     return "\n".join(lines) + "\n"
-
-
-def grouped_bars(path: Path, title: str, names: list[str], series: dict[str, list[float]],
-                 errors: dict[str, list[float]] | None = None) -> None:
-    """A bar group per method, a bar per series (metric or noise level), scores on [0, 1]."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on a cluster node
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(names), 3.6))
-    width = 0.8 / len(series)
-    for i, (label, values) in enumerate(series.items()):
-        ax.bar([x + i * width for x in range(len(names))], values, width, label=label,
-               yerr=(errors or {}).get(label))
-    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(names))], names, rotation=20)
-    ax.set_ylim(0, 1)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def bar_chart(results: dict, path: Path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from memo import registry
 from memo.atomic import write_text
 from memo.config import EvalConfig, ExecutiveConfig
+from memo.evaluation.charts import grouped_bars
 from memo.evaluation.metrics import bootstrap_ci
 
 log = logging.getLogger(__name__)
@@ -178,8 +179,6 @@ def markdown(c: dict) -> str:
 
 
 def chart(c: dict, path: Path) -> None:
-    from memo.evaluation.harness import grouped_bars
-
     names, levels = list(c["methods"]), [level_name(x) for x in c["noise"]]
     get = lambda lv, key: [c["methods"][n]["levels"].get(lv, {}).get(key, 0) for n in names]  # noqa: E731
     grouped_bars(path, f"{c['benchmark']} ({c['n']} questions, {c['seeds']} seed(s))", names,
