@@ -23,6 +23,11 @@ _WH = {"Who", "Whom", "Whose", "What", "When", "Where", "Which", "Why", "How", "
 _SYLLABLES = ["bar", "dun", "mo", "rel", "vik", "sta", "lor", "quin", "te", "zar", "ost", "hel"]
 
 
+def _names(question: str) -> list[dict]:
+    """The name spans a question is about (a capitalised question word is not one)."""
+    return [sp for sp in find_spans(question) if sp["kind"] == "name" and sp["text"].split()[0] not in _WH]
+
+
 def abstain_rows(reflections: pd.DataFrame, corpus_text: str, ratio: float, domain: str,
                  generator: str) -> pd.DataFrame:
     """Real direct questions with their name swapped for an invented one, so the memory learns to abstain
@@ -33,7 +38,7 @@ def abstain_rows(reflections: pd.DataFrame, corpus_text: str, ratio: float, doma
     for r in direct.itertuples():
         if len(rows) >= n:
             break
-        names = [sp for sp in find_spans(r.question) if sp["kind"] == "name" and sp["text"].split()[0] not in _WH]
+        names = _names(r.question)
         if not names:
             continue
         h = int(hashlib.sha256(r.question.encode()).hexdigest(), 16)
@@ -64,7 +69,7 @@ def unknown_relation_rows(reflections: pd.DataFrame, doc_texts: list[str], ratio
     asked = {q.lower() for q in reflections.question}
     subject = []  # (row, the name the question is about)
     for r in direct.itertuples():
-        names = [sp["text"] for sp in find_spans(r.question) if sp["kind"] == "name" and sp["text"].split()[0] not in _WH]
+        names = [sp["text"] for sp in _names(r.question)]
         if names:
             subject.append((r, names[0]))
     others = list(dict.fromkeys(name for _, name in subject))
