@@ -56,6 +56,13 @@ def test_config_errors_name_the_field(tmp_path):
     assert "exactly one of --reflections" in one_error_line(res)
 
 
+def test_check_refuses_executive_settings_the_served_answer_would_ignore():
+    # The router's executive runs with its serve config: a --set here would silently change nothing.
+    res = run_cli("check", "--domain", "demo", "--set", "executive.chain=rewrite")
+    assert "executive settings chain: the router's MeMo answer uses its serve config's" in one_error_line(res)
+    assert "--memo-answer local" in res.stderr
+
+
 def test_unknown_domain_for_promote_and_status_leaves_registry_alone(memo_home):
     res = run_cli("promote", "--domain", "ghost", "--to", "champion")
     assert "unknown domain" in one_error_line(res)

@@ -48,7 +48,12 @@ def test_gold_subquestions_substitute_earlier_answers_and_read_the_graph_form():
     assert gold_subquestion("Where is #1 based?", ["Glimmerfield Division"]) == "Where is Glimmerfield Division based?"
     assert gold_subquestion("who played susan walker", []) == "Who played susan walker?"
     assert short_answer("Who founded the Halvenmere Cooperative?",
-                        "The Halvenmere Cooperative was founded in 1987 by Ysolde Marrowfen.") == "1987"
+                        "The Halvenmere Cooperative was founded in 1987 by Ysolde Marrowfen.") == "Ysolde Marrowfen"
+    # the kind the question asks for: a year for "when", a count for "how many"
+    assert short_answer("When was the Halvenmere Cooperative founded?",
+                        "Ysolde Marrowfen founded the Halvenmere Cooperative in 1987.") == "1987"
+    assert short_answer("How many people work in the Glimmerfield Division?",
+                        "The Glimmerfield Division has 138 people.").startswith("138")
     assert short_answer("In which year was the Halvenmere Cooperative founded?",
                         "Ysolde Marrowfen founded it.") == "Ysolde Marrowfen"
 

@@ -133,3 +133,50 @@ def test_grounding_facts_lets_the_answer_stand_and_open_lets_the_executive_use_w
     tr = single_turn(q, exe, Memory({}), ExecutiveConfig(grounding="open"))
     assert tr.answer == "Wenna Ostrocliff" and "Notes" not in exe.prompts[-1] and len(exe.prompts) == 2
     assert single_turn(q, Scripted(""), Memory({}), ExecutiveConfig(grounding="facts")).answer == "I don't know."
+
+
+REWRITE = ExecutiveConfig(chain="rewrite")
+
+
+def test_rewrite_chain_puts_hop_one_into_hop_two():
+    # The executive describes hop 2 instead of writing #1; the rewrite names what hop 1 found.
+    q = "Where is the lab that Wenna leads?"
+    exe = Scripted("1. Which lab does Wenna lead?\n2. Where is the lab Wenna leads?",
+                   "Where is the Ketterline Lab?", "Velmora")
+    mem = Memory({"Which lab does Wenna lead?": "Wenna leads the Ketterline Lab.",
+                  "Where is the Ketterline Lab?": "The Ketterline Lab is in Velmora."})
+    tr = single_turn(q, exe, mem, REWRITE)
+    assert mem.asked == [q, "Which lab does Wenna lead?", "Where is the Ketterline Lab?"]
+    assert "Wenna leads the Ketterline Lab." in exe.prompts[1] and "Where is the lab Wenna leads?" in exe.prompts[1]
+    assert "The Ketterline Lab is in Velmora." in exe.prompts[2] and tr.answer == "Velmora"
+    rewrite = [s for s in tr.steps if s.get("step") == "rewrite"]
+    assert rewrite[0]["parsed"] == ["Where is the Ketterline Lab?"]
+    assert [s for s in tr.steps if s.get("chained_from")][0]["chained_from"] == "Where is the lab Wenna leads?"
+
+
+def test_rewrite_chain_keeps_the_question_without_facts_or_a_parseable_rewrite():
+    q = "Where is the lab that Wenna leads?"
+    # hop 1 unknown: nothing to rewrite with, so no executive call; hop 2 asked as written
+    exe = Scripted("1. Which lab does Wenna lead?\n2. Where is that lab located?")
+    mem = Memory({})
+    tr = single_turn(q, exe, mem, REWRITE)
+    assert mem.asked == [q, "Which lab does Wenna lead?", "Where is that lab located?"]
+    assert len(exe.prompts) == 1 and tr.answer == "I don't know."
+    # a rewrite that is not a question: the original stays
+    exe = Scripted("1. Which lab does Wenna lead?\n2. Where is that lab located?", "Sure! Here it is.", "Velmora")
+    mem = Memory({"Which lab does Wenna lead?": "Wenna leads the Ketterline Lab."})
+    single_turn(q, exe, mem, REWRITE)
+    assert mem.asked[-1] == "Where is that lab located?"
+
+
+def test_rewrite_chain_fills_refs_and_skips_what_it_cannot_fill():
+    q = "Where was the founder of the company born?"
+    exe = Scripted("1. Who founded the company?\n2. Where was #1 born?", "Where was Ysolde Marrowfen born?", "Velmora")
+    mem = Memory({"Who founded the company?": "Ysolde Marrowfen founded the company.",
+                  "Where was Ysolde Marrowfen born?": "Ysolde Marrowfen was born in Velmora."})
+    single_turn(q, exe, mem, REWRITE)
+    assert "Next question: Where was Ysolde Marrowfen born?" in exe.prompts[1]
+    exe = Scripted("1. Who founded the company?\n2. Where was #1 born?")
+    mem = Memory({})
+    tr = single_turn(q, exe, mem, REWRITE)
+    assert mem.asked == [q, "Who founded the company?"] and tr.steps[-1]["step"] == "skip"

@@ -78,6 +78,11 @@ class ServedMemo:
 
 def run_checks(args, exec_cfg: ExecutiveConfig) -> dict:
     questions = load_questions(args.questions)
+    # The served executive runs with its serve config's settings; only the protocol travels with a request.
+    ignored = sorted(set(exec_cfg.model_dump(exclude_defaults=True)) - {"protocol"})
+    if args.memo_answer == "served" and ignored:
+        raise MemoError(f"executive settings {', '.join(ignored)}: the router's MeMo answer uses its serve "
+                        "config's (executive_*); pass --memo-answer local to run the executive here with them")
     key = os.environ.get("MEMO_API_KEY")
     executive = make_executive(args.executive_url, args.executive_model, os.environ.get("MEMO_EXECUTIVE_API_KEY"),
                                args.executive_local)
@@ -100,7 +105,9 @@ def run_checks(args, exec_cfg: ExecutiveConfig) -> dict:
         by_kind[kind]["n"] = by_kind[kind].get("n", 0) + 1
         rows.append({"id": q.get("id"), "kind": kind, "question": q["question"], "reference": q["answer"],
                      "closed_book": cb, "memory_answer": direct, "memo": tr.answer, **{f"{k}_ok": v for k, v in ok.items()},
-                     "memory_version": tr.memory_version, "memory_calls": tr.memory_calls, "seconds": tr.seconds})
+                     "memory_version": tr.memory_version, "memory_calls": tr.memory_calls, "seconds": tr.seconds,
+                     # what the memory was asked and said, and each executive step's output (prompts left out)
+                     "trace": [{k: v for k, v in st.items() if k != "messages"} for st in tr.steps]})
         mark = {True: "OK", False: "x"}
         log.info(f"\n[{i}/{len(questions)}] ({kind}) {q['question']}\n"
                  f"  reference:    {q['answer']}\n"

@@ -258,6 +258,10 @@ class ExecutiveConfig(Settings):
     executive_max_tokens: int = F(160, "tokens per executive turn (JSON state + questions)", ge=1)
     memory_max_tokens: int = F(64, "tokens per memory answer", ge=1)
     json_retries: int = F(1, "re-asks after an unparseable executive reply, before the fallback", ge=0)
+    chain: Literal["refs", "rewrite"] = F(
+        "refs", "single: how a later sub-question gets an earlier one's answer: refs = only where the executive "
+        "wrote #k; rewrite = the executive rewrites every later sub-question with the answers found so far "
+        "(one short executive call per hop; a 1.5B executive writes #k in ~1 of 12 decompositions)", added="refs")
     grounding: Literal["strict", "facts", "open"] = F(
         "facts", "the final answer: strict = from the memory's answers only, and the memory's own answer "
         "replaces one that names none of their facts; facts = from the memory's answers only, the executive's "
@@ -320,6 +324,9 @@ class ServeConfig(ExecutiveEndpoint):
     executive_grounding: Literal["strict", "facts", "open"] = F(
         ExecutiveConfig.model_fields["grounding"].default, "memo/<domain>'s final answer (executive.grounding): "
         "strict, facts or open")
+    executive_chain: Literal["refs", "rewrite"] = F(
+        ExecutiveConfig.model_fields["chain"].default, "memo/<domain>'s single protocol (executive.chain): refs "
+        "or rewrite")
     executive_deadline_s: float = F(120.0, "a MeMo answer past this returns the best answer so far "
                                     "(finish_reason length) or 504", gt=0)
     executive_api_key_env: str = F("MEMO_EXECUTIVE_API_KEY", "environment variable holding executive_url's key")

@@ -98,14 +98,26 @@ def find_spans(sentence: str) -> list[dict]:
     return sorted(spans, key=lambda s: s["start"])
 
 
-def short_answer(question: str, answer: str) -> str:
-    """The memory answers in sentences; a chained step needs the entity: the first name, date or number
-    the answer gives that the question does not already contain (else the whole answer)."""
+def wanted_kinds(question: str) -> tuple[str, ...]:
+    """The span kinds (find_spans) a question asks for, by its question word: "How many" a number,
+    "When"/"What year" a date or year, every other question a name."""
     q = question.lower()
-    for sp in find_spans(answer):
-        if sp["text"].lower() not in q:
-            return sp["text"]
-    return answer.strip()
+    if re.search(r"\bhow (?:many|much)\b", q):
+        return ("number",)
+    if re.search(r"\bwhen\b|\b(?:what|which) (?:year|date|day|month)\b", q):
+        return ("date", "year")
+    return ("name",)
+
+
+def short_answer(question: str, answer: str) -> str:
+    """The memory answers in sentences; a chained step needs the entity: the first span of the kind the
+    question asks for that the question does not already contain ("Who founded X?" -> the name, not the
+    year the answer also gives); else the first such span of any kind; else the whole answer."""
+    q = question.lower()
+    new = [sp for sp in find_spans(answer) if sp["text"].lower() not in q]
+    kinds = wanted_kinds(question)
+    best = next((sp for sp in new if sp["kind"] in kinds), new[0] if new else None)
+    return best["text"] if best else answer.strip()
 
 
 # Function words and question words: what an answer may repeat of its question without saying anything.

@@ -4,6 +4,9 @@ sub-question (and the question itself), the executive answers from the non-IDK a
 A sub-question that needs an earlier one's answer says so with "#k" (the MuSiQue convention): it is
 asked after sub-question k, with k's answer (the entity it names) put in, so hop 2 asks about what hop 1
 found instead of a description the memory never saw ("Who employed #1?" -> "Who employed Ernst Mach?").
+A 1.5B executive writes "#k" in about 1 of 12 MuSiQue decompositions and otherwise asks hop 2 about the
+description ("What team did Anna Benson's husband play for?"), so `chain=rewrite` has it rewrite every
+later sub-question with the answers found so far, one short call per hop.
 """
 
 from __future__ import annotations
@@ -41,6 +44,9 @@ ANSWER_OPEN = ("Notes from a memory of the user's documents (they may be incompl
                "{facts}\n\nAnswer the question in a few words. Use the notes where they answer it, and what "
                "you know otherwise.\nQuestion: {q}\nAnswer:")
 CLOSED_BOOK = "Answer the question in a few words.\nQuestion: {q}\nAnswer:"
+REWRITE = ("Facts found so far:\n{facts}\n\nRewrite the next question so that it names the person, place or thing "
+           "these facts found instead of describing it. If the facts do not help, repeat it unchanged. Write only "
+           "the question.\nNext question: {q}\nRewritten question:")
 
 
 def single_turn(question: str, executive, memory, cfg=None,
@@ -57,7 +63,8 @@ def single_turn(question: str, executive, memory, cfg=None,
     # The user's own question goes to the memory too: a weak executive's decomposition may lose the
     # point, and the memory was trained on composite (cross-document) questions as well.
     subs = [q for q in subs if q.lower() != question.lower()]
-    answers = ask_chained(tr, memory, question, subs)
+    answers = (ask_rewritten(tr, executive, memory, question, subs, cfg) if cfg.chain == "rewrite"
+               else ask_chained(tr, memory, question, subs))
     facts = [a for a in answers if not is_idk(a)]
     if not facts and cfg.grounding != "open":
         tr.answer = IDK_ANSWER
@@ -96,6 +103,42 @@ def ask_chained(tr: Trace, memory, question: str, subs: list[str]) -> list[str]:
         resolved[i] = filled
         by_sub[i] = ask_and_record(tr, memory, [filled], chained_from=q)[0]
     return answers + [by_sub[i] for i in range(len(subs))]
+
+
+def ask_rewritten(tr: Trace, executive, memory, question: str, subs: list[str], cfg) -> list[str]:
+    """The question and the first sub-question in one memory round; then each later sub-question in
+    order, rewritten by the executive with the facts found so far (a "#k" is filled in first). The
+    original stays when the rewrite is not one question, or when nothing is known yet."""
+    if not subs:
+        return ask_and_record(tr, memory, [question])
+    answers = ask_and_record(tr, memory, [question, subs[0]])
+    found = {0: (subs[0], answers[1])}  # sub-question index -> (the question as asked, the memory's answer)
+    for i, q in enumerate(subs[1:], start=1):
+        asked = _REF.sub(lambda m: _filled(found, int(m.group(1)) - 1, m.group()), q)
+        facts = [a for _, a in found.values() if not is_idk(a)]
+        if facts:
+            content = REWRITE.format(facts="\n".join(f"- {f}" for f in dict.fromkeys(facts)), q=asked)
+            messages = [{"role": "user", "content": content}]
+            out = executive.complete(messages, max_tokens=48, temperature=cfg.temperature)
+            parsed = parse_subquestions(out, 1)
+            tr.steps.append({"role": "executive", "step": "rewrite", "messages": messages, "output": out,
+                             "parsed": parsed})
+            asked = parsed[0] if parsed else asked
+        if _REF.search(asked):  # it still needs an answer the memory did not give
+            tr.steps.append({"role": "executive", "step": "skip", "question": q,
+                             "why": "it needs the answer to a sub-question the memory did not answer"})
+            found[i] = (asked, IDK_ANSWER)
+        else:
+            found[i] = (asked, ask_and_record(tr, memory, [asked], chained_from=q)[0])
+        answers.append(found[i][1])
+    return answers
+
+
+def _filled(found: dict, k: int, ref: str) -> str:
+    """"#k" -> the entity sub-question k's answer names; the reference stays when k is unknown."""
+    if k not in found or is_idk(found[k][1]):
+        return ref
+    return short_answer(*found[k])
 
 
 def closed_book(question: str, executive, max_tokens: int = 48) -> str:

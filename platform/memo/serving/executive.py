@@ -129,7 +129,8 @@ class ExecutiveModel:
                                 min(ExecutiveConfig().memory_max_tokens, self.cfg.max_tokens_cap), deadline)
         try:
             tr = answer_question(question, llm, memory, ExecutiveConfig(protocol=protocol,
-                                                                       grounding=self.cfg.executive_grounding))
+                                                                       grounding=self.cfg.executive_grounding,
+                                                                       chain=self.cfg.executive_chain))
             text, finish, trace = tr.answer, "stop", asdict(tr)
         except DeadlineExceeded:
             text, finish = memory.best_answer(question), "length"
