@@ -6,7 +6,7 @@ import json
 
 import pytest
 from conftest import DEMO_CORPUS, run_cli
-from memo.evaluation.baselines import BM25Index, gold_subquestion
+from memo.evaluation.baselines import BM25Index, expanded_search, gold_subquestion
 from memo.text import short_answer
 from memo.evaluation.harness import markdown_table, summarize
 
@@ -56,6 +56,19 @@ def test_gold_subquestions_substitute_earlier_answers_and_read_the_graph_form():
                         "The Glimmerfield Division has 138 people.").startswith("138")
     assert short_answer("In which year was the Halvenmere Cooperative founded?",
                         "Ysolde Marrowfen founded it.") == "Ysolde Marrowfen"
+
+
+def test_expanded_search_adds_the_bridge_passage_and_keeps_the_questions_top():
+    passages = [{"doc_id": k, "title": d["title"], "text": d["text"]} for k, d in DOCS.items()]
+    index = BM25Index(passages)
+    question = "Where is the product that the Glimmerfield Division designed put together?"
+    plain = index.search(question, 4)
+    # the memory names the bridge entity; its passage joins the question's own top two
+    hits = expanded_search(index, question, ["The Glimmerfield Division designed the Vessamere Lantern."], 4)
+    assert len(hits) == 4 and len({p["doc_id"] for p in hits}) == 4
+    assert plain[0] in hits and plain[1] in hits
+    assert "doc-04" in [p["doc_id"] for p in hits]
+    assert expanded_search(index, question, [], 4) == plain
 
 
 def test_bm25_ranks_the_passage_that_shares_the_rare_words_first():
@@ -237,6 +250,11 @@ def test_sweep_reports_the_paired_noise_drop_and_the_spread_over_seeds(tmp_path)
     assert "| bm25 | 0.625 [" in table and "-0.250 [" in table
     assert "| memo_single | noise-0 | 0.250 | 0.500 | 0.375 | 0.177 | 0.250 |" in table
     assert "| memory recall | noise-1 | 0.400 | 0.200 |" in table
+    # every row has as many cells as the header, with one noise level as with two
+    for sweep in (c, combine(cfg.model_copy(update={"noise": [0.0]}), runs[:2])):
+        rows = [line for line in markdown(sweep).splitlines() if line.startswith("| ")]
+        head = rows[0]
+        assert "|  " not in head and all(r.count("|") == head.count("|") for r in rows[1:] if r.startswith("| bm25"))
 
 
 @pytest.mark.slow

@@ -404,6 +404,10 @@ class EvalConfig(BenchmarkSample, ExecutiveEndpoint):
     bm25_k: int = F(9, "passages the BM25 baseline reads (paper: 9)", ge=1)
     chunk_words: int = F(200, "BM25 passage size in words (MuSiQue paragraphs stay whole)", ge=20)
     reader_max_tokens: int = F(48, "tokens of a reader's answer", ge=1)
+    rag_query: Literal["question", "expand"] = F(
+        "question", "memo_rag's BM25 query: the question; or expand = half the passages for the question, half "
+        "for the question plus the memory's answers (the memory names the bridge entity hop 2's passage is "
+        "about)", added="question")
 
     @model_validator(mode="before")
     @classmethod

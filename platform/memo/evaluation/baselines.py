@@ -9,7 +9,7 @@ from __future__ import annotations
 from memo.corpus import Document, chunk_document
 from memo.errors import MemoError
 from memo.evaluation.benchmarks import Question
-from memo.text import IDK_ANSWER, is_idk, short_answer
+from memo.text import IDK_ANSWER, find_spans, is_idk, short_answer
 
 READER = ("Passages:\n{passages}\n\nUsing the passages, answer the question in a few words.\n"
           "Question: {q}\nAnswer:")
@@ -45,6 +45,25 @@ def passages_of(docs: list[Document], chunk_words: int) -> list[dict]:
         row = {"doc_id": d.doc_id, "title": d.title, "text": d.text, "doc_date": "", "source": d.source}
         out += [{"doc_id": c["doc_id"], "chunk_id": c["chunk_id"], "title": c["title"], "text": c["text"]}
                 for c in chunk_document(row, "eval", chunk_words, 0.1)]
+    return out
+
+
+def expanded_search(index: BM25Index, question: str, facts: list[str], k: int) -> list[dict]:
+    """k passages, alternating between the question's ranking and that of the question plus the names,
+    dates and numbers the memory's answers add (the bridge entity hop 2's passage is about), without
+    repeats: the memory's possibly wrong names can add passages but never push out the first half of
+    the question's own top k. The answers' other words mostly repeat the question, so they are left out."""
+    first = index.search(question, k)
+    q = question.lower()
+    added = list(dict.fromkeys(sp["text"] for f in facts for sp in find_spans(f) if sp["text"].lower() not in q))
+    if not added:
+        return first
+    second = index.search(" ".join([question, *added]), k)
+    out: list[dict] = []
+    for a, b in zip(first, second):
+        for p in (a, b):
+            if p not in out and len(out) < k:
+                out.append(p)
     return out
 
 

@@ -25,6 +25,7 @@ from memo.corpus import Document, corpus_hash
 from memo.errors import MemoError
 from memo.evaluation.baselines import (
     BM25Index,
+    expanded_search,
     gold_decomposition,
     passages_of,
     read_passages,
@@ -150,8 +151,9 @@ def _answer(method: str, q: Question, ctx: dict) -> tuple[str, dict]:
     if method == "memo_rag":  # parametric + text retrieval: the memory's answers and BM25's passages, one reader
         tr = answer_question(q.question, executive, ctx["memory"], ctx["exec_cfg"].model_copy(update={"protocol": "single"}))
         facts = list(dict.fromkeys(s["answer"] for s in tr.steps if s["role"] == "memory" and not is_idk(s["answer"])))
-        answer, read = read_passages(q.question, ctx["bm25"].search(q.question, cfg.bm25_k), executive,
-                                     cfg.reader_max_tokens, facts)
+        passages = (expanded_search(ctx["bm25"], q.question, facts, cfg.bm25_k) if cfg.rag_query == "expand"
+                    else ctx["bm25"].search(q.question, cfg.bm25_k))
+        answer, read = read_passages(q.question, passages, executive, cfg.reader_max_tokens, facts)
         return answer, {**asdict(tr), "answer": answer, "read": read, "memory_calls": tr.memory_calls}
     exec_cfg = ctx["exec_cfg"].model_copy(update={"protocol": "structured" if method == "memo_structured" else "single"})
     tr = answer_question(q.question, executive, ctx["memory"], exec_cfg)

@@ -142,9 +142,9 @@ def markdown(c: dict) -> str:
     levels = [level_name(x) for x in c["noise"]]
     lines = [f"{c['benchmark']}: {c['n']} questions; noise levels {', '.join(f'{x:g}' for x in c['noise'])} "
              f"(documents {', '.join(str(c['documents'].get(lv, '?')) for lv in levels)}); {c['seeds']} seed(s)", ""]
-    head = "| method | " + " | ".join(f"F1 {lv}" for lv in levels) + " | " + \
-        " | ".join(f"F1 change {levels[0]} -> {lv}" for lv in levels[1:]) + (" |" if len(levels) > 1 else "") + \
-        " EM " + levels[0] + " | judge " + levels[0] + " | memory calls/q | latency s/q |"
+    columns = ([f"F1 {lv}" for lv in levels] + [f"F1 change {levels[0]} -> {lv}" for lv in levels[1:]]
+               + [f"EM {levels[0]}", f"judge {levels[0]}", "memory calls/q", "latency s/q"])
+    head = "| method | " + " | ".join(columns) + " |"
     lines += ["F1 per noise level: mean [95% bootstrap interval over questions], or mean ± sd over seeds; the "
               "change is paired over the same questions (seed 0)", "", head, "|---" * (head.count("|") - 1) + "|"]
     for m, v in c["methods"].items():
