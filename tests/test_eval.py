@@ -96,6 +96,23 @@ def test_summary_and_table():
             "200 / 20.0 |") in markdown_table(res)
 
 
+def test_the_share_of_gold_paragraphs_read_says_whether_retrieval_or_the_reader_lost_it():
+    from memo.evaluation.benchmarks import Question
+    from memo.evaluation.harness import _gold_passages_read
+
+    q = Question(qid="q", question="?", answer="a", gold_doc_ids=["p-1", "p-2"])
+    assert _gold_passages_read({"passages": ["p-1#0", "p-9#0", "p-1#1"]}, q) == 0.5  # chunks of one paragraph
+    assert _gold_passages_read({"read": {"passages": ["p-2#0", "p-1#3"]}}, q) == 1.0  # memo_rag's reader
+    assert _gold_passages_read({"steps": []}, q) is None  # a method that reads no passages
+    row = {"em": 0.0, "f1": 0.0, "contains": 0.0, "memory_calls": 0, "latency_s": 1.0, "executive_tokens": 1,
+           "judge": None}
+    res = summarize([{**row, "method": "bm25", "gold_passages_read": 0.5},
+                     {**row, "method": "bm25", "gold_passages_read": 1.0},
+                     {**row, "method": "closed_book", "gold_passages_read": None}], ["bm25", "closed_book"], "musique", 2)
+    assert res["methods"]["bm25"]["gold_passages_read"] == 0.75 and "gold_passages_read" not in res["methods"]["closed_book"]
+    assert "gold paragraphs among the passages read: bm25 0.750" in markdown_table(res)
+
+
 def test_bootstrap_interval_narrows_with_more_questions():
     from memo.evaluation.metrics import bootstrap_ci
 

@@ -160,6 +160,16 @@ def _answer(method: str, q: Question, ctx: dict) -> tuple[str, dict]:
     return tr.answer, asdict(tr)
 
 
+def _gold_passages_read(trace: dict, q: Question) -> float | None:
+    """For the methods that read passages (bm25, oracle, memo_rag): the share of the question's gold
+    paragraphs among them, so a user sees whether retrieval or the reader lost an answer."""
+    passages = trace.get("passages") or (trace.get("read") or {}).get("passages")
+    if passages is None or not q.gold_doc_ids:
+        return None
+    read = {p.rsplit("#", 1)[0] for p in passages}  # a chunk id is <doc_id>#<index>
+    return round(sum(d in read for d in q.gold_doc_ids) / len(q.gold_doc_ids), 4)
+
+
 def summarize(rows: list[dict], methods: list[str], benchmark: str, n: int) -> dict:
     out = {"benchmark": benchmark, "n": n, "methods": {}}
     for m in methods:
@@ -179,6 +189,9 @@ def summarize(rows: list[dict], methods: list[str], benchmark: str, n: int) -> d
             total_ms = sum(r.get(ms, 0) for r in rs)
             if total_ms:  # only engines that report timings
                 entry[f"executive_{phase}_tok_s"] = round(sum(r.get(tokens, 0) for r in rs) / total_ms * 1000, 1)
+        gold_read = [r["gold_passages_read"] for r in rs if r.get("gold_passages_read") is not None]
+        if gold_read:
+            entry["gold_passages_read"] = round(sum(gold_read) / len(gold_read), 4)
         if all(r.get("judge") is not None for r in rs):
             entry["judge"] = round(sum(r["judge"] for r in rs) / k, 4)
             # how far to trust the judge: the share of answers where it agrees with `contains`
@@ -209,6 +222,9 @@ def markdown_table(results: dict) -> str:
         lines.append(f"| {m} | {score(v, 'em')} | {score(v, 'f1')} | {score(v, 'contains')} |{judge} "
                      f"{v['memory_calls_per_q']:.1f} | {v['latency_s_per_q']:.1f} | {v['executive_tokens_per_q']:.0f} | "
                      f"{v.get('json_parse_failures', 0)}/{v.get('json_turns', 0)} | {speed} |")
+    read = {m: v["gold_passages_read"] for m, v in results["methods"].items() if "gold_passages_read" in v}
+    if read:
+        lines += ["", "gold paragraphs among the passages read: " + ", ".join(f"{m} {x:.3f}" for m, x in read.items())]
     d = results.get("diagnostics")
     if d:
         r = d["memory_recall"]
@@ -298,7 +314,8 @@ def run_one(cfg: EvalConfig, exec_cfg: ExecutiveConfig, train: dict, synth: dict
                    "executive_decode_ms": speed.get("decode_ms", 0),
                    # executive turns that asked for JSON, and those whose reply did not parse even after repair
                    "json_turns": sum(1 for st in trace.get("steps", []) if "parse" in st),
-                   "json_failed": sum(1 for st in trace.get("steps", []) if st.get("parse") == "failed")}
+                   "json_failed": sum(1 for st in trace.get("steps", []) if st.get("parse") == "failed"),
+                   "gold_passages_read": _gold_passages_read(trace, q)}
             with open(out / "traces" / f"{method}.jsonl", "a") as tf:
                 tf.write(json.dumps({"qid": q.qid, "method": method, **trace}, default=str) + "\n")
             pred_f.write(json.dumps(row) + "\n")
