@@ -406,7 +406,7 @@ class EvalConfig(BenchmarkSample, ExecutiveEndpoint):
     reader_max_tokens: int = F(48, "tokens of a reader's answer", ge=1)
     rag_query: Literal["question", "expand"] = F(
         "question", "memo_rag's BM25 query: the question; or expand = half the passages for the question, half "
-        "for the question plus the memory's answers (the memory names the bridge entity hop 2's passage is "
+        "for the question plus the names the memory's answers add (the bridge entity hop 2's passage is "
         "about)", added="question")
 
     @model_validator(mode="before")

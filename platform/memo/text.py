@@ -112,7 +112,7 @@ def wanted_kinds(question: str) -> tuple[str, ...]:
 def short_answer(question: str, answer: str) -> str:
     """The memory answers in sentences; a chained step needs the entity: the first span of the kind the
     question asks for that the question does not already contain ("Who founded X?" -> the name, not the
-    year the answer also gives); else the first such span of any kind; else the whole answer."""
+    year the answer also gives); else the first new span of any kind; else the whole answer."""
     q = question.lower()
     new = [sp for sp in find_spans(answer) if sp["text"].lower() not in q]
     kinds = wanted_kinds(question)

@@ -95,9 +95,7 @@ def ask_chained(tr: Trace, memory, question: str, subs: list[str]) -> list[str]:
         refs = [int(k) - 1 for k in _REF.findall(q)]
         known = [k for k in refs if k in by_sub and not is_idk(by_sub[k])]
         if len(known) < len(refs):
-            tr.steps.append({"role": "executive", "step": "skip", "question": q,
-                             "why": "it needs the answer to a sub-question the memory did not answer"})
-            by_sub[i] = IDK_ANSWER
+            by_sub[i] = _skipped(tr, q)
             continue
         filled = _REF.sub(lambda m: short_answer(resolved[int(m.group(1)) - 1], by_sub[int(m.group(1)) - 1]), q)
         resolved[i] = filled
@@ -125,13 +123,17 @@ def ask_rewritten(tr: Trace, executive, memory, question: str, subs: list[str], 
                              "parsed": parsed})
             asked = parsed[0] if parsed else asked
         if _REF.search(asked):  # it still needs an answer the memory did not give
-            tr.steps.append({"role": "executive", "step": "skip", "question": q,
-                             "why": "it needs the answer to a sub-question the memory did not answer"})
-            found[i] = (asked, IDK_ANSWER)
+            found[i] = (asked, _skipped(tr, q))
         else:
             found[i] = (asked, ask_and_record(tr, memory, [asked], chained_from=q)[0])
         answers.append(found[i][1])
     return answers
+
+
+def _skipped(tr: Trace, q: str) -> str:
+    tr.steps.append({"role": "executive", "step": "skip", "question": q,
+                     "why": "it needs the answer to a sub-question the memory did not answer"})
+    return IDK_ANSWER
 
 
 def _filled(found: dict, k: int, ref: str) -> str:
