@@ -87,20 +87,13 @@ def ask_chained(tr: Trace, memory, question: str, subs: list[str]) -> list[str]:
     order, with the answers it refers to put in (skipped, and traced, when one of them is unknown)."""
     free = [i for i, q in enumerate(subs) if not _REF.search(q)]
     first = ask_and_record(tr, memory, [question] + [subs[i] for i in free])
-    answers, by_sub = first[:1], dict(zip(free, first[1:]))
-    resolved = {i: subs[i] for i in free}
+    found = {i: (subs[i], a) for i, a in zip(free, first[1:])}  # index -> (the question as asked, its answer)
     for i, q in enumerate(subs):
-        if i in by_sub:
-            continue
-        refs = [int(k) - 1 for k in _REF.findall(q)]
-        known = [k for k in refs if k in by_sub and not is_idk(by_sub[k])]
-        if len(known) < len(refs):
-            by_sub[i] = _skipped(tr, q)
-            continue
-        filled = _REF.sub(lambda m: short_answer(resolved[int(m.group(1)) - 1], by_sub[int(m.group(1)) - 1]), q)
-        resolved[i] = filled
-        by_sub[i] = ask_and_record(tr, memory, [filled], chained_from=q)[0]
-    return answers + [by_sub[i] for i in range(len(subs))]
+        if i not in found:
+            asked = _REF.sub(lambda m: _filled(found, int(m.group(1)) - 1, m.group()), q)
+            found[i] = (asked, _skipped(tr, q) if _REF.search(asked)
+                        else ask_and_record(tr, memory, [asked], chained_from=q)[0])
+    return first[:1] + [found[i][1] for i in range(len(subs))]
 
 
 def ask_rewritten(tr: Trace, executive, memory, question: str, subs: list[str], cfg) -> list[str]:
