@@ -8,35 +8,54 @@ from memo.synthesis.paraphrase import paraphrase, usable
 Q, A = "Who keeps the Orrin lighthouse?", "Mara Quill keeps the Orrin lighthouse on Tessel Island."
 
 
-def test_a_rewrite_must_be_a_new_question_that_names_its_subject():
+def test_a_rewrite_must_be_a_new_question_about_the_same_fact():
     assert usable("Who is the keeper of the Orrin lighthouse?", Q, A)
-    assert usable("What does Mara Quill keep?", Q, A)
+    assert usable("What does Mara Quill keep?", Q, A)                 # the inverse question
+    assert usable("Who tends the lighthouse on Tessel Island?", Q, A)
     assert not usable("Who keeps it?", Q, A)                        # names nothing the pair names
     assert not usable("who keeps the orrin lighthouse?", Q, A)      # the original again
     assert not usable("The keeper of the Orrin lighthouse", Q, A)   # not a question
     assert not usable("Who " + "really " * 30 + "keeps the Orrin lighthouse?", Q, A)
+    # What the 0.5B model wrote from relation templates: a name the pair lacks, or another fact
+    assert not usable("Who is the wife of John?", Q, A)
+    assert not usable("Who is the spouse of X?", Q, A)
+    assert not usable("Where was Mara Quill born?", Q, A)
+    assert not usable("Which company makes Mara Quill?", Q, A)
+    built = "The Orrin lighthouse was built in 1881."
+    assert usable("In which year was the Orrin lighthouse constructed?", "When was the Orrin lighthouse built?", built)
+    assert usable("What was built in 1881?", "When was the Orrin lighthouse built?", built)
+    # asks for a year; the answer has one, but this asks about another relation
+    assert not usable("What is the birth year of the Orrin lighthouse?", "When was the Orrin lighthouse built?", built)
+    # a "how many" rewrite needs a number in the answer
+    assert not usable("How many keepers does the Orrin lighthouse have?", Q, A)
 
 
 @pytest.mark.slow
 def test_a_real_model_rewrites_direct_rows_into_indirect_ones():
+    """The default paraphrase model, sampled: which rewrites it writes varies by run and by CPU, so
+    this asserts what holds for every run: some rewrites, each a usable question under its own answer."""
     from memo.engines.llamacpp import available
     from memo.errors import MemoError
     from memo.gguf import resolve_gguf
 
+    model = "qwen2.5-coder-1.5b"
     try:
-        resolve_gguf("qwen2.5-coder-0.5b")
+        resolve_gguf(model)
     except MemoError:
-        pytest.skip("qwen2.5-coder-0.5b is not installed")
+        pytest.skip(f"{model} is not installed")
     if not available():
         pytest.skip("llama-server is not installed")
-    pairs = pd.DataFrame([
-        {"step": "direct", "question": Q, "answer": A, "source_chunk_ids": ["a#0"]},
-        {"step": "direct", "question": "When was the Orrin lighthouse built?",
-         "answer": "The Orrin lighthouse was built in 1881.", "source_chunk_ids": ["a#0"]},
-        {"step": "abstain", "question": "Who founded Zorbex?", "answer": "I don't know.", "source_chunk_ids": []}])
-    rows, stats = paraphrase(pairs, "lh", "qwen2.5-coder-0.5b", 2, 10)
-    assert stats["in"] == 2 and stats["calls"] == 2 and stats["out"] == len(rows) >= 2
-    assert set(rows.step) == {"indirect"} and set(rows.answer) <= {A, "The Orrin lighthouse was built in 1881."}
-    assert all(usable(q, Q, A) or usable(q, "When was the Orrin lighthouse built?", "built in 1881")
-               for q in rows.question)
-    assert rows.generator.iloc[0] == "paraphrase:qwen2.5-coder-0.5b" and rows.id.is_unique
+    built = ("When was the Orrin lighthouse built?", "The Orrin lighthouse was built in 1881.")
+    founded = ("Who founded the Halvenmere Cooperative?", "The Halvenmere Cooperative was founded in 1987 by Ysolde Marrowfen.")
+    pairs = pd.DataFrame([{"step": "direct", "question": q, "answer": a, "source_chunk_ids": ["a#0"]}
+                          for q, a in [(Q, A), built, founded]]
+                         + [{"step": "abstain", "question": "Who founded Zorbex?", "answer": "I don't know.",
+                             "source_chunk_ids": []}])
+    rows, stats = paraphrase(pairs, "lh", model, 3, 10)
+    assert stats["in"] == 3 and stats["calls"] == 3 and stats["out"] == len(rows) >= 1, stats
+    originals = dict([(A, Q), built[::-1], founded[::-1]])
+    assert set(rows.step) == {"indirect"} and set(rows.answer) <= set(originals)
+    assert all(usable(q, originals[a], a) for q, a in zip(rows.question, rows.answer))
+    assert not set(rows.question) & set(originals.values())
+    assert (rows.groupby("answer").size() <= 3).all() and rows.id.is_unique
+    assert rows.generator.iloc[0] == f"paraphrase:{model}" and len(stats["unusable_examples"]) <= 5

@@ -15,7 +15,7 @@ import hashlib
 import pandas as pd
 
 from memo.synthesis.schema import reflection_frame
-from memo.text import IDK_ANSWER, content_words, find_spans
+from memo.text import IDK_ANSWER, find_spans, stems
 
 # Question words are capitalised too: "Where does X ..." must swap X, not "Where".
 _WH = {"Who", "Whom", "Whose", "What", "When", "Where", "Which", "Why", "How", "Is", "Was", "Are", "Were", "Did",
@@ -52,11 +52,6 @@ def abstain_rows(reflections: pd.DataFrame, corpus_text: str, ratio: float, doma
     return reflection_frame(rows, domain, generator)
 
 
-def _stems(text: str) -> set[str]:
-    """Content words cut to 5 letters: "founded", "founder" and "found" count as one relation word."""
-    return {w[:5] for w in content_words(text)}
-
-
 def unknown_relation_rows(reflections: pd.DataFrame, doc_texts: list[str], ratio: float, domain: str,
                           generator: str) -> pd.DataFrame:
     """Direct questions re-asked about another name of the corpus, kept only where no document that
@@ -78,7 +73,7 @@ def unknown_relation_rows(reflections: pd.DataFrame, doc_texts: list[str], ratio
     for r, name in subject:
         if len(rows) >= n:
             break
-        relation = _stems(r.question) - _stems(name)
+        relation = stems(r.question) - stems(name)
         if len(relation) < 1:
             continue
         h = int(hashlib.sha256(r.question.encode()).hexdigest(), 16)
@@ -88,7 +83,7 @@ def unknown_relation_rows(reflections: pd.DataFrame, doc_texts: list[str], ratio
                 continue
             q = r.question.replace(name, other)
             mentioning = [t for t in lowered if other.lower() in t]
-            stated = any(len(relation & _stems(t)) * 2 >= len(relation) for t in mentioning)
+            stated = any(len(relation & stems(t)) * 2 >= len(relation) for t in mentioning)
             if q.lower() in asked or stated or not mentioning:
                 continue
             rows.append({"step": "abstain", "question": q, "answer": IDK_ANSWER,

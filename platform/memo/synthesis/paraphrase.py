@@ -19,30 +19,52 @@ import pandas as pd
 from memo.errors import MemoError
 from memo.llm_json import parse_json
 from memo.synthesis.schema import reflection_frame
-from memo.text import find_spans
+from memo.text import content_words, find_spans, stems, wanted_kinds
 
 log = logging.getLogger(__name__)
-PARAPHRASE_VERSION = "paraphrase-1"  # part of the synthesis resume key when paraphrases > 0
+PARAPHRASE_VERSION = "paraphrase-2"  # part of the synthesis resume key when paraphrases > 0
 PROMPT = ("A question and its answer, from a document:\nQuestion: {q}\nAnswer: {a}\n\n"
-          "Write {n} different short questions that ask for the same fact the way a person would ask it, for "
-          "example \"Who is the spouse of X?\", \"Where was X born?\", \"Which company makes X?\". Every question "
-          "must name its subject. Reply with JSON: {{\"questions\": [\"...\"]}}")
+          "Write {n} other short questions that ask for this same fact, the way a person would ask it. Use only "
+          "the names in the question and the answer, and ask about nothing else. Reply with JSON: "
+          "{{\"questions\": [\"...\"]}}")
+# One worked example, as a finished chat turn, rather than relation templates in the instruction: the
+# 0.5B model copied "Who is the spouse of X?" and "Which company makes X?" verbatim into its replies,
+# with X, John or the pair's subject filled in (measured: most replies over six rounds).
+EXAMPLE = [{"role": "user", "content": PROMPT.format(q="Who designed the Varn Bridge?", n=3,
+                                                     a="Ilse Dorn designed the Varn Bridge in 1902.")},
+           {"role": "assistant", "content": '{"questions": ["Who was the designer of the Varn Bridge?", '
+                                            '"Which engineer designed the Varn Bridge?", "What did Ilse Dorn design?"]}'}]
+# Words that say what kind of answer is wanted, not which relation: a rewrite may add them freely.
+_ANSWER_TYPES = set("year date day month place city town country person people man woman name company".split())
 
 
-_QUESTION_WORDS = set("who whom whose what which where when why how is was are were does did do in on the a an".split())
-
-
-def _names(text: str) -> set[str]:
-    """The names, numbers and dates a text gives (a capitalised question word is not a name)."""
-    return {sp["text"].lower() for sp in find_spans(text)} - _QUESTION_WORDS
+def _name_words(text: str) -> set[str]:
+    """The words of the names, numbers and dates a text gives (a capitalised question word is not a name;
+    in "340 members" only the number is)."""
+    return {w for sp in find_spans(text)
+            for w in content_words(sp["text"].split()[0] if sp["kind"] == "number" else sp["text"])}
 
 
 def usable(rewrite: str, question: str, answer: str) -> bool:
-    """A rewrite worth training on: a question of 3-30 words, not the original, naming something the
-    original pair names."""
+    """A rewrite worth training on under the pair's answer: a question of 3-30 words, not the original,
+    that names something the pair names and no name the pair does not ("Who is the wife of John?"), and
+    asks about the pair's relation: it shares a relation or object word with the pair ("keeper" for
+    "keeps", "lighthouse") and adds at most two new ones, so "Where was Mara Quill born?", a question
+    about the right subject that the pair's answer does not answer, is out. The answer must also hold a
+    span of the kind the rewrite asks for (a year for "When...?") that the rewrite does not give away."""
     words = rewrite.split()
-    return (rewrite.endswith("?") and 3 <= len(words) <= 30 and rewrite.strip().lower() != question.strip().lower()
-            and bool(_names(rewrite) & (_names(question) | _names(answer))))
+    if not (rewrite.endswith("?") and 3 <= len(words) <= 30 and rewrite.strip().lower() != question.strip().lower()):
+        return False
+    pair = f"{question} {answer}"
+    names, pair_names = _name_words(rewrite), _name_words(pair)
+    if not names & pair_names or names - content_words(pair):
+        return False
+    said = stems(rewrite, 4) - {w[:4] for w in names | _ANSWER_TYPES}
+    known = stems(pair, 4) - {w[:4] for w in pair_names}
+    if not (said & known) or len(said - known) > 2:
+        return False
+    asked = rewrite.lower()
+    return any(sp["kind"] in wanted_kinds(rewrite) and sp["text"].lower() not in asked for sp in find_spans(answer))
 
 
 def paraphrase(pairs: pd.DataFrame, domain: str, model: str, per_pair: int, max_pairs: int,
@@ -59,8 +81,8 @@ def paraphrase(pairs: pd.DataFrame, domain: str, model: str, per_pair: int, max_
         engine = LlamaCppEngine(resolve_gguf(model), threads=1, parallel=parallel)
     except MemoError as e:
         raise MemoError(f"paraphrase_model={model}: {e} (make install installs the pinned GGUFs)") from None
-    t0, rows = time.time(), []
-    prompts = [[{"role": "user", "content": PROMPT.format(q=r.question, a=r.answer, n=per_pair)}]
+    t0, rows, seen = time.time(), [], {"unusable": []}
+    prompts = [EXAMPLE + [{"role": "user", "content": PROMPT.format(q=r.question, a=r.answer, n=per_pair)}]
                for r in direct.itertuples()]
     replies, step = [], 8 * parallel
     try:
@@ -80,11 +102,13 @@ def paraphrase(pairs: pd.DataFrame, domain: str, model: str, per_pair: int, max_
             continue
         kept = [q.strip() for q in got if isinstance(q, str) and usable(q.strip(), r.question, r.answer)]
         stats["unusable"] += len(got) - len(kept)
+        # A few of the rejected rewrites, so a user who sees few rewrites can tell the model from the filter.
+        seen["unusable"] += [f"{r.question} -> {q}" for q in got if str(q).strip() not in kept][:5 - len(seen["unusable"])]
         for q in list(dict.fromkeys(kept))[:per_pair]:
             rows.append({"step": "indirect", "question": q, "answer": r.answer,
                          "source_chunk_ids": list(r.source_chunk_ids), "verified": True})
     stats["out"], stats["rejected"] = len(rows), stats["unusable"] + stats["failed"]
-    stats["seconds"] = round(time.time() - t0, 1)
+    stats["seconds"], stats["unusable_examples"] = round(time.time() - t0, 1), seen["unusable"]
     log.info(f"[synthesize] paraphrase ({model}): {stats['in']} direct reflections -> {stats['out']} rewrites "
              f"({stats['unusable']} unusable, {stats['failed']} replies without JSON) in {stats['seconds']} s")
     return reflection_frame(rows, domain, f"paraphrase:{model}"), stats
