@@ -26,6 +26,7 @@ def test_a_rewrite_must_be_a_new_question_about_the_same_fact():
     assert usable("What was built in 1881?", "When was the Orrin lighthouse built?", built)
     # asks for a year; the answer has one, but this asks about another relation
     assert not usable("What is the birth year of the Orrin lighthouse?", "When was the Orrin lighthouse built?", built)
+    assert usable("In what year did Gou become empress?", "When did Gou become empress?", "Gou became empress in 357.")
     # a "how many" rewrite needs a number in the answer
     assert not usable("How many keepers does the Orrin lighthouse have?", Q, A)
 
