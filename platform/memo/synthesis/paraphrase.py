@@ -22,18 +22,24 @@ from memo.synthesis.schema import reflection_frame
 from memo.text import content_words, find_spans, stems, wanted_kinds
 
 log = logging.getLogger(__name__)
-PARAPHRASE_VERSION = "paraphrase-2"  # part of the synthesis resume key when paraphrases > 0
+PARAPHRASE_VERSION = "paraphrase-3"  # part of the synthesis resume key when paraphrases > 0
 PROMPT = ("A question and its answer, from a document:\nQuestion: {q}\nAnswer: {a}\n\n"
-          "Write {n} other short questions that ask for this same fact, the way a person would ask it. Use only "
-          "the names in the question and the answer, and ask about nothing else. Reply with JSON: "
-          "{{\"questions\": [\"...\"]}}")
-# One worked example, as a finished chat turn, rather than relation templates in the instruction: the
-# 0.5B model copied "Who is the spouse of X?" and "Which company makes X?" verbatim into its replies,
-# with X, John or the pair's subject filled in (measured: most replies over six rounds).
-EXAMPLE = [{"role": "user", "content": PROMPT.format(q="Who designed the Varn Bridge?", n=3,
-                                                     a="Ilse Dorn designed the Varn Bridge in 1902.")},
-           {"role": "assistant", "content": '{"questions": ["Who was the designer of the Varn Bridge?", '
-                                            '"Which engineer designed the Varn Bridge?", "What did Ilse Dorn design?"]}'}]
+          "Write {n} other short questions that ask for this same fact, the way a person would ask it: as the "
+          "relation of a name (\"the designer of\", \"the spouse of\"), in other words, or from the answer's side. "
+          "Use only the names in the question and the answer. Reply with JSON: {{\"questions\": [\"...\"]}}")
+# Worked examples as finished chat turns, in the relational style executives decompose into ("What is
+# the spouse of X?"), rather than templates in the instruction: given "Who is the spouse of X?" and
+# "Which company makes X?" as examples, the 0.5B model copied them verbatim into most replies over
+# six rounds, with X, John or the pair's subject filled in.
+EXAMPLE = [
+    {"role": "user", "content": PROMPT.format(q="Who designed the Varn Bridge?", n=3,
+                                              a="Ilse Dorn designed the Varn Bridge in 1902.")},
+    {"role": "assistant", "content": '{"questions": ["Who is the designer of the Varn Bridge?", '
+                                     '"Which engineer designed the Varn Bridge?", "What did Ilse Dorn design?"]}'},
+    {"role": "user", "content": PROMPT.format(q="Whom did Tomas Vell marry?", n=2,
+                                              a="In 1950 Tomas Vell married the painter Ada Rusk.")},
+    {"role": "assistant", "content": '{"questions": ["What is the spouse of Tomas Vell?", '
+                                     '"Who is the wife of Tomas Vell?"]}'}]
 # Words that say what kind of answer is wanted, not which relation: a rewrite may add them freely.
 _ANSWER_TYPES = set("year date day month place city town country person people man woman name company".split())
 
