@@ -4,8 +4,9 @@ questions an executive asks ("What is the sibling of Natalie Wood?"), the answer
 Why: a memory trained on one or two template phrasings recites them (the `reflections_recited`
 diagnostic) but misses the same fact asked another way (`memory_recall`); the paper's memory learns
 from a 32B generator's many phrasings. The rewrites are short outputs, so the 1.5B model on llama.cpp
-makes them cheaply. Each rewrite must still name something the original names (a question without its
-subject teaches nothing), and becomes an `indirect` row: a rewording whose fact is also trained under
+makes them cheaply. Each rewrite must ask for the pair's own fact (`usable`: its names, its relation, a
+span of the kind asked for in its answer; a question about another fact would be trained under an
+answer that does not say it), and becomes an `indirect` row: a rewording whose fact is also trained under
 its first wording, which is what the held-out split and the promotion gate sample.
 """
 
@@ -96,7 +97,7 @@ def paraphrase(pairs: pd.DataFrame, domain: str, model: str, per_pair: int, max_
         engine = LlamaCppEngine(resolve_gguf(model), threads=1, parallel=parallel)
     except MemoError as e:
         raise MemoError(f"paraphrase_model={model}: {e} (make install installs the pinned GGUFs)") from None
-    t0, rows, seen = time.time(), [], {"unusable": []}
+    t0, rows, rejected = time.time(), [], []
     prompts = [EXAMPLE + [{"role": "user", "content": PROMPT.format(q=r.question, a=r.answer, n=per_pair)}]
                for r in direct.itertuples()]
     replies, step = [], 8 * parallel
@@ -118,12 +119,12 @@ def paraphrase(pairs: pd.DataFrame, domain: str, model: str, per_pair: int, max_
         kept = [q.strip() for q in got if isinstance(q, str) and usable(q.strip(), r.question, r.answer)]
         stats["unusable"] += len(got) - len(kept)
         # A few of the rejected rewrites, so a user who sees few rewrites can tell the model from the filter.
-        seen["unusable"] += [f"{r.question} -> {q}" for q in got if str(q).strip() not in kept][:5 - len(seen["unusable"])]
+        rejected += [f"{r.question} -> {q}" for q in got if str(q).strip() not in kept][:5 - len(rejected)]
         for q in list(dict.fromkeys(kept))[:per_pair]:
             rows.append({"step": "indirect", "question": q, "answer": r.answer,
                          "source_chunk_ids": list(r.source_chunk_ids), "verified": True})
     stats["out"], stats["rejected"] = len(rows), stats["unusable"] + stats["failed"]
-    stats["seconds"], stats["unusable_examples"] = round(time.time() - t0, 1), seen["unusable"]
+    stats["seconds"], stats["unusable_examples"] = round(time.time() - t0, 1), rejected
     log.info(f"[synthesize] paraphrase ({model}): {stats['in']} direct reflections -> {stats['out']} rewrites "
              f"({stats['unusable']} unusable, {stats['failed']} replies without JSON) in {stats['seconds']} s")
     return reflection_frame(rows, domain, f"paraphrase:{model}"), stats
