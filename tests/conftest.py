@@ -1,6 +1,7 @@
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,53 @@ def ray_local(memo_home):
     from memo.runtime import init_ray
 
     ray = init_ray()
-    yield ray
-    ray.shutdown()
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def release_cluster(timeout_s: float = 60.0) -> str:
+    """Stop what a module may have left on the shared Ray cluster (a Serve app, a training run cut off by
+    its time limit) and wait until every CPU is free again; returns what was left, '' when nothing."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    from memo.training.placement import holders, stop_training_runs
+
+    left = []
+    from ray import serve
+
+    try:
+        apps = list(serve.status().applications)
+    except Exception:  # noqa: BLE001 - Serve never started in this session
+        apps = []
+    if apps:
+        left.append(f"Serve apps {apps}")
+        serve.shutdown()
+    if stop_training_runs():
+        left.append("a training run")
+    total = ray.cluster_resources().get("CPU", 0)
+    deadline = time.monotonic() + timeout_s
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    free = ray.available_resources().get("CPU", 0)
+    if free < total:
+        left.append(f"{total - free:g} CPU still held by {holders('CPU') or 'unknown actors'}")
+    return "; ".join(left)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clean_cluster_per_module(request):
+    """Each module starts from a cluster with every CPU free, whatever the module before it left (its
+    fixtures tear down their own services; this is the net under them, and it says when it had to act)."""
+    yield
+    left = release_cluster()
+    if left:
+        import warnings
+
+        warnings.warn(f"{request.module.__name__} left {left} on the Ray cluster; released", stacklevel=1)
 
 
 @pytest.fixture(scope="session")

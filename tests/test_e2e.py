@@ -79,10 +79,11 @@ def served(trained, tiny_model):
     from ray import serve
 
     registry.set_alias("e2e", "champion", trained[0]["version"])
-    url = serving.run(ServeConfig(domains=["e2e"], port=free_port(), max_new_tokens=16, max_tokens_cap=32,
-                                   alias_refresh_s=0.5, executive_local=real_executive() or tiny_model))
-    yield url
-    serve.shutdown()
+    try:  # torn down also when the app fails to start, so the next module gets every CPU
+        yield serving.run(ServeConfig(domains=["e2e"], port=free_port(), max_new_tokens=16, max_tokens_cap=32,
+                                      alias_refresh_s=0.5, executive_local=real_executive() or tiny_model))
+    finally:
+        serve.shutdown()
 
 
 def test_openai_client_gets_an_answer_with_the_version(served, trained):

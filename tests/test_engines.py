@@ -83,40 +83,194 @@ def test_the_gguf_executive_follows_an_instruction(alias):
     llm.engine.close()
 
 
-def test_the_router_serves_a_registered_version_on_llamacpp(ray_local, trained_small):
-    """The Serve memory deployment on llama.cpp: the multiplexed <domain>:<version>, the version header,
-    the training-format answer, usage counting the templated prompt, finish_reason length on a cut."""
+def free_port():
     import socket
 
-    import httpx
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def executive_for_tests():
+    """The 0.5B instruct GGUF (fast on one thread) when installed; else no executive deployment."""
+    from memo.errors import MemoError
+    from memo.gguf import resolve_gguf
+
+    try:
+        resolve_gguf("qwen2.5-coder-0.5b")
+        return "qwen2.5-coder-0.5b"
+    except MemoError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def served_cpp(ray_local, trained_small):
+    """A registered version served by the Serve memory deployment on llama.cpp, and (with the 0.5B GGUF
+    installed) the MeMo answer with a llama.cpp executive."""
     from memo import registry, serving
     from memo.config import ServeConfig
-    from memo.inference import memory_messages, prompt_ids
-    from ray import serve
-    from transformers import AutoTokenizer
-
     from memo.engines.memory import memory_gguf
+    from ray import serve
 
     memory_gguf(trained_small)  # registered with its GGUF, as training does
     run_id = registry.start_run("smallcpp", "test", {})
     version = registry.register_memory("smallcpp", trained_small, run_id, {"base_model": "small"}, "champion")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = serving.run(ServeConfig(domains=["smallcpp"], engine="llamacpp", replica_cpus=0.5, port=port,
-                                  max_new_tokens=24))
+    executive = executive_for_tests()
     try:
-        tok = AutoTokenizer.from_pretrained(trained_small)
-        q, ref = FACTS[1]
-        r = httpx.post(url + "/v1/chat/completions", timeout=120,
-                       json={"model": "smallcpp", "messages": [{"role": "user", "content": q}]})
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["choices"][0]["message"]["content"] == ref and r.headers["x-memo-model-version"] == version
-        assert body["usage"]["prompt_tokens"] == len(prompt_ids(tok, memory_messages(q)))
-        assert body["choices"][0]["finish_reason"] == "stop"
-        cut = httpx.post(url + "/v1/chat/completions", timeout=120, json={
-            "model": "smallcpp", "max_tokens": 2, "messages": [{"role": "user", "content": q}]}).json()
-        assert cut["choices"][0]["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 2
+        url = serving.run(ServeConfig(domains=["smallcpp"], engine="llamacpp", replica_cpus=0.5, port=free_port(),
+                                      max_new_tokens=24, serve_executive=executive is not None,
+                                      executive_local=executive or "auto", executive_cpus=0.25,
+                                      executive_deadline_s=60))
+        yield url, version
     finally:
         serve.shutdown()
+
+
+def test_the_router_serves_a_registered_version_on_llamacpp(served_cpp, trained_small):
+    """The Serve memory deployment on llama.cpp: the multiplexed <domain>:<version>, the version header,
+    the training-format answer, usage counting the templated prompt, finish_reason length on a cut."""
+    import httpx
+    from memo.inference import memory_messages, prompt_ids
+    from transformers import AutoTokenizer
+
+    url, version = served_cpp
+    tok = AutoTokenizer.from_pretrained(trained_small)
+    q, ref = FACTS[1]
+    r = httpx.post(url + "/v1/chat/completions", timeout=120,
+                   json={"model": "smallcpp", "messages": [{"role": "user", "content": q}]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["message"]["content"] == ref and r.headers["x-memo-model-version"] == version
+    assert body["usage"]["prompt_tokens"] == len(prompt_ids(tok, memory_messages(q)))
+    assert body["choices"][0]["finish_reason"] == "stop"
+    cut = httpx.post(url + "/v1/chat/completions", timeout=120, json={
+        "model": "smallcpp", "max_tokens": 2, "messages": [{"role": "user", "content": q}]}).json()
+    assert cut["choices"][0]["finish_reason"] == "length" and cut["usage"]["completion_tokens"] == 2
+
+
+def llama_servers(name_part: str) -> list:
+    """The llama-server processes serving a GGUF whose path contains `name_part`."""
+    import psutil
+
+    procs = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("llama-server") and any(name_part in c for c in cmd):
+            procs.append(p)
+    return procs
+
+
+# How long the documented recovery may take (README, "Engines that heal"): a dead llama-server is
+# restarted by the first request or health check that finds it gone, in a few seconds for these models.
+RECOVERY_S = 30
+
+
+def kill_under_load(url: str, body: dict, victim: str, clients: int = 4, seconds: float = 20.0) -> dict:
+    """`clients` threads send `body` in a loop for `seconds`; the llama-server whose GGUF path contains
+    `victim` is killed (SIGKILL) once the first answers came back. Every request has a 60 s client limit:
+    one that runs into it counts as hung."""
+    import threading
+    import time
+
+    import httpx
+
+    results, stop = [], threading.Event()
+
+    def client():
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                t0 = time.monotonic()
+                try:
+                    r = http.post(url + "/v1/chat/completions", json=body)
+                    results.append((t0, time.monotonic(), r.status_code, r.headers.get("retry-after")))
+                except httpx.TimeoutException:
+                    results.append((t0, time.monotonic(), "hung", None))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while not any(r[2] == 200 for r in results) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    [proc] = llama_servers(victim)
+    killed_at = time.monotonic()
+    proc.kill()
+    time.sleep(seconds)
+    stop.set()
+    for t in threads:
+        t.join(timeout=90)
+    back = [r for r in results if r[0] > killed_at and r[2] == 200]
+    return {"killed_pid": proc.pid, "results": results, "killed_at": killed_at,
+            "back_after_s": (back[0][1] - killed_at) if back else None}
+
+
+def test_a_killed_memory_engine_is_restarted_under_load(served_cpp):
+    """kill -9 of the memory's llama-server while 4 clients ask: no request hangs, those that fail in
+    the gap are 503s with Retry-After, and the memory answers again within RECOVERY_S, from a new process."""
+    url, _ = served_cpp
+    q, ref = FACTS[0]
+    out = kill_under_load(url, {"model": "smallcpp", "messages": [{"role": "user", "content": q}]}, "smallcpp")
+    statuses = [r[2] for r in out["results"]]
+    assert "hung" not in statuses
+    assert set(statuses) <= {200, 503}, statuses
+    assert all(r[3] for r in out["results"] if r[2] == 503), [r for r in out["results"] if r[2] == 503]  # every 503 says when to come back
+    assert out["back_after_s"] is not None and out["back_after_s"] < RECOVERY_S, out
+    assert [p.pid for p in llama_servers("smallcpp")] != [out["killed_pid"]]  # a new process answers
+
+
+@pytest.mark.skipif(executive_for_tests() is None, reason="qwen2.5-coder-0.5b is not installed")
+def test_a_killed_executive_engine_is_restarted_under_load(served_cpp):
+    """The same for the MeMo answer: the executive's llama-server is killed while clients ask memo/smallcpp."""
+    url, _ = served_cpp
+    body = {"model": "memo/smallcpp", "max_tokens": 16,
+            "messages": [{"role": "user", "content": "Who keeps the Orrin Light?"}]}
+    out = kill_under_load(url, body, "qwen2.5-coder-0.5b", clients=2, seconds=25.0)
+    statuses = [r[2] for r in out["results"]]
+    assert "hung" not in statuses
+    assert set(statuses) <= {200, 503}, statuses
+    assert all(r[3] for r in out["results"] if r[2] == 503), [r for r in out["results"] if r[2] == 503]
+    assert out["back_after_s"] is not None and out["back_after_s"] < RECOVERY_S, out
+
+
+def test_an_engine_whose_process_dies_answers_retry_later_then_comes_back(tmp_path):
+    """The engine level of healing: a request that finds llama-server dead fails at once with
+    retry_after set (the router's 503 + Retry-After), the server is restarted in the background, and
+    one that keeps dying is given up with the reason (the health check then fails the replica)."""
+    import shutil
+    import time
+
+    from memo.engines import llamacpp
+    from memo.engines.llamacpp import LlamaCppEngine
+    from memo.models import builtin_gguf
+
+    gguf = tmp_path / "m.gguf"
+    shutil.copy(builtin_gguf(), gguf)
+    engine = LlamaCppEngine(gguf, threads=1, parallel=1, ctx_per_slot=256)
+    try:
+        def ask():
+            return engine.chat([[{"role": "user", "content": "Hi"}]], 4, 0.0)[0]
+
+        assert not ask().error
+        first = engine.server.proc.pid
+        engine.server.proc.kill()
+        engine.server.proc.wait()
+        t0 = time.monotonic()
+        gap = ask()
+        assert gap.error.startswith("engine_restarting") and gap.retry_after > 0
+        assert time.monotonic() - t0 < 2  # failed fast, did not wait for the restart
+        while not engine.heal():
+            assert time.monotonic() - t0 < 30, engine.server.log_tail()
+            time.sleep(0.2)
+        assert not ask().error and engine.server.proc.pid != first
+        # Dies on every start from now on (its model is gone): after MAX_RESTARTS tries it gives up.
+        gguf.unlink()
+        gguf.write_bytes(b"not a gguf any more")
+        for _ in range(llamacpp.MAX_RESTARTS + 1):
+            engine.server.proc.kill()
+            engine.server.proc.wait()
+            ask()
+            while engine._restarting:
+                time.sleep(0.1)
+        assert "died" in engine.failure and ask().error.startswith("engine_failed")
+    finally:
+        engine.close()

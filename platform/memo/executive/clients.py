@@ -13,7 +13,7 @@ from memo import registry
 from memo.engines.base import Reply
 from memo.engines.http import JsonFormat
 from memo.engines.memory import MemoryEngine
-from memo.errors import MemoError
+from memo.errors import MemoError, Unavailable
 from memo.gguf import resolve_gguf
 from memo.models import resolve_base_model
 
@@ -34,22 +34,25 @@ class MemoryClient(Protocol):
     def ask(self, questions: list[str]) -> list[str]: ...
 
 
+DEFAULT_EXECUTIVE = "qwen2.5-coder-1.5b"
+
+
 def resolve_executive(spec: str) -> str:
-    """`auto`: Qwen2.5-Coder-1.5B-Instruct on llama.cpp when both are installed (make install does), else
-    the SmolLM2-135M base model on transformers."""
+    """`auto` is Qwen2.5-Coder-1.5B-Instruct on llama.cpp (make install puts both in place). Missing, it is
+    an error naming the command that installs it, never a silent switch to a model that reads far worse:
+    a user who wants the 135M model on transformers names it (executive_local=smollm2-135m)."""
     if spec != "auto":
         return spec
-    from memo.engines.llamacpp import available
+    from memo.engines.llamacpp import server_binary
 
     try:
-        resolve_gguf("qwen2.5-coder-1.5b")
-        if available():
-            return "qwen2.5-coder-1.5b"
-    except MemoError:
-        pass
-    log.warning("executive: qwen2.5-coder-1.5b on llama.cpp is not installed (make install); "
-                "using smollm2-135m, which reads poorly")
-    return "smollm2-135m"
+        resolve_gguf(DEFAULT_EXECUTIVE)
+        server_binary()
+    except MemoError as e:
+        raise MemoError(f"executive_local=auto needs {DEFAULT_EXECUTIVE} on llama.cpp: {e}. Or name another "
+                        "local executive (executive_local=smollm2-135m runs on transformers, reads poorly) or "
+                        "an endpoint (executive_url)") from None
+    return DEFAULT_EXECUTIVE
 
 
 class LocalLLM:
@@ -77,6 +80,8 @@ class LocalLLM:
         """One chat turn with its token counts (what a caller sharing this client counts per request)."""
         r = self.engine.chat([messages], max_tokens, temperature, json_mode=json_mode)[0]
         if r.error:
+            if r.retry_after:
+                raise Unavailable(f"executive {self.name}: {r.error}", r.retry_after)
             raise MemoError(f"executive {self.name}: {r.error}")
         self.usage.update(calls=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
         # Engine timings (llama.cpp reports them) in milliseconds, so the Counter stays integer

@@ -26,10 +26,11 @@ from dataclasses import asdict
 from ray import serve
 
 from memo.config import ExecutiveConfig, ServeConfig
-from memo.errors import MemoError
+from memo.errors import MemoError, Unavailable
 from memo.executive import answer_question
 from memo.executive.clients import make_executive
 from memo.runtime import quiet
+from memo.serving.memory import HEALTH
 from memo.serving.replica import use_state_of
 from memo.text import IDK_ANSWER, is_idk
 
@@ -85,6 +86,8 @@ class ServedMemories:
             except TimeoutError:
                 raise DeadlineExceeded from None
             if "error" in out:
+                if out.get("retry_after"):
+                    raise Unavailable(f"memory {d}:{v}: {out['error']}", out["retry_after"])
                 raise MemoError(f"memory {d}:{v}: {out['error']}")
             self.usage.update(calls=1, prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"])
             self.log.append({"domain": d, "version": v, "question": q, "answer": out["text"]})
@@ -97,7 +100,7 @@ class ServedMemories:
         return "" if is_idk(answer) else answer
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8)
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=8, **HEALTH)
 class ExecutiveModel:
     """One executive LLM per replica (a llama-server process with `executive_parallel` slots on CPU, or a
     client of an OpenAI-compatible endpoint); protocols run in threads, memory calls go over handles."""
@@ -140,11 +143,20 @@ class ExecutiveModel:
                 return {"error": f"no answer within the deadline of {seconds:g} s", "status": 504}
         except MemoError as e:
             log.warning("memo executive: %s", e)
-            return {"error": str(e), "status": 503}
+            return {"error": str(e), "status": 503, "retry_after": getattr(e, "retry_after", 0.0)}
         trace["memory_answers"] = memory.log
         return {"text": text, "finish": finish, "prompt_tokens": llm.usage["prompt_tokens"],
                 "completion_tokens": llm.usage["completion_tokens"], "memory_calls": memory.usage["calls"],
                 "memo_version": memory.version, "protocol": protocol, "trace": trace if want_trace else None}
+
+    def check_health(self) -> None:
+        """A local executive's llama-server that died is restarted (here or by the request that finds it
+        gone); one that keeps dying fails the check and Serve replaces the replica."""
+        engine = getattr(self.llm, "engine", None)
+        if hasattr(engine, "heal"):
+            engine.heal()
+            if engine.failure:
+                raise MemoError(f"executive {self.llm.name}: {engine.failure}")
 
     def __del__(self):
         engine = getattr(getattr(self, "llm", None), "engine", None)

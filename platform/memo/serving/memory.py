@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 from ray import serve
@@ -59,7 +60,13 @@ class ServingAudit:
         self.open.clear()
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=MAX_ONGOING)
+# Health: Serve calls check_health every 5 s; an engine process that died is restarted by it (and by the
+# first request that finds it gone), and an engine that keeps dying fails the check, so Serve replaces the
+# replica. A constructor that fails 3 times ends the deployment (serve.run reports the reason).
+HEALTH = {"health_check_period_s": 5, "health_check_timeout_s": 30, "max_constructor_retry_count": 3}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=MAX_ONGOING, **HEALTH)
 class MemoryModel:
     def __init__(self, cfg: dict):
         quiet()
@@ -81,6 +88,15 @@ class MemoryModel:
         # Blocking engine calls run here, one thread per request in flight (asyncio's default pool has
         # cpu_count + 4 threads, which would cap overlap below max_ongoing_requests on a small node).
         self._pool = ThreadPoolExecutor(max_workers=MAX_ONGOING, thread_name_prefix="memory")
+        # The versions this replica has loaded (the multiplexed LRU holds the only strong references).
+        self._loaded: weakref.WeakSet = weakref.WeakSet()
+
+    def check_health(self) -> None:
+        """Restart any loaded engine whose process died; fail (Serve replaces the replica) when one has
+        given up."""
+        for memory in list(self._loaded):
+            if hasattr(memory, "heal"):  # llama.cpp; transformers runs in-process, vLLM has its own checks
+                memory.heal()
 
     async def _load(self, model_id: str):
         """One loaded version: a MemoryEngine (llama.cpp server process or transformers model) or vLLM.
@@ -96,13 +112,14 @@ class MemoryModel:
             memory = await asyncio.to_thread(MemoryEngine, str(path), self.cfg.engine, self.cfg.engine_threads,
                                              self.cfg.engine_parallel)
         await asyncio.to_thread(self.audit.serving, domain, version)
+        self._loaded.add(memory)
         return memory
 
     async def _generate(self, memory, questions: list[str], max_tokens: int, temperature: float) -> list[dict]:
         t0 = time.time()
         replies = await asyncio.get_running_loop().run_in_executor(self._pool, memory.ask, questions, max_tokens,
                                                                    temperature)
-        return [{"error": f"the memory could not answer: {r.error}"} if r.error else {
+        return [{"error": f"the memory could not answer: {r.error}", "retry_after": r.retry_after} if r.error else {
             "text": r.text, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
             "finish": r.finish, "seconds": time.time() - t0, "batch_size": len(questions)} for r in replies]
 

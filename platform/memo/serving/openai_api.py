@@ -30,12 +30,17 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 retry_after: float = 0.0):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.retry_after = retry_after  # > 0: a transient failure; the client may ask again after it
 
     def response(self) -> JSONResponse:
-        return openai_error(self.status, self.message, self.param, self.code)
+        resp = openai_error(self.status, self.message, self.param, self.code)
+        if self.retry_after > 0:  # OpenAI SDKs honour Retry-After when they retry a 503
+            resp.headers["retry-after"] = str(max(1, round(self.retry_after)))
+        return resp
 
 
 def openai_error(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:

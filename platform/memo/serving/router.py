@@ -188,7 +188,7 @@ class Router:
             out = await handle.options(multiplexed_model_id=f"{d}:{version}").answer.remote(
                 req.question, req.max_tokens, req.temperature or 0.0)
             if "error" in out:
-                raise ApiError(503, out["error"], "model", "model_unavailable")
+                raise ApiError(503, out["error"], "model", "model_unavailable", out.get("retry_after") or 0.0)
             extra = {"memo_version": version, "system_fingerprint": f"memo-{d}-v{version}"}
         usage = usage_block(out["prompt_tokens"], out["completion_tokens"])
         headers = {VERSION_HEADER: version}
@@ -209,7 +209,7 @@ class Router:
                            code="timeout") from None
         if "error" in out:
             raise ApiError(out.get("status", 503), out["error"], "model",
-                           "timeout" if out.get("status") == 504 else "model_unavailable")
+                           "timeout" if out.get("status") == 504 else "model_unavailable", out.get("retry_after") or 0.0)
         # max_tokens bounds the final answer in words: the executive may be a remote API whose tokenizer
         # the router does not know (the protocol's own turns have their budgets in ExecutiveConfig).
         words = out["text"].split()

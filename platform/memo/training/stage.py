@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from memo.config import SynthesizeConfig, TrainConfig, memo_home, resume_key
 from memo.errors import MemoError
 from memo.inference import check_chat_template
 from memo.models import materialize_full_model, read_manifest, resolve_base_model
+from memo.runtime import interruptible
 from memo.synthesis import synthesize
 from memo.synthesis.schema import dataset_hash, load_reflections
 from memo.training.checks import heldout_check, load_eval_items, memorization_check
@@ -26,11 +28,14 @@ from memo.training.data import (
     with_replay,
 )
 from memo.training.loop import train_loop_per_worker
+from memo.training.placement import check_placement, stop_training_runs
 from memo.training.recipe import default_schedule, resolve_precision
 
 log = logging.getLogger(__name__)
 # Part of the resume key: a change to what training does with the same inputs makes a new key.
 TRAIN_VERSION = "train-1"
+# Ray Train's default (-1) retries a worker group that cannot start forever: once more, then fail.
+CONTROLLER_FAILURE_LIMIT = 1
 
 
 def count_params(base_path: str) -> int:
@@ -154,6 +159,9 @@ def train(cfg: TrainConfig) -> dict:
     params = {**cfg.model_dump(), "resume_key": key, "epochs": epochs, "lr": lr, "precision": precision, "base_path": base_path,
               "examples": len(data), "dropped_too_long": dropped, "total_steps": total, "n_params": n_params,
               "accumulation": accum, "export_dtype": export_dtype, "replay_rows": replay}
+    # Before anything is written: a cluster that cannot place the workers is an error now, not a silent wait.
+    use_gpu = cfg.device == "cuda"
+    check_placement(cfg.workers, use_gpu, cfg.startup_timeout_s, cfg.autoscaling)
     run_id = registry.start_run(cfg.domain, "train", params)
     registry.log_reflections_input(run_id, dataset_df, cfg.reflections, data_hash, cfg.domain, synth)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -174,18 +182,26 @@ def train(cfg: TrainConfig) -> dict:
         "mlflow_run_id": run_id, "tracking_uri": registry.tracking_uri(),
     }
     storage = memo_home() / "ray_results"
+    # Bounds on what is left after the check (someone takes the resources before Ray Train places its
+    # workers): each worker-group start waits startup_timeout_s, and one failed start is retried once.
+    # Ray Train reads this from the driver's environment and passes it to its controller.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.startup_timeout_s)
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_cfg,
         # 1 logical CPU per worker leaves room for Ray Data's streaming split; the worker itself runs
         # `threads` torch threads (Ray Train would otherwise pin it to 1).
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.device == "cuda",
-                                     resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1}),  # as placement.worker_bundle
         run_config=RunConfig(name=f"memo-{cfg.domain}-{run_id[:8]}", storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             failure_config=FailureConfig(max_failures=cfg.max_failures,
+                                                          controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
         datasets={"train": ray.data.from_pandas(batches)},
     )
-    result = trainer.fit()
+    # Interrupted (Ctrl-C, SIGTERM, a time limit), the run's controller is stopped: it would otherwise go
+    # on and keep its workers' CPUs. fit() runs in a thread so that the interruption reaches us at all.
+    result = interruptible(trainer.fit, stop_training_runs)
+    stop_training_runs(interrupted=False)  # the finished run's controller process
     if result.error:
         raise result.error
     out = memo_home() / "memories" / cfg.domain / run_id

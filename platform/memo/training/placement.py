@@ -1,0 +1,139 @@
+"""Can the cluster place the training workers? Asked before `TrainerV2.fit()`, which otherwise waits.
+
+Ray Train 2.60 retries a worker group that cannot be placed forever (its `controller_failure_limit`
+defaults to -1, each try a 60 s start-up timeout), so `memo train --workers 8` on a 2-CPU cluster, or on
+one whose CPUs a Serve app holds, would sit idle with no word. Here instead:
+
+- a request larger than the whole cluster (CPUs or GPUs over all alive nodes) is a MemoError at once
+  naming both numbers, unless `train.autoscaling` says nodes come on demand;
+- a request the cluster could hold but whose resources are taken waits for them at most
+  `train.startup_timeout_s` (a placement group of the same shape as Ray Train's), then is a MemoError
+  naming what is free and which actors hold the rest (a Serve app's replicas, another training run).
+
+The placement group is removed before `fit()` starts, so Ray Train places its own; the remaining race
+(someone takes the resources in between) is bounded by the worker-group start-up timeout and the
+controller failure limit set in `memo.training.stage`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+
+from memo.errors import MemoError
+
+log = logging.getLogger(__name__)
+
+
+def stop_training_runs(interrupted: bool = True) -> int:
+    """Kill the Ray Train controllers this driver started, running or finished (their workers go with
+    them: Ray ties an actor's fate to its owner) and, for an `interrupted` run, its placement group;
+    returns how many controllers were alive. Other jobs' runs are left alone. A finished controller
+    holds no CPU but a process of ~200 MB that outlives fit(), so train() stops it too."""
+    import ray
+    from ray.util.state import list_actors
+
+    job = ray.get_runtime_context().get_job_id()
+    try:
+        controllers = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE"),
+                                           ("job_id", "=", job)], raise_on_missing_output=False)
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
+                                       ("job_id", "=", job)], raise_on_missing_output=False)
+    except Exception as e:  # noqa: BLE001 - best effort while an error is already on its way up
+        log.warning("[train] could not list the training controllers to stop them: %s", e)
+        return 0
+    # ray.kill wants a handle, and fit() keeps the controller's handle to itself (its actor is unnamed):
+    # the core worker's kill by id is what ray.kill calls underneath.
+    from ray._raylet import ActorID
+
+    core = ray._private.worker.global_worker.core_worker
+    for c in controllers:
+        try:
+            core.kill_actor(ActorID.from_hex(c.actor_id), True)
+        except Exception as e:  # noqa: BLE001
+            log.warning("[train] could not stop training controller %s: %s", c.actor_id, e)
+    if interrupted and controllers:
+        # An interrupted run's placement group outlives its controller (Ray Train's detached cleaner was
+        # seen to leave it for minutes), holding the workers' CPUs: remove this job's unnamed groups
+        # (Ray Train does not name its own; Serve's carry names).
+        from ray._raylet import PlacementGroupID
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+        from ray.util.state import list_placement_groups
+
+        try:
+            for pg in list_placement_groups(filters=[("creator_job_id", "=", job)], raise_on_missing_output=False):
+                if not pg.name and str(pg.state) in ("CREATED", "PENDING", "RESCHEDULING"):
+                    remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg.placement_group_id)))
+        except Exception as e:  # noqa: BLE001
+            log.warning("[train] could not remove the stopped run's placement group: %s", e)
+        log.info(f"[train] stopped the interrupted training run ({len(workers)} worker(s) were running)")
+    return len(controllers)
+
+
+def worker_bundle(use_gpu: bool, cpus_per_worker: float = 1.0) -> dict[str, float]:
+    """What one Ray Train worker asks for (the ScalingConfig of memo.training.stage)."""
+    return {"CPU": cpus_per_worker, **({"GPU": 1.0} if use_gpu else {})}
+
+
+def holders(resource: str, limit: int = 4) -> str:
+    """Which alive actors hold `resource`, grouped by class ('ServeReplica:memo:MemoryModel x1 (1 CPU)'),
+    from Ray's state API; '' when it cannot say."""
+    try:
+        from ray.util.state import list_actors
+
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False)
+    except Exception as e:  # noqa: BLE001 - an explanation only: never fail the check because of it
+        log.debug("state API unavailable: %s", e)
+        return ""
+    held: Counter = Counter()
+    count: Counter = Counter()
+    for a in actors:
+        amount = float((a.required_resources or {}).get(resource, 0))
+        if amount > 0:
+            name = a.class_name or "actor"
+            held[name] += amount
+            count[name] += 1
+    parts = [f"{name} x{count[name]} ({held[name]:g} {resource})" for name, _ in held.most_common(limit)]
+    return ", ".join(parts)
+
+
+def check_placement(workers: int, use_gpu: bool, timeout_s: float, autoscaling: bool = False,
+                    cpus_per_worker: float = 1.0) -> float:
+    """Raise a MemoError when `workers` workers cannot be placed (at once, or after `timeout_s` of waiting);
+    return the seconds waited."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    bundle = worker_bundle(use_gpu, cpus_per_worker)
+    total = ray.cluster_resources()
+    for resource, each in bundle.items():
+        need, have = each * workers, float(total.get(resource, 0))
+        if need > have and not autoscaling:
+            raise MemoError(f"train.workers={workers} needs {need:g} {resource} ({each:g} per worker) but the Ray "
+                            f"cluster has {have:g} {resource} in all; use --workers {max(1, int(have // each))} or "
+                            "fewer, add nodes, or set train.autoscaling=true on a cluster that adds nodes on demand")
+    free = ray.available_resources()
+    if all(float(free.get(r, 0)) >= each * workers for r, each in bundle.items()):
+        return 0.0
+    short = next(r for r, each in bundle.items() if float(free.get(r, 0)) < each * workers)
+    log.info(f"[train] waiting up to {timeout_s:g} s for {workers} worker(s) of {bundle}: "
+             f"{float(free.get(short, 0)):g} of {float(total.get(short, 0)):g} {short} free"
+             + (f"; held by {holders(short)}" if holders(short) else ""))
+    t0 = time.monotonic()
+    pg = placement_group([dict(bundle) for _ in range(workers)], strategy="PACK")
+    try:
+        ready = pg.wait(timeout_seconds=timeout_s)
+    finally:
+        remove_placement_group(pg)
+    waited = time.monotonic() - t0
+    if not ready:
+        free = ray.available_resources()
+        who = holders(short)
+        raise MemoError(f"train.workers={workers} needs {bundle.get(short, 0) * workers:g} {short} "
+                        f"({bundle.get(short, 0):g} per worker); {float(free.get(short, 0)):g} of "
+                        f"{float(ray.cluster_resources().get(short, 0)):g} stayed free for {timeout_s:g} s "
+                        f"(train.startup_timeout_s)" + (f"; held by {who}" if who else "")
+                        + ". Stop what holds them (e.g. `serve shutdown`), lower --workers or raise "
+                          "train.startup_timeout_s")
+    return waited
