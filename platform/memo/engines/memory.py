@@ -37,10 +37,23 @@ def memory_gguf(model_dir: str | Path) -> Path:
     from memo.models import materialize_full_model
 
     path = Path(model_dir) / "model.gguf"
+    # A conversion that failed (e.g. a tokenizer the converter does not know) fails the same way every
+    # time: its reason is kept beside the model so the next caller (the post-training check right after
+    # registration, each serving replica) does not spend ~8 s finding out again. Delete it to retry.
+    failed = Path(model_dir) / "model.gguf.failed"
     if not path.is_file():
+        if failed.is_file():
+            raise MemoError(failed.read_text().strip())
         full = materialize_full_model(Path(model_dir))
         log.info(f"[engine] converting {full} to GGUF (once, f16)")
-        gguf.convert(full, path)
+        try:
+            gguf.convert(full, path)
+        except MemoError as e:
+            try:
+                failed.write_text(str(e) + "\n")
+            except OSError:  # a read-only model folder: nothing is remembered, nothing breaks
+                pass
+            raise
     return path
 
 
