@@ -364,3 +364,28 @@ def test_synthesis_through_the_router_as_an_http_generator(served, keys, tmp_pat
     assert set(rejects.reason.str.split(":").str[0]) <= {"bad_json", "no_pairs_in_json", "empty_field"}, rejects.reason
     assert (rejects.raw.str.len() > 0).any() and stats["rows"] == len(pd.read_parquet(tmp_path / "r" / "reflections.parquet"))
     assert keys["both"] not in json.dumps(stats)  # the key stays out of what is written
+
+
+def test_training_on_a_cluster_whose_cpus_serve_holds_fails_naming_them(served, domains, tiny_model, tmp_path):
+    """The replicas above hold 1.5 of the 2 CPUs: a 1-worker training waits startup_timeout_s for a free
+    CPU, then fails naming what is free and who holds the rest; nothing is registered."""
+    import time
+
+    import pandas as pd
+    from memo import registry
+    from memo.config import TrainConfig, build_config
+    from memo.errors import MemoError
+    from memo.synthesis.schema import COLUMNS
+    from memo.training import train
+
+    rows = [{"id": f"f{i}", "domain": "busy", "step": "direct", "question": q, "answer": a,
+             "source_chunk_ids": ["x#0"], "generator": "rules", "verified": True} for i, (q, a) in enumerate(FACTS)]
+    pd.DataFrame(rows, columns=COLUMNS).to_parquet(tmp_path / "reflections.parquet")
+    t0 = time.monotonic()
+    with pytest.raises(MemoError) as e:
+        train(build_config(TrainConfig, {"domain": "busy", "reflections": str(tmp_path), "base_model": tiny_model,
+                                         "startup_timeout_s": 3, "eval_sample": 0}))
+    assert "stayed free for 3 s (train.startup_timeout_s)" in str(e.value)
+    assert "held by ServeReplica:memo:" in str(e.value), str(e.value)
+    assert time.monotonic() - t0 < 60
+    assert "busy" not in registry.list_domains()
