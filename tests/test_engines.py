@@ -174,6 +174,10 @@ def kill_under_load(url: str, body: dict, victim: str, clients: int = 4, seconds
 
     import httpx
 
+    # Warm up first: the first request loads the version (registry download, llama-server start), which
+    # is not what is measured here and can take minutes on a busy 2-core box.
+    warm = httpx.post(url + "/v1/chat/completions", json=body, timeout=300)
+    assert warm.status_code == 200, warm.text
     results, stop = [], threading.Event()
 
     def client():

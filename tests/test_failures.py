@@ -228,7 +228,8 @@ INNER = {
             while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
                 assert time.monotonic() < deadline, ray.available_resources()
                 time.sleep(0.5)
-            alive = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])]
+            alive = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")],
+                                                       address=ray.get_runtime_context().gcs_address)]
             assert not [c for c in alive if c.startswith(("ServeReplica", "TrainController", "RayTrainWorker"))], alive
     """,
 }

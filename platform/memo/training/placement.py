@@ -26,6 +26,14 @@ from memo.errors import MemoError
 log = logging.getLogger(__name__)
 
 
+def state_address() -> str:
+    """This driver's cluster, for Ray's state API: left to itself it looks for "the" local cluster and
+    refuses when a machine runs two (a test session beside a CI run, two users' local jobs)."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 def stop_training_runs(interrupted: bool = True) -> int:
     """Kill the Ray Train controllers this driver started, running or finished (their workers go with
     them: Ray ties an actor's fate to its owner) and, for an `interrupted` run, its placement group;
@@ -37,9 +45,11 @@ def stop_training_runs(interrupted: bool = True) -> int:
     job = ray.get_runtime_context().get_job_id()
     try:
         controllers = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE"),
-                                           ("job_id", "=", job)], raise_on_missing_output=False)
+                                           ("job_id", "=", job)], address=state_address(),
+                                  raise_on_missing_output=False)
         workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
-                                       ("job_id", "=", job)], raise_on_missing_output=False)
+                                       ("job_id", "=", job)], address=state_address(),
+                                  raise_on_missing_output=False)
     except Exception as e:  # noqa: BLE001 - best effort while an error is already on its way up
         log.warning("[train] could not list the training controllers to stop them: %s", e)
         return 0
@@ -62,7 +72,8 @@ def stop_training_runs(interrupted: bool = True) -> int:
         from ray.util.state import list_placement_groups
 
         try:
-            for pg in list_placement_groups(filters=[("creator_job_id", "=", job)], raise_on_missing_output=False):
+            for pg in list_placement_groups(filters=[("creator_job_id", "=", job)], address=state_address(),
+                                            raise_on_missing_output=False):
                 if not pg.name and str(pg.state) in ("CREATED", "PENDING", "RESCHEDULING"):
                     remove_placement_group(PlacementGroup(PlacementGroupID.from_hex(pg.placement_group_id)))
         except Exception as e:  # noqa: BLE001
@@ -82,7 +93,8 @@ def holders(resource: str, limit: int = 4) -> str:
     try:
         from ray.util.state import list_actors
 
-        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, raise_on_missing_output=False)
+        actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000, address=state_address(),
+                             raise_on_missing_output=False)
     except Exception as e:  # noqa: BLE001 - an explanation only: never fail the check because of it
         log.debug("state API unavailable: %s", e)
         return ""
