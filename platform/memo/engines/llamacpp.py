@@ -224,8 +224,8 @@ class LlamaCppEngine:
         if self.server.alive and not self._restarting:
             return Reply(error=f"engine_error: {type(e).__name__}: {str(e)[:160]}")
         self.heal()
-        if self.failure:
-            return Reply(error=f"engine_failed: {self.failure}")
+        if self.failure:  # given up: the replica fails its next health check and Serve replaces it
+            return Reply(error=f"engine_failed: {self.failure}", retry_after=2 * RETRY_AFTER_S)
         return Reply(error=f"engine_restarting: llama-server for {self.server.gguf.name} stopped; it is being "
                            f"restarted", retry_after=RETRY_AFTER_S)
 
