@@ -109,6 +109,7 @@ def test_a_missing_default_executive_names_the_install_command(tmp_path):
     assert "executive_local=auto needs qwen2.5-coder-1.5b" in line and "memo models install" in line
 
 
+@pytest.mark.slow
 def test_memo_serve_stops_with_the_engine_error_instead_of_retrying(crashing_server, tmp_path):
     """The executive deployment's replica fails its constructor (its llama-server dies on load): Serve
     gives up after 3 tries and `memo serve` exits 2 with the engine's own line, in bounded time."""
@@ -129,6 +130,7 @@ def test_memo_serve_stops_with_the_engine_error_instead_of_retrying(crashing_ser
     assert time.monotonic() - t0 < 240
 
 
+@pytest.mark.slow
 def test_training_more_workers_than_the_cluster_has_fails_at_once_naming_both(tmp_path, tiny_model):
     import pandas as pd
 
@@ -235,6 +237,7 @@ INNER = {
 }
 
 
+@pytest.mark.slow
 def test_a_failed_fixture_and_a_stalled_fit_leave_nothing_for_the_next_module(tmp_path):
     import socket
 
