@@ -86,6 +86,15 @@ def tiny_model(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", texts * 3, vocab_size=600))
 
 
+def free_port() -> int:
+    """A free TCP port on loopback (for a Serve HTTP proxy a test starts)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args, env=None, cwd=REPO):
     """Run the real `memo` entry point in a subprocess, as a user would."""
     import subprocess

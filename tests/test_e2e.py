@@ -4,19 +4,13 @@
 Qwen2.5-Coder-0.5B on llama.cpp as the served executive when make install has put it there)."""
 
 import json
-import socket
 
 import httpx
 import pytest
-from conftest import DEMO_CORPUS
+from conftest import DEMO_CORPUS, free_port
 
 pytestmark = pytest.mark.slow
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ same greedy answers as transformers; the executive's GGUF chat models answer. Ne
 converter (make install builds them); skipped without them."""
 
 import pytest
+from conftest import free_port
 
 from memo.engines.llamacpp import available
 
@@ -82,13 +83,6 @@ def test_the_gguf_executive_follows_an_instruction(alias):
     assert "yes" in out.lower() and llm.usage["calls"] == 1 and llm.usage["completion_tokens"] > 0
     llm.engine.close()
 
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def executive_for_tests():

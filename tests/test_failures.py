@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import REPO, free_port, run_cli
 
 from memo.engines.llamacpp import available
 
@@ -113,13 +113,8 @@ def test_a_missing_default_executive_names_the_install_command(tmp_path):
 def test_memo_serve_stops_with_the_engine_error_instead_of_retrying(crashing_server, tmp_path):
     """The executive deployment's replica fails its constructor (its llama-server dies on load): Serve
     gives up after 3 tries and `memo serve` exits 2 with the engine's own line, in bounded time."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     t0 = time.monotonic()
-    res = run_cli("serve", "--port", str(port), "--executive-local", crashing_server["gguf"],
+    res = run_cli("serve", "--port", str(free_port()), "--executive-local", crashing_server["gguf"],
                   env={**crashing_server["env"], "MEMO_HOME": str(tmp_path / "home")})
     # Ray forwards the Serve controller's log of each failed try to the terminal; the command's own
     # verdict is its last line, and its exit code 2.
@@ -239,13 +234,7 @@ INNER = {
 
 @pytest.mark.slow
 def test_a_failed_fixture_and_a_stalled_fit_leave_nothing_for_the_next_module(tmp_path):
-    import socket
-
-    ports = []
-    for _ in range(2):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            ports.append(s.getsockname()[1])
+    ports = [free_port(), free_port()]
     for name, body in INNER.items():
         text = textwrap.dedent(body).format(tests=str(REPO / "tests"), port_a=ports[0], port_b=ports[1])
         (tmp_path / name).write_text(text)

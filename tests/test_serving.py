@@ -7,13 +7,12 @@ and rollback. The executive here is the tiny random model on transformers (the p
 not its reading: the grounding guard falls back to the memory's answer); test_e2e runs the real one."""
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import pytest
-from conftest import run_cli
+from conftest import free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +21,6 @@ FACTS = [("Who keeps the Orrin lighthouse?", "Mara Quill keeps the Orrin lightho
          ("How tall is the Orrin lighthouse?", "The Orrin lighthouse is 31 metres tall."),
          ("Which island has the Orrin lighthouse?", "The Orrin lighthouse stands on Tessel Island.")]
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _register(domain, folder, alias=None):

@@ -307,7 +307,10 @@ def smoke_test(binary: str, gguf: str | Path | None = None) -> str:
                              {"role": "user", "content": "What is the capital of France?"}],
                 "max_tokens": 12, "temperature": 0})
         except httpx.HTTPError as e:
-            server.proc.wait(timeout=10) if server.proc.poll() is None else None
+            try:  # a crash on the first matrix product: let the process finish dying to read its code
+                server.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
             code = server.proc.poll()
             raise MemoError(f"llama-server {'exited with ' + exit_reason(code) if code is not None else 'failed'} "
                             f"on its first request ({type(e).__name__}): {server.log_tail()}") from None

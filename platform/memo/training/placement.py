@@ -129,9 +129,10 @@ def check_placement(workers: int, use_gpu: bool, timeout_s: float, autoscaling: 
     if all(float(free.get(r, 0)) >= each * workers for r, each in bundle.items()):
         return 0.0
     short = next(r for r, each in bundle.items() if float(free.get(r, 0)) < each * workers)
+    who = holders(short)
     log.info(f"[train] waiting up to {timeout_s:g} s for {workers} worker(s) of {bundle}: "
              f"{float(free.get(short, 0)):g} of {float(total.get(short, 0)):g} {short} free"
-             + (f"; held by {holders(short)}" if holders(short) else ""))
+             + (f"; held by {who}" if who else ""))
     t0 = time.monotonic()
     pg = placement_group([dict(bundle) for _ in range(workers)], strategy="PACK")
     try:
@@ -141,7 +142,7 @@ def check_placement(workers: int, use_gpu: bool, timeout_s: float, autoscaling: 
     waited = time.monotonic() - t0
     if not ready:
         free = ray.available_resources()
-        who = holders(short)
+        who = holders(short) or who
         raise MemoError(f"train.workers={workers} needs {bundle.get(short, 0) * workers:g} {short} "
                         f"({bundle.get(short, 0):g} per worker); {float(free.get(short, 0)):g} of "
                         f"{float(ray.cluster_resources().get(short, 0)):g} stayed free for {timeout_s:g} s "
