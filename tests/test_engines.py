@@ -211,7 +211,7 @@ def test_a_killed_memory_engine_is_restarted_under_load(served_cpp):
     statuses = [r[2] for r in out["results"]]
     assert "hung" not in statuses
     assert set(statuses) <= {200, 503}, statuses
-    assert all(r[3] for r in out["results"] if r[2] == 503), [r for r in out["results"] if r[2] == 503]  # every 503 says when to come back
+    assert not [r for r in out["results"] if r[2] == 503 and not r[3]]  # every 503 says when to come back
     assert out["back_after_s"] is not None and out["back_after_s"] < RECOVERY_S, out
     assert [p.pid for p in llama_servers("smallcpp")] != [out["killed_pid"]]  # a new process answers
 
@@ -226,7 +226,7 @@ def test_a_killed_executive_engine_is_restarted_under_load(served_cpp):
     statuses = [r[2] for r in out["results"]]
     assert "hung" not in statuses
     assert set(statuses) <= {200, 503}, statuses
-    assert all(r[3] for r in out["results"] if r[2] == 503), [r for r in out["results"] if r[2] == 503]
+    assert not [r for r in out["results"] if r[2] == 503 and not r[3]]
     assert out["back_after_s"] is not None and out["back_after_s"] < RECOVERY_S, out
 
 
@@ -236,6 +236,8 @@ def test_an_engine_whose_process_dies_answers_retry_later_then_comes_back(tmp_pa
     one that keeps dying is given up with the reason (the health check then fails the replica)."""
     import shutil
     import time
+
+    import httpx
 
     from memo.engines import llamacpp
     from memo.engines.llamacpp import LlamaCppEngine
@@ -249,9 +251,10 @@ def test_an_engine_whose_process_dies_answers_retry_later_then_comes_back(tmp_pa
             return engine.chat([[{"role": "user", "content": "Hi"}]], 4, 0.0)[0]
 
         assert not ask().error
-        first = engine.server.proc.pid
-        engine.server.proc.kill()
-        engine.server.proc.wait()
+        killed = engine.server.proc
+        first = killed.pid
+        killed.kill()
+        killed.wait()
         t0 = time.monotonic()
         gap = ask()
         assert gap.error.startswith("engine_restarting") and gap.retry_after > 0
@@ -260,6 +263,10 @@ def test_an_engine_whose_process_dies_answers_retry_later_then_comes_back(tmp_pa
             assert time.monotonic() - t0 < 30, engine.server.log_tail()
             time.sleep(0.2)
         assert not ask().error and engine.server.proc.pid != first
+        # A request that was in flight to the killed process and failed only after the new one was up is
+        # still the gap (retryable), not an engine error (CI saw such a 503 without Retry-After).
+        late = engine._failed(httpx.RemoteProtocolError("Server disconnected"), killed)
+        assert late.error.startswith("engine_restarting") and late.retry_after > 0
         # Dies on every start from now on (its model is gone): after MAX_RESTARTS tries it gives up.
         gguf.unlink()
         gguf.write_bytes(b"not a gguf any more")

@@ -213,15 +213,17 @@ class LlamaCppEngine:
         finally:
             self._restarting = False
 
-    def _failed(self, e: Exception) -> Reply:
-        """A request that failed: an ordinary engine error, or (the process is gone) a retryable one."""
-        if isinstance(e, httpx.TransportError) and self.server.proc is not None:
+    def _failed(self, e: Exception, sent_to) -> Reply:
+        """A request that failed: an ordinary engine error, or (the process it was sent to is gone) a
+        retryable one. `sent_to` is that process: the server may have been restarted since (CI saw a request
+        to a killed process fail after the new one was up; that is the gap too, not an engine error)."""
+        if isinstance(e, httpx.TransportError) and sent_to is not None:
             # A dying process closes its sockets a moment before it can be reaped: give it that moment.
             try:
-                self.server.proc.wait(timeout=1)
+                sent_to.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
-        if self.server.alive and not self._restarting:
+        if sent_to is self.server.proc and self.server.alive and not self._restarting:
             return Reply(error=f"engine_error: {type(e).__name__}: {str(e)[:160]}")
         self.heal()
         if self.failure:  # given up: the replica fails its next health check and Serve replaces it
@@ -229,19 +231,23 @@ class LlamaCppEngine:
         return Reply(error=f"engine_restarting: llama-server for {self.server.gguf.name} stopped; it is being "
                            f"restarted", retry_after=RETRY_AFTER_S)
 
-    def _post(self, path: str, body: dict) -> dict:
-        r = self.http.post(self.server.url + path, json=body)
-        if r.status_code != 200:
-            raise MemoError(f"llama-server HTTP {r.status_code}: {r.text[:200]}")
-        return r.json()
+    def _post(self, path: str, body: dict) -> dict | Reply:
+        """llama-server's JSON reply, or the failed Reply when the request did not get one."""
+        sent_to, url = self.server.proc, self.server.url
+        try:
+            r = self.http.post(url + path, json=body)
+            if r.status_code != 200:
+                raise MemoError(f"llama-server HTTP {r.status_code}: {r.text[:200]}")
+            return r.json()
+        except (httpx.HTTPError, MemoError) as e:
+            return self._failed(e, sent_to)
 
     def _complete_one(self, ids: list[int], max_tokens: int, temperature: float) -> Reply:
-        try:
-            out = self._post("/completion", {"prompt": ids, "n_predict": max_tokens, "temperature": temperature,
-                                             "top_k": 0 if temperature == 0 else 40, "cache_prompt": True,
-                                             "return_tokens": True, "repeat_penalty": 1.0})
-        except (httpx.HTTPError, MemoError) as e:
-            return self._failed(e)
+        out = self._post("/completion", {"prompt": ids, "n_predict": max_tokens, "temperature": temperature,
+                                         "top_k": 0 if temperature == 0 else 40, "cache_prompt": True,
+                                         "return_tokens": True, "repeat_penalty": 1.0})
+        if isinstance(out, Reply):
+            return out
         tokens = out.get("tokens") or []
         finish = "length" if out.get("stop_type") == "limit" or out.get("stopped_limit") else "stop"
         if self.tok is None:
@@ -259,10 +265,9 @@ class LlamaCppEngine:
         body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
         if json_mode:  # a grammar: the reply is a JSON object (a small model otherwise drifts into prose)
             body["response_format"] = {"type": "json_object"}
-        try:
-            out = self._post("/v1/chat/completions", body)
-        except (httpx.HTTPError, MemoError) as e:
-            return self._failed(e)
+        out = self._post("/v1/chat/completions", body)
+        if isinstance(out, Reply):
+            return out
         choice, usage = out["choices"][0], out.get("usage") or {}
         return Reply((choice["message"].get("content") or "").strip(), "", usage.get("prompt_tokens", 0),
                      usage.get("completion_tokens", 0), "length" if choice.get("finish_reason") == "length" else "stop",
