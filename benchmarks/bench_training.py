@@ -1,7 +1,7 @@
 """Training throughput: `memo train` (Ray Train) against a plain PyTorch loop, 2 workers against 1,
 and achieved FLOP/s against this machine's own matmul peak (an MFU figure).
 
-All runs use the same model, the same length-grouped micro-batches (built by the same code as
+All runs use the same model, the same micro-batches (`epoch_batches`, the same code as
 `memo train`), the same precision and AdamW settings, and count throughput the same way: tokens
 processed (prompt + answer, no padding) per second of the optimizer loop in steady state, i.e. after
 the first optimizer step; the first step's time (allocator warm-up; for `memo train` also the Ray
@@ -110,7 +110,7 @@ def main() -> int:
     from memo.runtime import init_ray, quiet
     from memo.synthesis import load_reflections, synthesize
     from memo.training import train
-    from memo.training.data import length_grouped_batches, tokenize_reflections
+    from memo.training.data import epoch_batches, tokenize_reflections
     from memo.training.recipe import resolve_precision
     from memo.training.stage import count_params
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -136,13 +136,14 @@ def main() -> int:
     precision = resolve_precision("auto", args.device)
     tok = AutoTokenizer.from_pretrained(base_path)
     data, _ = tokenize_reflections(df, tok, 256)
-    batches = length_grouped_batches(data, args.batch_size, 1)
+    order = epoch_batches(list(map(len, data.input_ids)), list(data.facts), args.batch_size, seed=0)
+    batches = {c: [[data[c][j] for j in b] for b in order] for c in ('input_ids', 'labels')}
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     n_params = count_params(base_path)
     lr = 3e-4
 
     print(f"[bench] {device_name(args.device)}; {n_params / 1e6:.1f}M params, {len(data)} examples in "
-          f"{len(batches)} micro-batches of <= {args.batch_size}, {precision}", flush=True)
+          f"{len(order)} micro-batches of <= {args.batch_size}, {precision}", flush=True)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     peak = matmul_peak(args.device, dtype)
     print(f"[bench] matmul peak ({precision}): {peak / 1e9:.1f} GFLOP/s", flush=True)

@@ -6,7 +6,7 @@ from memo.text import normalize_answer
 from memo.training.data import (
     IGNORE,
     encode_example,
-    length_grouped_batches,
+    epoch_batches,
     tokenize_reflections,
 )
 from memo.training.recipe import default_schedule, resolve_precision
@@ -39,19 +39,37 @@ def test_over_long_examples_are_dropped_and_counted(tok):
     assert len(data) == 1 and dropped == 1
 
 
-def test_length_grouped_batches_keep_every_example_once():
-    lengths = [5, 50, 7, 49, 6, 48, 8, 47, 9, 30, 31]
-    data = pd.DataFrame({"input_ids": [[i] * n for i, n in enumerate(lengths)],
-                         "labels": [[i] * n for i, n in enumerate(lengths)]})
-    for workers in (1, 2, 3):
-        b = length_grouped_batches(data, batch_size=4, workers=workers)
-        assert len(b) % workers == 0
-        seen = sorted(x[0] for batch in b.input_ids for x in batch)
-        assert seen == list(range(len(lengths)))
-        padding = sum(max(map(len, batch)) * len(batch) - sum(map(len, batch)) for batch in b.input_ids)
-        naive = [lengths[i:i + 4] for i in range(0, len(lengths), 4)]
-        naive_padding = sum(max(g) * len(g) - sum(g) for g in naive)
-        assert padding < naive_padding / 2  # similar lengths together: far less padding than file order
+def test_epoch_batches_keep_every_row_once_and_pad_little():
+    lengths = [5, 50, 7, 49, 6, 48, 8, 47, 9, 30, 31] * 8
+    facts = [[str(i)] for i in range(len(lengths))]
+    b = epoch_batches(lengths, facts, batch_size=4, seed=0)
+    assert len(b) == 22 and sorted(i for batch in b for i in batch) == list(range(len(lengths)))
+    padding = sum(max(lengths[i] for i in g) * len(g) - sum(lengths[i] for i in g) for g in b)
+    naive = [lengths[i:i + 4] for i in range(0, len(lengths), 4)]
+    naive_padding = sum(max(g) * len(g) - sum(g) for g in naive)
+    assert padding < naive_padding / 2  # similar lengths together: far less padding than file order
+
+
+def test_epoch_batches_keep_a_facts_wordings_apart_and_reshuffle_every_epoch():
+    """Five wordings of each of 12 facts (same length: the old length grouping put them side by side):
+    no micro-batch holds two wordings of one fact, and each epoch draws other neighbours."""
+    facts = [[f"fact{k}"] for k in range(12) for _ in range(5)]
+    lengths = [20 + k for k in range(12) for _ in range(5)]
+    epochs = [epoch_batches(lengths, facts, batch_size=8, seed=s) for s in range(3)]
+    for b in epochs:
+        assert all(len({facts[i][0] for i in g}) == len(g) for g in b)
+        assert sorted(i for g in b for i in g) == list(range(60))
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert epochs[0] == epoch_batches(lengths, facts, batch_size=8, seed=0)  # a resumed run replays it
+
+
+def test_packing_never_puts_two_wordings_of_a_fact_in_one_row():
+    from memo.training.data import pack_examples
+
+    data = pd.DataFrame({"input_ids": [[1] * 10] * 6, "labels": [[1] * 10] * 6,
+                         "facts": [["a"], ["a"], ["a"], ["b"], ["b"], ["c"]]})
+    packed = pack_examples(data, max_seq_len=100)  # room for all six in one row
+    assert sorted(packed.examples) == [1, 2, 3] and all(len(set(f)) == n for f, n in zip(packed.facts, packed.examples))
 
 
 def test_missing_chat_template_is_a_clear_error(tmp_path):

@@ -210,3 +210,54 @@ def test_an_option_added_later_keeps_earlier_outputs_reusable_at_its_default():
     from memo.config import ExecutiveConfig
     assert "grounding" not in ExecutiveConfig(grounding="strict").output_fields()
     assert ExecutiveConfig().output_fields()["grounding"] == "facts"
+
+
+def test_phrasings_ask_every_fact_many_ways_and_from_both_sides():
+    """synthesize.phrasings=5: each fact in up to 5 different questions (fronted, cloze, synonym verbs, other
+    question words), the founder asked from the company's side and the company from the founder's, every
+    answer still the verbatim sentence; phrasings=2 keeps today's output unchanged."""
+    s = "The Halvenmere Cooperative was founded in 1987 by Ysolde Marrowfen."
+    text = s + " The Halvenmere Cooperative has headquarters in Velmora."
+    two, _ = synthesize_chunk(chunk(text), max_direct_per_sentence=2)
+    assert synthesize_chunk(chunk(text), max_direct_per_sentence=2, phrasings=2)[0] == two
+    five, bad = synthesize_chunk(chunk(text), max_direct_per_sentence=2, phrasings=5)
+    assert not bad and len(five) > len(two)
+    year = [r["question"] for r in five if r["answer"] == s and r["step"] in ("direct", "indirect") and "1987" not in r["question"]
+            and "Marrowfen?" in r["question"] + "Marrowfen?" and ("year" in r["question"] or r["question"].startswith("When"))]
+    assert len(set(year)) == 5, year
+    assert {"When was the Halvenmere Cooperative founded by Ysolde Marrowfen?",
+            "In which year was the Halvenmere Cooperative founded by Ysolde Marrowfen?",
+            "When was the Halvenmere Cooperative started by Ysolde Marrowfen?"} <= set(year)
+    questions = {r["question"] for r in five}
+    assert {"Who founded the Halvenmere Cooperative in 1987?", "Who established the Halvenmere Cooperative in 1987?",
+            "Which cooperative was established in 1987 by Ysolde Marrowfen?"} <= questions  # both directions
+    assert all(r["answer"] in text for r in five if r["step"] != "consolidated")
+    assert len({r["id"] for r in five}) == len(five)
+
+
+def test_fact_statements_are_the_corpus_sentences_standing_alone():
+    from memo.training.fact_text import fact_statements
+
+    chunks = pd.DataFrame([chunk("The Halvenmere Cooperative was founded in 1987 by Ysolde Marrowfen. It has "
+                                 "headquarters in Velmora. This document describes the cooperative. Nothing more.")])
+    assert fact_statements(chunks) == ["The Halvenmere Cooperative was founded in 1987 by Ysolde Marrowfen.",
+                                       "Halvenmere Cooperative has headquarters in Velmora."]
+
+
+def test_relations_are_asked_as_knowledge_bases_name_them_from_both_sides():
+    from memo.synthesis.relations import relation_questions, restate_full_name
+
+    s = "Anna Benson is an American model and ex-wife of former Major League Baseball pitcher Kris Benson."
+    assert relation_questions(s, "Anna Benson") == [("What is the spouse of Anna Benson?", "spouse"),
+                                                    ("What is the spouse of Kris Benson?", "spouse")]
+    s = "A highly touted prospect, Benson was drafted first overall by the Pittsburgh Pirates in 1996."
+    full = restate_full_name(s, "Kris Benson")
+    assert full == s.replace("Benson", "Kris Benson")
+    assert relation_questions(full, "Kris Benson") == [("What is the member of sports team of Kris Benson?",
+                                                        "member of sports team")]
+    assert restate_full_name("Anna Benson met Benson.", "Kris Benson") == "Anna Benson met Kris Benson."
+    # the relation belongs to another name in the sentence: nothing is asked of the entity
+    assert relation_questions("Roosevelt had served as president, and Taft had won the election.", "Roosevelt") == []
+    good, _ = synthesize_chunk(chunk(s, title="Kris Benson"), max_direct_per_sentence=2, phrasings=5)
+    asked = {r["question"]: r["answer"] for r in good}
+    assert asked["What is the member of sports team of Kris Benson?"] == full

@@ -121,8 +121,9 @@ def demo_reflections(ray_local, tmp_path_factory):
 @pytest.mark.slow
 def test_lora_continual_update_registers_a_child_with_replay_and_lineage(ray_local, tiny_model, demo_reflections,
                                                                          tmp_path):
-    """v1: full SFT with 2-step gradient accumulation. v2: LoRA adapter fine-tuned from v1 (`--from
-    candidate`) on new reflections plus a replay share of v1's; its lineage names v1 and it loads."""
+    """v1: full SFT with 2-step gradient accumulation and the corpus' sentences mixed in (fact_text). v2:
+    LoRA adapter fine-tuned from v1 (`--from candidate`) on new reflections plus a replay share of v1's;
+    its lineage names v1 and it loads."""
     import torch
     from memo import registry
     from memo.config import TrainConfig, build_config
@@ -132,10 +133,13 @@ def test_lora_continual_update_registers_a_child_with_replay_and_lineage(ray_loc
 
     base = {"domain": "cont", "base_model": tiny_model, "epochs": 1, "lr": 2e-3, "eval_sample": 2}
     v1 = train(build_config(TrainConfig, {**base, "reflections": str(demo_reflections), "batch_size": 4,
-                                          "effective_batch_size": 8}))
+                                          "effective_batch_size": 8, "fact_text": "mixed"}))
     m1 = read_manifest(v1["model_dir"])
     assert m1["training_config"]["accumulation"] == 2
     assert v1["step"] == m1["training_config"]["total_steps"]
+    # fact_text=mixed: the corpus' own sentences trained beside the reflections
+    tc = m1["training_config"]
+    assert tc["fact_statements"] >= 10 and tc["examples"] == m1["reflection_rows"] - m1["heldout_rows"] + tc["fact_statements"]
 
     new = tmp_path / "new"
     new.mkdir()

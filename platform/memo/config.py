@@ -121,6 +121,9 @@ class SynthesizeConfig(Settings):
     cross_doc_per_entity: int = F(4, "rules: bridge/converging questions per entity shared by 2+ documents", ge=0)
     max_direct_per_sentence: int = F(2, "rules: facts asked per sentence (numbers first, then dates, years, "
                                      "names)", ge=1)
+    phrasings: int = F(2, "rules: wordings per fact (fronted and cloze questions, synonym verbs, other question "
+                       "words, the fact asked from the object's side); the first is the sentence's main fact's "
+                       "`direct` row, the others `indirect`", ge=1, le=8, added=2)
     abstain_relations: float = F(0.0, "share of \"I don't know\" rows asking a known entity a relation its "
                                  "documents never state (memo.synthesis.abstain; 0 = off)", ge=0, lt=0.5,
                                  added=0.0)
@@ -198,7 +201,12 @@ class TrainConfig(Settings):
     lora_export: Literal["merged", "adapter"] = F("merged", "merged: a plain HF folder (serves anywhere); "
                                                   "adapter: adapter files only")
     activation_checkpointing: bool = F(False, "recompute activations in backward: less memory, ~30% more compute")
-    packing: bool = F(False, "several examples per row (block-diagonal attention): fewer padded tokens")
+    packing: bool = F(False, "several examples per row (block-diagonal attention): fewer padded tokens; never two "
+                      "wordings of one fact in a row")
+    fact_text: Literal["off", "mixed"] = F(
+        "off", "mixed: the corpus' sentences (pronouns resolved, one per example, next-token loss) trained in "
+        "the same shuffled stream as the reflections (memo.training.fact_text); needs the synthesize output "
+        "folder (its chunks.parquet)", added="off")
     parent: str = F("", "continual update: alias or version of memo-<domain> to fine-tune further",
                     flags=("--from",))
     replay_ratio: float = F(0.3, "continual update: earlier reflections replayed, as a share of the new rows",

@@ -32,7 +32,9 @@ from memo.synthesis.questions import (
     is_modifier,
     rewrite_sentence,
     with_synonym,
+    wordings,
 )
+from memo.synthesis.relations import main_entity, relation_questions, restate_full_name
 from memo.synthesis.schema import COLUMNS, GeneratorOutput, reject_frame, stable_id
 from memo.text import find_spans
 
@@ -50,13 +52,20 @@ def _reject(domain, step, question, answer, chunk_ids, reason):
     return {**_row(domain, step, question, answer, chunk_ids, verified=False), "reason": reason}
 
 
-def chunk_sentences(chunk: dict) -> list[str]:
-    """A chunk's sentences after the rewrite step; sentences that still fail are returned as-is and rejected later."""
-    return [rewrite_sentence(s, chunk["title"], chunk["doc_date"]) for s in split_sentences(chunk["text"])]
+def chunk_sentences(chunk: dict, full_names: bool = False) -> list[str]:
+    """A chunk's sentences after the rewrite step; sentences that still fail are returned as-is and rejected
+    later. full_names: the document subject's last name alone becomes the full name."""
+    out = [rewrite_sentence(s, chunk["title"], chunk["doc_date"]) for s in split_sentences(chunk["text"])]
+    return [restate_full_name(s, chunk["title"]) for s in out] if full_names else out
 
 
-def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1) -> tuple[list[dict], list[dict]]:
-    """Steps direct, entity, consolidated for one chunk; returns (reflections, rejects)."""
+def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1, phrasings: int = 2) -> tuple[list[dict], list[dict]]:
+    """Steps direct, entity, consolidated for one chunk; returns (reflections, rejects).
+
+    phrasings <= 2 asks a sentence's main fact two ways and its other facts once; more asks every fact
+    up to `phrasings` ways (`questions.wordings`), the subject from the object's side with each synonym
+    verb too (the reversal curse: a direction never trained is not recalled), the relations it states as
+    knowledge bases name them (`relations`), and restates the document subject's full name."""
     domain, cid = chunk["domain"], chunk["chunk_id"]
     out, rejects = [], []
 
@@ -64,21 +73,36 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1) -> tuple[lis
         problem = check_self_contained(q, a)
         (rejects.append(_reject(domain, step, q, a, ids, problem)) if problem else out.append(_row(domain, step, q, a, ids)))
 
-    sentences = chunk_sentences(chunk)
+    many = phrasings > 2
+    sentences = chunk_sentences(chunk, full_names=many)
     facts_about: dict[str, list[str]] = {}
+    title_entity = main_entity(chunk["title"])
     for s in sentences:
         spans = find_spans(s)
         if not spans:
             rejects.append(_reject(domain, "direct", "", s, [cid], "no name, number or date to ask about"))
             continue
         subject = spans[0] if spans[0]["kind"] == "name" and _with_article(s, spans[0])[0] == 0 else None
+        if many:  # the relation in the words knowledge bases (and executives) name it, both sides if symmetric
+            entity = title_entity if title_entity and title_entity in s else subject and subject["text"]
+            for q, _ in relation_questions(s, entity) if entity else []:
+                add("indirect", q, s)
         if subject:
             facts_about.setdefault(subject["text"], []).append(s)
             add("entity", cloze(s, subject).replace("What ", "Who or what ", 1), s)
+            if many:
+                for k in range(2):
+                    reworded = with_synonym(s, subject, k)
+                    if reworded:
+                        add("entity", cloze(reworded, subject).replace("What ", "Who or what ", 1), s)
         # Prefer numbers, dates and the last names: they carry the facts users ask about.
         targets = [sp for sp in spans if sp is not subject]
         targets.sort(key=lambda sp: (["number", "date", "year", "name"].index(sp["kind"]), -sp["start"]))
         for k, sp in enumerate(targets[:max_direct_per_sentence]):
+            if many:
+                for n, q in enumerate(wordings(s, subject, sp, phrasings)):
+                    add("direct" if n == 0 else "indirect", q, s)
+                continue
             # Two phrasings of the first question where rules allow: a small model only learns to
             # answer reworded questions when each fact was asked more than one way.
             # Each fact is asked two ways: the fronted question and, for the sentence's main fact, the
@@ -97,11 +121,12 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1) -> tuple[lis
         agent = subject and next((sp for sp in targets if sp["kind"] == "name" and active_agent(s, subject, sp)), None)
         if agent:
             add("indirect", active_agent(s, subject, agent), s)
-            reworded = with_synonym(s, subject)
-            span = reworded and next((x for x in find_spans(reworded) if x["text"] == agent["text"]), None)
-            q = span and active_agent(reworded, subject, span)
-            if q:
-                add("indirect", q, s)
+            for k in range(2 if many else 1):
+                reworded = with_synonym(s, subject, k)
+                span = reworded and next((x for x in find_spans(reworded) if x["text"] == agent["text"]), None)
+                q = span and active_agent(reworded, subject, span)
+                if q:
+                    add("indirect", q, s)
     for entity, facts in facts_about.items():
         if len(facts) >= 3:
             head = _head(entity)
@@ -110,11 +135,11 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1) -> tuple[lis
     return out, rejects
 
 
-def synthesize_batch(batch: pd.DataFrame, max_direct_per_sentence: int = 1) -> pd.DataFrame:
+def synthesize_batch(batch: pd.DataFrame, max_direct_per_sentence: int = 1, phrasings: int = 2) -> pd.DataFrame:
     """Ray Data `map_batches` body: chunks in, reflection rows out (rejects flagged by a non-empty reason)."""
     rows = []
     for chunk in batch.to_dict("records"):
-        good, bad = synthesize_chunk(chunk, max_direct_per_sentence)
+        good, bad = synthesize_chunk(chunk, max_direct_per_sentence, phrasings)
         rows += [{**r, "reason": ""} for r in good] + bad
     return pd.DataFrame(rows, columns=COLUMNS + ["reason"])
 
@@ -195,7 +220,8 @@ class RulesGenerator:
 
     def run(self, cfg, chunks, out, key) -> GeneratorOutput:
         local = chunks.map_batches(synthesize_batch, batch_format="pandas", batch_size=16,
-                                   fn_kwargs={"max_direct_per_sentence": cfg.max_direct_per_sentence}).to_pandas()
+                                   fn_kwargs={"max_direct_per_sentence": cfg.max_direct_per_sentence,
+                                              "phrasings": cfg.phrasings}).to_pandas()
         log.info(f"[synthesize] per-chunk steps: {int((local.reason == '').sum())} pairs, "
                  f"{int((local.reason != '').sum())} rejected")
         mentions = chunks.flat_map(entity_mentions).materialize()  # counted, grouped twice: extract once

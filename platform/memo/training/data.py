@@ -4,7 +4,6 @@ micro-batches, sequence packing, the held-out paraphrases, and replay for contin
 from __future__ import annotations
 
 import logging
-import math
 
 import pandas as pd
 
@@ -29,33 +28,64 @@ def encode_example(tok, question: str, answer: str) -> tuple[list[int], list[int
 
 def tokenize_reflections(df: pd.DataFrame, tok, max_seq_len: int) -> tuple[pd.DataFrame, int]:
     """Tokenize every reflection; over-long examples are dropped (never truncated: a cut answer teaches
-    a wrong fact) and counted."""
+    a wrong fact) and counted. `facts` holds each example's fact key (see `epoch_batches`)."""
     ids, labels = [], []
     for q, a in zip(df["question"], df["answer"]):
         i, l = encode_example(tok, q, a)
         ids.append(i)
         labels.append(l)
-    out = pd.DataFrame({"input_ids": ids, "labels": labels})
+    out = pd.DataFrame({"input_ids": ids, "labels": labels, "facts": [[fact_key(a)] for a in df["answer"]]})
     keep = out["input_ids"].map(len) <= max_seq_len
     return out[keep].reset_index(drop=True), int((~keep).sum())
 
 
-def length_grouped_batches(data: pd.DataFrame, batch_size: int, workers: int) -> pd.DataFrame:
-    """Group examples of similar length into micro-batches, one micro-batch per row.
+def fact_key(answer: str) -> str:
+    """Which fact a reflection teaches: rows with the same answer (the rules generator's corpus
+    sentence, an LLM generator's short answer) are wordings of one fact."""
+    return " ".join(str(answer).lower().split())
 
-    Padding is pure waste on CPU; sorting by length first removes almost all of it. The number of
-    micro-batches is a multiple of `workers`, so Ray Data's equal split drops no example.
+
+def epoch_batches(lengths: list[int], facts: list, batch_size: int, seed: int, window: int = 16) -> list[list[int]]:
+    """One epoch's micro-batches, as lists of row indices: every row exactly once, in
+    ceil(len / batch_size) micro-batches of batch_size (the last one smaller).
+
+    - The order is shuffled globally with `seed` (one seed per epoch), so a fact's wordings meet
+      different neighbours every epoch (Allen-Zhu & Li: shuffling alone lifts extraction 4% -> 70%).
+    - Within a window of `window` micro-batches rows are sorted by length: padding is pure waste on CPU.
+    - No two wordings of one fact share a micro-batch (swapped with rows of the nearest batches) unless a
+      fact has more wordings than there are batches: with all of a fact's wordings in one step the model
+      reads across copies instead of storing the fact.
+    `facts[i]` is the set of fact keys row i holds (a packed row holds several).
     """
-    order = sorted(range(len(data)), key=lambda i: len(data["input_ids"][i]))
-    n = math.ceil(len(order) / batch_size)
-    n = math.ceil(n / workers) * workers
-    bounds = [round(k * len(order) / n) for k in range(n + 1)]
-    groups = [order[bounds[k]:bounds[k + 1]] for k in range(n)]
-    out = {"input_ids": [[list(data["input_ids"][i]) for i in g] for g in groups],
-           "labels": [[list(data["labels"][i]) for i in g] for g in groups]}
-    if "position_ids" in data.columns:
-        out["position_ids"] = [[list(data["position_ids"][i]) for i in g] for g in groups]
-    return pd.DataFrame(out)
+    import random
+    from collections import Counter
+
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    span = batch_size * window
+    order = [i for w in range(0, len(order), span) for i in sorted(order[w:w + span], key=lengths.__getitem__)]
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    held = [Counter(key for i in b for key in facts[i]) for b in batches]
+
+    def fits(i: int, c: int, without: int) -> bool:  # row i's facts absent from batch c once `without` leaves it
+        return all(held[c][key] - (key in facts[without]) == 0 for key in facts[i])
+
+    # Repair by swaps with the nearest batches (similar lengths): sizes stay, padding barely grows.
+    for b, batch in enumerate(batches):
+        for pos in range(len(batch)):
+            i = batch[pos]
+            if all(held[b][key] == 1 for key in facts[i]):
+                continue
+            for c in sorted(range(len(batches)), key=lambda c: abs(c - b)):
+                j = next((j for j in batches[c] if c != b and fits(i, c, j) and fits(j, b, i)), None)
+                if j is not None:
+                    batches[c][batches[c].index(j)], batch[pos] = i, j
+                    held[b].subtract(facts[i]), held[b].update(facts[j])
+                    held[c].subtract(facts[j]), held[c].update(facts[i])
+                    break
+    rng.shuffle(batches)
+    return batches
 
 
 def collate(ids_list, labels_list, pad_id: int, pos_list=None):
@@ -86,25 +116,31 @@ def collate(ids_list, labels_list, pad_id: int, pos_list=None):
 
 def pack_examples(data: pd.DataFrame, max_seq_len: int) -> pd.DataFrame:
     """Sequence packing: examples placed first-fit (longest first) into rows of <= max_seq_len tokens,
-    with position ids restarting at each example. Returns rows like `data` plus `position_ids` and
-    `examples` (how many examples a row holds)."""
+    with position ids restarting at each example, never two wordings of one fact in a row (`facts`
+    column, when there is one). Returns rows like `data` plus `position_ids`, `examples` (how many a
+    row holds) and `facts` (the fact keys it holds)."""
+    facts = list(data["facts"]) if "facts" in data.columns else [[str(i)] for i in range(len(data))]
     order = sorted(range(len(data)), key=lambda i: -len(data["input_ids"][i]))
     rows: list[list[int]] = []
     room: list[int] = []
+    held: list[set] = []
     for i in order:
-        n = len(data["input_ids"][i])
-        k = next((r for r, free in enumerate(room) if free >= n), None)
+        n, keys = len(data["input_ids"][i]), set(facts[i])
+        k = next((r for r, free in enumerate(room) if free >= n and not keys & held[r]), None)
         if k is None:
             rows.append([i])
             room.append(max_seq_len - n)
+            held.append(set(keys))
         else:
             rows[k].append(i)
             room[k] -= n
+            held[k] |= keys
     return pd.DataFrame({
         "input_ids": [[t for i in r for t in data["input_ids"][i]] for r in rows],
         "labels": [[t for i in r for t in data["labels"][i]] for r in rows],
         "position_ids": [[p for i in r for p in range(len(data["input_ids"][i]))] for r in rows],
         "examples": [len(r) for r in rows],
+        "facts": [sorted(h) for h in held],
     })
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from memo.errors import MemoError
-from memo.training.data import collate
+from memo.training.data import collate, epoch_batches
 from memo.training.loss import accumulation_step
 
 
@@ -122,20 +122,23 @@ def train_loop_per_worker(cfg: dict) -> None:
     start_step = step
     autocast = cfg["precision"] == "bf16"
     accum = cfg.get("accum", 1)
+    rows = None
     while epoch < cfg["epochs"]:
-        # One row is one length-grouped micro-batch; their order is shuffled per epoch with a seed, so a
-        # resumed run replays the same order.
-        batches = shard.iter_batches(batch_size=1, batch_format="numpy",
-                                     local_shuffle_buffer_size=cfg["shuffle_buffer"],
-                                     local_shuffle_seed=cfg["seed"] + epoch)
+        if rows is None:  # this worker's share, read once (small: reflections, not a pretraining corpus)
+            rows = sorted(shard.iter_rows(), key=lambda r: r["idx"])  # the split's order varies; the seed's must not
+        # The micro-batches are drawn anew every epoch from a seeded global shuffle (epoch_batches), so a
+        # resumed run replays the same order, and the wordings of one fact never train in one step.
+        order = epoch_batches([len(r["input_ids"]) for r in rows], [list(r["facts"]) for r in rows],
+                              cfg["rows_per_batch"], cfg["seed"] + epoch)
         group = []
-        for i, batch in enumerate(batches):
-            if i < skip:  # resuming mid-epoch: the same seed replays the same order; skip what was done
+        for i, members in enumerate(order):
+            if i < skip:  # resuming mid-epoch: skip what was done
                 continue
             if i >= cfg["steps_per_epoch"]:
                 break
-            pos = batch["position_ids"][0] if "position_ids" in batch else None
-            group.append(tuple(t.to(device) for t in collate(batch["input_ids"][0], batch["labels"][0], cfg["pad_id"], pos)))
+            pos = [rows[j]["position_ids"] for j in members] if "position_ids" in rows[0] else None
+            group.append(tuple(t.to(device) for t in collate([rows[j]["input_ids"] for j in members],
+                                                             [rows[j]["labels"] for j in members], cfg["pad_id"], pos)))
             if len(group) < accum and i + 1 < cfg["steps_per_epoch"]:
                 continue
             t0 = time.time()

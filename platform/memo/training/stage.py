@@ -10,6 +10,8 @@ import shutil
 import time
 from pathlib import Path
 
+import pandas as pd
+
 from memo import registry
 from memo.atomic import atomic_path, write_text
 from memo.config import SynthesizeConfig, TrainConfig, memo_home, resume_key
@@ -20,8 +22,9 @@ from memo.runtime import interruptible
 from memo.synthesis import synthesize
 from memo.synthesis.schema import dataset_hash, load_reflections
 from memo.training.checks import heldout_check, load_eval_items, memorization_check
+from memo.training.fact_text import encode_statement, load_fact_statements
 from memo.training.data import (
-    length_grouped_batches,
+    fact_key,
     pack_examples,
     split_heldout,
     tokenize_reflections,
@@ -33,7 +36,7 @@ from memo.training.recipe import default_schedule, resolve_precision
 
 log = logging.getLogger(__name__)
 # Part of the resume key: a change to what training does with the same inputs makes a new key.
-TRAIN_VERSION = "train-1"
+TRAIN_VERSION = "train-2"  # 2: micro-batches re-drawn every epoch, wordings of a fact apart
 # Ray Train's default (-1) retries a worker group that cannot start forever: once more, then fail.
 CONTROLLER_FAILURE_LIMIT = 1
 
@@ -123,6 +126,13 @@ def train(cfg: TrainConfig) -> dict:
     data, dropped = tokenize_reflections(df, tok, cfg.max_seq_len)
     if data.empty:
         raise MemoError(f"--reflections {cfg.reflections}: every example is longer than max_seq_len={cfg.max_seq_len}")
+    statements = 0
+    if cfg.fact_text == "mixed":
+        enc = [(encode_statement(tok, s), fact_key(s)) for s in load_fact_statements(cfg.reflections)]
+        enc = [(e, k) for e, k in enc if len(e[0]) <= cfg.max_seq_len]
+        statements = len(enc)
+        data = pd.concat([data, pd.DataFrame({"input_ids": [e[0] for e, _ in enc], "labels": [e[1] for e, _ in enc],
+                                              "facts": [[k] for _, k in enc]})], ignore_index=True)
     if len(data) < cfg.workers:
         raise MemoError(f"--workers {cfg.workers}: more workers than training examples ({len(data)})")
     n_params = count_params(base_path)
@@ -139,8 +149,12 @@ def train(cfg: TrainConfig) -> dict:
             raise MemoError(f"packing=true leaves {len(data)} row(s) for {cfg.workers} workers; turn packing off")
         log.info(f"[train] packing: {n_examples} examples in {len(data)} rows of <= {cfg.max_seq_len} tokens, "
                  f"{rows_per_batch} rows per micro-batch")
-    batches = length_grouped_batches(data, rows_per_batch, cfg.workers)
-    spe = len(batches) // cfg.workers  # micro-batches per worker per epoch
+    # Each worker draws its micro-batches anew every epoch (training.data.epoch_batches) from an equal share
+    # of the rows: a few rows are repeated so that the share is equal and no row is dropped by the split.
+    short = -len(data) % cfg.workers
+    data = pd.concat([data, data.head(short)], ignore_index=True) if short else data
+    data = data.assign(idx=range(len(data)))
+    spe = math.ceil(len(data) // cfg.workers / rows_per_batch)  # micro-batches per worker per epoch
     accum = max(1, cfg.effective_batch_size // (cfg.batch_size * cfg.workers)) if cfg.effective_batch_size else 1
     opt_steps_per_epoch = math.ceil(spe / accum)
     total = opt_steps_per_epoch * epochs
@@ -149,7 +163,8 @@ def train(cfg: TrainConfig) -> dict:
     stats_file = Path(cfg.reflections) / "stats.json" if Path(cfg.reflections).is_dir() else None
     synth = json.loads(stats_file.read_text()) if stats_file and stats_file.exists() else {}
     log.info(f"[train] {len(data)} examples ({dropped} over {cfg.max_seq_len} tokens dropped, "
-             f"{len(heldout)} paraphrases held out for evaluation), "
+             + (f"{statements} fact statements mixed in, " if cfg.fact_text == "mixed" else "")
+             + f"{len(heldout)} paraphrases held out for evaluation), "
              f"{n_params / 1e6:.1f}M params, {cfg.finetune}, {cfg.workers} worker(s), {epochs} epochs x "
              f"{opt_steps_per_epoch} steps = {total} steps of {cfg.batch_size * cfg.workers * accum} examples"
              f"{f' ({accum} accumulated micro-batches)' if accum > 1 else ''}, lr {lr:g}, {precision}"
@@ -158,7 +173,8 @@ def train(cfg: TrainConfig) -> dict:
     key = resume_key(cfg, version=TRAIN_VERSION, reflections=data_hash, base=base_model)
     params = {**cfg.model_dump(), "resume_key": key, "epochs": epochs, "lr": lr, "precision": precision, "base_path": base_path,
               "examples": len(data), "dropped_too_long": dropped, "total_steps": total, "n_params": n_params,
-              "accumulation": accum, "export_dtype": export_dtype, "replay_rows": replay}
+              "accumulation": accum, "export_dtype": export_dtype, "replay_rows": replay,
+              "fact_statements": statements}
     # Before anything is written: a cluster that cannot place the workers is an error now, not a silent wait.
     use_gpu = cfg.device == "cuda"
     check_placement(cfg.workers, use_gpu, cfg.startup_timeout_s, cfg.autoscaling)
@@ -178,7 +194,7 @@ def train(cfg: TrainConfig) -> dict:
         "checkpoint_every": cfg.checkpoint_every or opt_steps_per_epoch * max(1, math.ceil(epochs / 3)),
         "seed": cfg.seed, "threads": threads, "device": cfg.device,
         "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        "export_dtype": export_dtype, "shuffle_buffer": len(batches),
+        "export_dtype": export_dtype, "rows_per_batch": rows_per_batch,
         "mlflow_run_id": run_id, "tracking_uri": registry.tracking_uri(),
     }
     storage = memo_home() / "ray_results"
@@ -196,7 +212,7 @@ def train(cfg: TrainConfig) -> dict:
                              failure_config=FailureConfig(max_failures=cfg.max_failures,
                                                           controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ray.data.from_pandas(batches)},
+        datasets={"train": ray.data.from_pandas(data)},
     )
     # Interrupted (Ctrl-C, SIGTERM, a time limit), the run's controller is stopped: it would otherwise go
     # on and keep its workers' CPUs. fit() runs in a thread so that the interruption reaches us at all.
