@@ -64,6 +64,8 @@ def test_llamacpp_memory_answers_from_the_training_tokens_like_transformers(trai
         assert y.prompt_tokens == len(prompt)  # the server evaluated exactly those ids
         assert x.text == y.text == ref, (x, y)
         assert x.completion_tokens == y.completion_tokens and x.finish == y.finish == "stop"
+        # both engines report how sure the memory was, from the token log-probabilities, and agree on it
+        assert 0.5 < x.confidence <= 1 and abs(x.confidence - y.confidence) < 0.1, (x.confidence, y.confidence)
     cut = cpp.ask(questions[:1], 3)[0]
     assert cut.finish == "length" and cut.completion_tokens == 3
     cpp.close()
@@ -135,6 +137,7 @@ def test_the_router_serves_a_registered_version_on_llamacpp(served_cpp, trained_
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["message"]["content"] == ref and r.headers["x-memo-model-version"] == version
+    assert 0 < body["memo_confidence"] <= 1  # how sure the memory was (its tokens' probabilities)
     assert body["usage"]["prompt_tokens"] == len(prompt_ids(tok, memory_messages(q)))
     assert body["choices"][0]["finish_reason"] == "stop"
     cut = httpx.post(url + "/v1/chat/completions", timeout=120, json={

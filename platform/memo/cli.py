@@ -376,7 +376,8 @@ def cmd_ask(a: AskArgs, sections, args) -> dict:
     llm = make_executive(a.executive_url, a.executive_model, os.environ.get("MEMO_EXECUTIVE_API_KEY"),
                          a.executive_local)
     version = registry.resolve_version(a.domain, a.alias)
-    memory = LocalMemory(str(registry.download_version(a.domain, version)), exec_cfg.memory_max_tokens)
+    memory = LocalMemory(str(registry.download_version(a.domain, version)), exec_cfg.memory_max_tokens,
+                         confidence_gate=exec_cfg.confidence_gate)
     memory.version = version
     tr = answer_question(a.question, llm, memory, exec_cfg)
     if a.as_json:

@@ -270,6 +270,9 @@ class ExecutiveConfig(Settings):
                                   ge=0, le=2)
     executive_max_tokens: int = F(160, "tokens per executive turn (JSON state + questions)", ge=1)
     memory_max_tokens: int = F(64, "tokens per memory answer", ge=1)
+    confidence_gate: bool = F(False, "a memory answer below its version's calibrated abstention threshold "
+                              "(memo.training.calibration) counts as \"I don't know\"; the trace keeps the raw "
+                              "answer and its confidence (local memories)", added=False)
     json_retries: int = F(1, "re-asks after an unparseable executive reply, before the fallback", ge=0)
     chain: Literal["refs", "rewrite"] = F(
         "refs", "single: how a later sub-question gets an earlier one's answer: refs = only where the executive "

@@ -33,9 +33,10 @@ def prompt_ids(tok, messages: list[dict]) -> list[int]:
 
 
 def generate_ids(model, tok, prompts: list[list[int]], max_new_tokens: int = 64,
-                 temperature: float = 0.0) -> list[tuple[list[int], bool]]:
+                 temperature: float = 0.0, logprobs: bool = False) -> list[tuple]:
     """Batched generation from token ids (left padding); greedy unless temperature > 0. Returns, per
-    prompt, the new tokens up to the end-of-turn token, and whether it stopped there (else max_new_tokens)."""
+    prompt, the new tokens up to the end-of-turn token, and whether it stopped there (else max_new_tokens);
+    with `logprobs`, also each of those tokens' log-probability."""
     import torch
 
     n = max(len(p) for p in prompts)
@@ -47,11 +48,18 @@ def generate_ids(model, tok, prompts: list[list[int]], max_new_tokens: int = 64,
         kwargs["temperature"] = temperature
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=tok.eos_token_id, **kwargs)
+                             pad_token_id=pad, eos_token_id=tok.eos_token_id, output_scores=logprobs,
+                             return_dict_in_generate=True, **kwargs)
+        seqs = out.sequences
+        lp = None
+        if logprobs:  # the chosen token's log-probability at each step, (batch, steps)
+            steps = torch.stack(out.scores, dim=1).float().log_softmax(-1)
+            lp = steps.gather(-1, seqs[:, n:n + steps.shape[1], None]).squeeze(-1).tolist()
     results = []
-    for row in out[:, n:].tolist():
+    for k, row in enumerate(seqs[:, n:].tolist()):
         stop = row.index(tok.eos_token_id) if tok.eos_token_id in row else None
-        results.append((row[:stop] if stop is not None else row, stop is not None))
+        new = row[:stop] if stop is not None else row
+        results.append((new, stop is not None) + ((lp[k][:len(new)],) if logprobs else ()))
     return results
 
 

@@ -31,6 +31,16 @@ class Reply:
     decode_s: float = 0.0
     # > 0 when the failure is transient (an engine process being restarted): ask again after this many s
     retry_after: float = 0.0
+    # How sure the model was of this reply: the geometric mean of its tokens' probabilities, from the
+    # engine's log-probabilities (llama.cpp, transformers); None where the backend reports none.
+    confidence: float | None = None
+
+
+def confidence(logprobs: list[float]) -> float | None:
+    """The geometric mean token probability of a reply, exp(mean log-probability); None for no tokens."""
+    import math
+
+    return round(math.exp(sum(logprobs) / len(logprobs)), 4) if logprobs else None
 
 
 class Engine(Protocol):

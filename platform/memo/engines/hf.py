@@ -3,7 +3,7 @@ together with left padding, similar lengths together."""
 
 from __future__ import annotations
 
-from memo.engines.base import Reply
+from memo.engines.base import Reply, confidence
 
 
 class HfEngine:
@@ -39,12 +39,13 @@ class HfEngine:
         for j in range(0, len(ok), 16):
             idx = ok[j:j + 16]
             try:
-                outs = generate_ids(self.model, self.tok, [batch[i] for i in idx], max_tokens, temperature)
+                outs = generate_ids(self.model, self.tok, [batch[i] for i in idx], max_tokens, temperature,
+                                    logprobs=True)
             except Exception as e:  # noqa: BLE001 - one bad batch is rejected, the job goes on
                 for i in idx:
                     replies[i] = Reply(error=f"engine_error: {type(e).__name__}: {str(e)[:160]}")
                 continue
-            for i, (new, stopped) in zip(idx, outs):
+            for i, (new, stopped, lp) in zip(idx, outs):
                 replies[i] = Reply(self.tok.decode(new, skip_special_tokens=True).strip(), "", lens[i], len(new),
-                                   "stop" if stopped else "length")
+                                   "stop" if stopped else "length", confidence=confidence(lp))
         return replies

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from memo.engines.base import Reply
+from memo.engines.base import Reply, confidence
 from memo.errors import MemoError
 
 log = logging.getLogger(__name__)
@@ -243,20 +243,22 @@ class LlamaCppEngine:
             return self._failed(e, sent_to)
 
     def _complete_one(self, ids: list[int], max_tokens: int, temperature: float) -> Reply:
+        # n_probs 1: each generated token's log-probability comes back (the reply's confidence)
         out = self._post("/completion", {"prompt": ids, "n_predict": max_tokens, "temperature": temperature,
                                          "top_k": 0 if temperature == 0 else 40, "cache_prompt": True,
-                                         "return_tokens": True, "repeat_penalty": 1.0})
+                                         "return_tokens": True, "repeat_penalty": 1.0, "n_probs": 1})
         if isinstance(out, Reply):
             return out
+        sure = confidence([p["logprob"] for p in out.get("completion_probabilities") or [] if "logprob" in p])
         tokens = out.get("tokens") or []
         finish = "length" if out.get("stop_type") == "limit" or out.get("stopped_limit") else "stop"
         if self.tok is None:
             return Reply((out.get("content") or "").strip(), "", len(ids), int(out.get("tokens_predicted") or 0),
-                         finish, **_timings(out))
+                         finish, confidence=sure, **_timings(out))
         # Decoded by the memory's own tokenizer, as transformers decodes; the end-of-turn token is not counted.
         special = set(self.tok.all_special_ids)
         return Reply(self.tok.decode(tokens, skip_special_tokens=True).strip(), "", len(ids),
-                     sum(t not in special for t in tokens), finish, **_timings(out))
+                     sum(t not in special for t in tokens), finish, confidence=sure, **_timings(out))
 
     def complete(self, batch: list[list[int]], max_tokens: int, temperature: float) -> list[Reply]:
         return list(self.pool.map(lambda ids: self._complete_one(list(ids), max_tokens, temperature), batch))

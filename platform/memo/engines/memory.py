@@ -62,7 +62,11 @@ class MemoryEngine:
                  loaded=None):
         from transformers import AutoTokenizer
 
+        from memo.models import read_manifest
+
         self.backend = resolve_backend(backend)
+        # The version's calibrated abstention threshold, when training calibrated one (None otherwise).
+        self.abstain_threshold = (read_manifest(model_dir).get("metrics") or {}).get("abstain_threshold")
         if self.backend == "llamacpp" and backend == "auto":
             try:
                 memory_gguf(model_dir)

@@ -97,12 +97,14 @@ def _memory_client(cfg: EvalConfig, docs: list[Document], out: Path, exec_cfg: E
         return HttpMemory(cfg.memory_url, cfg.domain, os.environ.get("MEMO_API_KEY"), exec_cfg.memory_max_tokens,
                           exec_cfg.memory_temperature), f"{cfg.memory_url} ({cfg.domain})"
     if cfg.memory:
-        mem = load_memory(cfg.memory, exec_cfg.memory_max_tokens, exec_cfg.memory_temperature)
+        mem = load_memory(cfg.memory, exec_cfg.memory_max_tokens, exec_cfg.memory_temperature,
+                          exec_cfg.confidence_gate)
         return mem, mem.version
     built = out / "memory.json"
     if built.exists():  # built by an earlier, interrupted run of this same evaluation
         spec = json.loads(built.read_text())
-        mem = LocalMemory(spec["memory"], exec_cfg.memory_max_tokens, exec_cfg.memory_temperature)
+        mem = LocalMemory(spec["memory"], exec_cfg.memory_max_tokens, exec_cfg.memory_temperature,
+                          confidence_gate=exec_cfg.confidence_gate)
         mem.version = spec["label"]
         return mem, spec["label"]
     # No memory given: build one for this corpus with the platform's own stages.
@@ -118,7 +120,8 @@ def _memory_client(cfg: EvalConfig, docs: list[Document], out: Path, exec_cfg: E
     model = str(materialize_full_model(Path(result["model_dir"])))
     label = f"models:/{registry.registered_name(domain)}/{result['version']}" if result.get("version") else model
     write_text(built, json.dumps({"memory": model, "label": label, "run_id": result["run_id"]}))
-    mem = LocalMemory(model, exec_cfg.memory_max_tokens, exec_cfg.memory_temperature)
+    mem = LocalMemory(model, exec_cfg.memory_max_tokens, exec_cfg.memory_temperature,
+                      confidence_gate=exec_cfg.confidence_gate)
     mem.version = label
     return mem, label
 

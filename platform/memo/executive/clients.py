@@ -16,6 +16,7 @@ from memo.engines.memory import MemoryEngine
 from memo.errors import MemoError, Unavailable
 from memo.gguf import resolve_gguf
 from memo.models import resolve_base_model
+from memo.text import IDK_ANSWER, is_idk
 
 log = logging.getLogger(__name__)
 
@@ -146,13 +147,15 @@ class HttpMemory:
                 for q in questions]
 
 
-def load_memory(spec: str, max_tokens: int = 64, temperature: float = 0.0) -> "LocalMemory":
+def load_memory(spec: str, max_tokens: int = 64, temperature: float = 0.0,
+                confidence_gate: bool = False) -> "LocalMemory":
     """A memory in this process from models:/memo-X@alias, models:/memo-X/N, a model folder or a base
     model alias (smollm2-135m); its `version` says which one answered."""
     if spec.startswith("models:/"):
         domain, alias, version = registry.parse_model_uri(spec)
         version = version or registry.resolve_version(domain, alias)
-        mem = LocalMemory(str(registry.download_version(domain, version)), max_tokens, temperature)
+        mem = LocalMemory(str(registry.download_version(domain, version)), max_tokens, temperature,
+                          confidence_gate=confidence_gate)
         mem.version = f"models:/{registry.registered_name(domain)}/{version}"
         return mem
     if not Path(spec).is_dir():
@@ -160,7 +163,7 @@ def load_memory(spec: str, max_tokens: int = 64, temperature: float = 0.0) -> "L
             spec = resolve_base_model(spec)
         except MemoError:
             raise MemoError(f"--memory {spec}: not a models:/ URI, a model folder or a known base model") from None
-    mem = LocalMemory(spec, max_tokens, temperature)
+    mem = LocalMemory(spec, max_tokens, temperature, confidence_gate=confidence_gate)
     mem.version = spec
     return mem
 
@@ -169,17 +172,35 @@ class LocalMemory:
     """A memory model folder asked on this machine (offline evaluation, `memo ask` without a router), on
     the engine `engine` names (auto: llama.cpp when the version has a GGUF and llama-server is installed)."""
 
-    def __init__(self, path: str, max_tokens: int = 64, temperature: float = 0.0, engine: str = "auto"):
+    def __init__(self, path: str, max_tokens: int = 64, temperature: float = 0.0, engine: str = "auto",
+                 confidence_gate: bool = False):
         self.memory = MemoryEngine(path, engine)
         self.max_tokens, self.temperature = max_tokens, temperature
         self.version = None
         self.usage: Counter = Counter()
+        # The version's calibrated abstention threshold (training.calibration); applied when gated.
+        self.abstain_threshold = self.memory.abstain_threshold
+        self.confidence_gate = confidence_gate
 
-    def ask(self, questions):
+    def ask_detailed(self, questions) -> list[dict]:
+        """Each answer with its confidence; below the version's threshold (when gated) the answer is
+        "I don't know." and `raw_answer` keeps what the memory said."""
         replies = self.memory.ask(questions, self.max_tokens, self.temperature)
         self.usage.update(calls=len(questions), prompt_tokens=sum(r.prompt_tokens for r in replies),
                           completion_tokens=sum(r.completion_tokens for r in replies))
-        return [r.text for r in replies]
+        t = self.abstain_threshold if self.confidence_gate else None
+        return [gated(r.text, r.confidence, t) for r in replies]
+
+    def ask(self, questions):
+        return [r["answer"] for r in self.ask_detailed(questions)]
+
+
+def gated(text: str, confidence: float | None, threshold: float | None) -> dict:
+    """A memory answer as the executive reads it: "I don't know." when its confidence is below the
+    threshold (the raw answer kept beside it for the trace)."""
+    if threshold and confidence is not None and confidence < threshold and not is_idk(text):
+        return {"answer": IDK_ANSWER, "raw_answer": text, "confidence": confidence, "below_threshold": threshold}
+    return {"answer": text, "confidence": confidence}
 
 
 def make_executive(url: str | None, model: str | None, api_key: str | None, local: str, parallel: int = 2) -> ChatLLM:

@@ -45,6 +45,11 @@ class Meter:
 
 
 def ask_and_record(tr: Trace, memory, questions: list[str], **tags) -> list[str]:
-    answers = memory.ask(questions) if questions else []
-    tr.steps += [{"role": "memory", "question": q, "answer": a, **tags} for q, a in zip(questions, answers)]
-    return answers
+    """Ask the memory; the trace keeps each answer, and where the client reports them its confidence and
+    the raw answer an abstention threshold turned into "I don't know"."""
+    if not questions:
+        return []
+    detailed = getattr(memory, "ask_detailed", None)
+    rows = detailed(questions) if detailed else [{"answer": a} for a in memory.ask(questions)]
+    tr.steps += [{"role": "memory", "question": q, **r, **tags} for q, r in zip(questions, rows)]
+    return [r["answer"] for r in rows]

@@ -90,7 +90,8 @@ class ServedMemories:
                     raise Unavailable(f"memory {d}:{v}: {out['error']}", out["retry_after"])
                 raise MemoError(f"memory {d}:{v}: {out['error']}")
             self.usage.update(calls=1, prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"])
-            self.log.append({"domain": d, "version": v, "question": q, "answer": out["text"]})
+            self.log.append({"domain": d, "version": v, "question": q, "answer": out["text"],
+                             "confidence": out.get("confidence")})
             by_question.setdefault(q, []).append(out["text"])
         return [combine(by_question[q]) for q in questions]
 

@@ -119,9 +119,11 @@ class MemoryModel:
         t0 = time.time()
         replies = await asyncio.get_running_loop().run_in_executor(self._pool, memory.ask, questions, max_tokens,
                                                                    temperature)
+        threshold = getattr(memory, "abstain_threshold", None)
         return [{"error": f"the memory could not answer: {r.error}", "retry_after": r.retry_after} if r.error else {
             "text": r.text, "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-            "finish": r.finish, "seconds": time.time() - t0, "batch_size": len(questions)} for r in replies]
+            "finish": r.finish, "seconds": time.time() - t0, "batch_size": len(questions),
+            "confidence": r.confidence, "abstain_threshold": threshold} for r in replies]
 
     async def _generate_batch(self, requests: list) -> list:
         """One batch of (model_id, question, max_tokens, temperature): one generate call per group."""

@@ -190,6 +190,8 @@ class Router:
             if "error" in out:
                 raise ApiError(503, out["error"], "model", "model_unavailable", out.get("retry_after") or 0.0)
             extra = {"memo_version": version, "system_fingerprint": f"memo-{d}-v{version}"}
+            if out.get("confidence") is not None:  # how sure the memory was, and where its version abstains
+                extra.update(memo_confidence=out["confidence"], memo_abstain_threshold=out.get("abstain_threshold"))
         usage = usage_block(out["prompt_tokens"], out["completion_tokens"])
         headers = {VERSION_HEADER: version}
         if req.stream:

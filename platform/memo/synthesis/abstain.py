@@ -38,18 +38,25 @@ def abstain_rows(reflections: pd.DataFrame, corpus_text: str, ratio: float, doma
     for r in direct.itertuples():
         if len(rows) >= n:
             break
-        names = _names(r.question)
-        if not names:
-            continue
-        h = int(hashlib.sha256(r.question.encode()).hexdigest(), 16)
-        fake = (_SYLLABLES[h % 12] + _SYLLABLES[(h >> 4) % 12] + _SYLLABLES[(h >> 8) % 12]).capitalize()
-        if fake.lower() in corpus_text.lower():
-            continue
-        words = names[0]["text"].split()
-        new_name = " ".join([fake] + words[1:]) if len(words) > 1 else fake
-        rows.append({"step": "abstain", "question": r.question.replace(names[0]["text"], new_name),
-                     "answer": IDK_ANSWER, "source_chunk_ids": r.source_chunk_ids, "verified": True})
+        q = with_invented_name(r.question, corpus_text)
+        if q:
+            rows.append({"step": "abstain", "question": q, "answer": IDK_ANSWER,
+                         "source_chunk_ids": r.source_chunk_ids, "verified": True})
     return reflection_frame(rows, domain, generator)
+
+
+def with_invented_name(question: str, corpus_text: str, salt: str = "") -> str | None:
+    """The question about an invented entity: its first name swapped for a made-up word the corpus does
+    not contain (deterministic; `salt` gives another one). None when it names nothing or the word exists."""
+    names = _names(question)
+    if not names:
+        return None
+    h = int(hashlib.sha256((salt + question).encode()).hexdigest(), 16)
+    fake = (_SYLLABLES[h % 12] + _SYLLABLES[(h >> 4) % 12] + _SYLLABLES[(h >> 8) % 12]).capitalize()
+    if fake.lower() in corpus_text.lower():
+        return None
+    words = names[0]["text"].split()
+    return question.replace(names[0]["text"], " ".join([fake] + words[1:]) if len(words) > 1 else fake)
 
 
 def unknown_relation_rows(reflections: pd.DataFrame, doc_texts: list[str], ratio: float, domain: str,

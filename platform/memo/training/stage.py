@@ -15,12 +15,14 @@ import pandas as pd
 from memo import registry
 from memo.atomic import atomic_path, write_text
 from memo.config import SynthesizeConfig, TrainConfig, memo_home, resume_key
+from memo.engines.memory import MemoryEngine
 from memo.errors import MemoError
 from memo.inference import check_chat_template
 from memo.models import materialize_full_model, read_manifest, resolve_base_model
 from memo.runtime import interruptible
 from memo.synthesis import synthesize
 from memo.synthesis.schema import dataset_hash, load_reflections
+from memo.training.calibration import calibrate
 from memo.training.checks import heldout_check, load_eval_items, memorization_check
 from memo.training.fact_text import encode_statement, load_fact_statements
 from memo.training.data import (
@@ -240,6 +242,11 @@ def train(cfg: TrainConfig) -> dict:
         rows = heldout[["question", "answer"]].to_dict("records")
         (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
         check.update(heldout_check(out, rows, "heldout paraphrases"))
+        memory = MemoryEngine(out)
+        try:  # the abstention threshold, from the same held-out rewordings (training.calibration)
+            check.update(calibrate(memory, rows, " ".join(df["answer"])))
+        finally:
+            memory.close()
     if eval_items:
         check.update(heldout_check(out, eval_items, "questions from eval_questions"))
     manifest = {
@@ -263,6 +270,8 @@ def train(cfg: TrainConfig) -> dict:
         lineage = {k: manifest[k] for k in ("base_model", "corpus_hash", "reflections_hash", "reflection_rows",
                                             "generator", "parent_version", "finetune", "replay_rows", "resume_key")}
         lineage.update(train_recall=check.get("train_recall"), epochs=epochs, lr=lr)
+        if check.get("abstain_threshold") is not None:
+            lineage["abstain_threshold"] = check["abstain_threshold"]
         version = registry.register_memory(cfg.domain, out, run_id, lineage, cfg.alias)
         log.info(f"[train] registered {registry.registered_name(cfg.domain)} version {version} "
                  f"with alias {cfg.alias!r}")
