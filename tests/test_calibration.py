@@ -68,3 +68,9 @@ def test_a_gated_answer_is_i_dont_know_and_the_trace_keeps_what_the_memory_said(
     assert ask_and_record(tr, Detailed(), ["Who keeps the Orrin Light?"], turn=1) == [IDK_ANSWER]
     step = tr.steps[0]
     assert step["raw_answer"] == "Mara Quill." and step["confidence"] == 0.2 and step["turn"] == 1
+
+
+def test_no_threshold_is_learnt_from_answers_that_are_all_wrong():
+    heldout = [{"question": f"Who started the Orrin Light {i}?", "answer": f"Mara Quill {i} started it."} for i in range(3)]
+    out = calibrate(ScriptedMemory({}), heldout, corpus_text="")
+    assert out["abstain_threshold"] is None and out["calibration_accuracy_all"] == 0.0

@@ -67,6 +67,11 @@ def calibrate(memory, heldout: list[dict], corpus_text: str, max_new_tokens: int
         labels.append(right)
     if not scores:
         return {}
+    if all(labels) or not any(labels):  # a threshold learnt from one kind of answer only says nothing
+        log.info(f"[train] no abstention threshold: the {len(scores)} calibration answers were all "
+                 f"{'right' if all(labels) else 'wrong'}")
+        return {"abstain_threshold": None, "calibration_n": len(scores),
+                "calibration_accuracy_all": round(sum(labels) / len(labels), 4)}
     t = choose_threshold(scores, labels)
     out = {"abstain_threshold": t, "confidence_auroc": auroc(scores, labels), "calibration_n": len(scores),
            **{f"calibration_{k}": v for k, v in selective(scores, labels, t).items()}}

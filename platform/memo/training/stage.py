@@ -264,7 +264,8 @@ def train(cfg: TrainConfig) -> dict:
 
     c = registry.client()
     ts = int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric(f"final_{k}", float(v), ts, 0) for k, v in {**metrics, **check}.items()])
+    c.log_batch(run_id, metrics=[Metric(f"final_{k}", float(v), ts, 0) for k, v in {**metrics, **check}.items()
+                                 if v is not None])
     version = None
     if cfg.register:
         lineage = {k: manifest[k] for k in ("base_model", "corpus_hash", "reflections_hash", "reflection_rows",
