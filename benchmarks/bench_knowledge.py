@@ -39,9 +39,7 @@ LEVERS = {
 
 def build_and_score(lever: str, corpus: Path, questions, out: Path, seed: int, extra_train: dict) -> dict:
     from memo.config import SynthesizeConfig, TrainConfig, build_config
-    from memo.evaluation.diagnostics import diagnose
-    from memo.executive.clients import LocalMemory
-    from memo.synthesis import load_reflections, synthesize
+    from memo.synthesis import synthesize
     from memo.training import train
 
     synth_set, train_set = LEVERS[lever]
@@ -53,19 +51,33 @@ def build_and_score(lever: str, corpus: Path, questions, out: Path, seed: int, e
     r = train(build_config(TrainConfig, {"domain": "bench", "reflections": str(refl), "register": False,
                                          "seed": seed, "eval_sample": 0, **train_set, **extra_train}))
     t2 = time.time()
-    memory = LocalMemory(r["model_dir"])
+    res = {"lever": lever, "reflections": stats["rows"], "model_dir": r["model_dir"], "reflections_dir": str(refl),
+           "train_tokens": r.get("tokens"), "tokens_per_s": round(r.get("tokens_per_s", 0), 1),
+           "synth_min": round((t1 - t0) / 60, 2), "train_min": round((t2 - t1) / 60, 2),
+           "heldout_contains": r.get("heldout_contains"), "abstain_threshold": r.get("abstain_threshold"),
+           "calibration_auroc": r.get("confidence_auroc")}
+    return {**res, **score(res, questions)}
+
+
+def score(res: dict, questions) -> dict:
+    """The diagnostics of one lever's memory (re-run alone with --rescore)."""
+    from memo.evaluation.diagnostics import diagnose
+    from memo.executive.clients import LocalMemory
+    from memo.synthesis import load_reflections
+
+    memory = LocalMemory(res["model_dir"])
     try:
-        d = diagnose(questions, memory, load_reflections(str(refl)))
+        d = diagnose(questions, memory, load_reflections(res["reflections_dir"]))
     finally:
         memory.memory.close()
-    rec = d["memory_recall"]
-    return {"lever": lever, "reflections": stats["rows"],
-            "train_tokens": r.get("tokens"), "tokens_per_s": round(r.get("tokens_per_s", 0), 1),
-            "synth_min": round((t1 - t0) / 60, 2), "train_min": round((t2 - t1) / 60, 2),
-            "recall": rec["recall"], "recall_ci": rec["recall_ci"], "probes": rec["probes"],
+    rec, conf = d["memory_recall"], d["memory_recall"].get("confidence") or {}
+    return {"recall": rec["recall"], "recall_ci": rec["recall_ci"], "probes": rec["probes"],
+            "seen_verbatim": rec.get("seen_verbatim", 0), "recall_unseen": rec.get("recall_unseen", rec["recall"]),
+            "recall_unseen_ci": rec.get("recall_unseen_ci"),
             "confident_wrong": rec["misses"]["wrong"], "echo": rec["misses"]["echo"], "idk": rec["misses"]["idk"],
             "recited": d["reflections_recited"]["recited"], "coverage": d.get("reflection_coverage", {}).get("coverage"),
-            "heldout_recall": r.get("heldout_recall"), "rows": rec["rows"]}
+            "probe_auroc": conf.get("auroc"), "probe_coverage": conf.get("coverage"),
+            "probe_selective_accuracy": conf.get("selective_accuracy"), "rows": rec["rows"]}
 
 
 def main() -> int:
@@ -78,6 +90,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="train.seed (shuffling, held-out split, initialisation)")
     ap.add_argument("--epochs", type=int, default=0, help="0: the recipe's default")
     ap.add_argument("--out", default="", help="results folder (default: a temporary one)")
+    ap.add_argument("--rescore", action="store_true", help="re-run the diagnostics of the memories OUT already holds")
     args = ap.parse_args()
     levers = [x for x in args.levers.split(",") if x]
     unknown = [x for x in levers if x not in LEVERS]
@@ -107,7 +120,11 @@ def main() -> int:
     for lever in levers:
         done = out / f"{lever}.json"
         if done.exists():
-            results.append(json.loads(done.read_text()))
+            res = json.loads(done.read_text())
+            if args.rescore:  # the same memory, the current diagnostics
+                res.update(score(res, questions))
+                done.write_text(json.dumps(res, indent=2))
+            results.append(res)
             continue
         extra = {"epochs": args.epochs} if args.epochs else {}
         res = build_and_score(lever, corpus, questions, out, args.seed, extra)
@@ -116,16 +133,20 @@ def main() -> int:
         print(f"[bench] {lever}: recall {res['recall']} {res['recall_ci']}, recited {res['recited']}, "
               f"confident wrong {res['confident_wrong']}, {res['synth_min'] + res['train_min']:.1f} min", flush=True)
     base = results[0]
-    print("\n| lever | reflections | recall [95% CI] | vs baseline | recited | confident wrong | echo | synth min | "
-          "train min | train tok/s |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| lever | reflections | recall [95% CI] | not asked verbatim in training | vs baseline | recited | "
+          "confident wrong | echo | confidence AUROC | synth min | train min | train tok/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        ci = r["recall_ci"] or [None, None]
+        ci, cu = r["recall_ci"] or [None, None], r.get("recall_unseen_ci") or [None, None]
         print(f"| {r['lever']} | {r['reflections']} | {r['recall']:.2f} [{ci[0]}, {ci[1]}] | "
-              f"{r['recall'] - base['recall']:+.2f} | {r['recited']:.2f} | {r['confident_wrong']:.2f} | {r['echo']:.2f} | "
-              f"{r['synth_min']:.1f} | {r['train_min']:.1f} | {r['tokens_per_s']:.0f} |")
-    summary = {r["lever"]: {k: r[k] for k in ("recall", "recall_ci", "recited", "confident_wrong", "echo", "idk",
-                                              "reflections", "synth_min", "train_min", "tokens_per_s")} for r in results}
+              f"{r['recall_unseen']:.2f} [{cu[0]}, {cu[1]}] ({r['probes'] - r['seen_verbatim']} probes) | "
+              f"{r['recall_unseen'] - base['recall_unseen']:+.2f} | {r['recited']:.2f} | {r['confident_wrong']:.2f} | "
+              f"{r['echo']:.2f} | {r.get('probe_auroc')} | {r['synth_min']:.1f} | {r['train_min']:.1f} | "
+              f"{r['tokens_per_s']:.0f} |")
+    keys = ("recall", "recall_ci", "recall_unseen", "recall_unseen_ci", "seen_verbatim", "recited", "confident_wrong",
+            "echo", "idk", "probe_auroc", "probe_selective_accuracy", "probe_coverage", "abstain_threshold",
+            "reflections", "synth_min", "train_min", "tokens_per_s")
+    summary = {r["lever"]: {k: r.get(k) for k in keys} for r in results}
     print("RESULT " + json.dumps({"benchmark": args.benchmark, "questions": len(questions), "probes": base["probes"],
                                   "seed": args.seed, "cpu_flags": flags, "levers": summary}))
     return 0
