@@ -248,16 +248,19 @@ def test_relations_are_asked_as_knowledge_bases_name_them_from_both_sides():
     from memo.synthesis.relations import relation_questions, restate_full_name
 
     s = "Anna Benson is an American model and ex-wife of former Major League Baseball pitcher Kris Benson."
-    assert relation_questions(s, "Anna Benson") == [("What is the spouse of Anna Benson?", "spouse"),
-                                                    ("What is the spouse of Kris Benson?", "spouse")]
+    assert relation_questions(s, "Anna Benson") == [("Who or what is Anna Benson's spouse?", "spouse"),
+                                                    ("Who or what is Kris Benson's spouse?", "spouse")]
     s = "A highly touted prospect, Benson was drafted first overall by the Pittsburgh Pirates in 1996."
     full = restate_full_name(s, "Kris Benson")
     assert full == s.replace("Benson", "Kris Benson")
-    assert relation_questions(full, "Kris Benson") == [("What is the member of sports team of Kris Benson?",
+    assert relation_questions(full, "Kris Benson") == [("Who or what is Kris Benson's member of sports team?",
                                                         "member of sports team")]
+    # an apposition states a symmetric relation between two names, asked of both
+    both = relation_questions("The film has an early appearance from Lana Wood, the sister of Natalie Wood.", "The film")
+    assert {q for q, _ in both} >= {"Who or what is Lana Wood's sibling?", "Who or what is Natalie Wood's sibling?"}
     assert restate_full_name("Anna Benson met Benson.", "Kris Benson") == "Anna Benson met Kris Benson."
     # the relation belongs to another name in the sentence: nothing is asked of the entity
     assert relation_questions("Roosevelt had served as president, and Taft had won the election.", "Roosevelt") == []
     good, _ = synthesize_chunk(chunk(s, title="Kris Benson"), max_direct_per_sentence=2, phrasings=5)
     asked = {r["question"]: r["answer"] for r in good}
-    assert asked["What is the member of sports team of Kris Benson?"] == full
+    assert asked["Who or what is Kris Benson's member of sports team?"] == full

@@ -1,6 +1,6 @@
-"""Relational questions: what a sentence states about an entity, asked the way knowledge bases name
-relations ("What is the spouse of Anna Benson?"), which is how executives and multi-hop decompositions
-ask, and from both sides where the relation reads the same both ways (spouse, sibling).
+"""Relational questions: what a sentence states about an entity, asked with the names knowledge bases
+give relations ("Who or what is Anna Benson's spouse?"), the words executives and multi-hop
+decompositions ask in, and from both sides where the relation reads the same both ways (spouse, sibling).
 
 A fact trained only as a cloze of its sentence is rarely recalled when asked in other words (PAQ:
 10% of new questions about trained answers), and a relation trained in one direction is ~0%
@@ -41,8 +41,8 @@ _PARTY = re.compile(r"\bParty\b")
 
 def relation_questions(sentence: str, entity: str) -> list[tuple[str, str]]:
     """(question, relation) pairs for the relations `sentence` states between `entity` (a name in it)
-    and a later name: "What is the <relation> of <entity>?", and for a symmetric relation the same asked
-    of the other name."""
+    and a later name (`asked`), for a symmetric relation the same asked of the other name too, and the
+    symmetric relations an apposition states ("Lana Wood, the sister of Natalie Wood")."""
     at = sentence.find(entity)
     if at < 0:
         return []
@@ -58,11 +58,24 @@ def relation_questions(sentence: str, entity: str) -> list[tuple[str, str]]:
             if label == "member of political party" and not _PARTY.search(span["text"]):
                 continue
             if re.search(rf"\b({triggers})\b", window):
-                out.append((f"What is the {label} of {entity}?", label))
+                out += [(q, label) for q in asked(label, entity)]
                 if symmetric:
-                    out.append((f"What is the {label} of {span['text']}?", label))
+                    out += [(q, label) for q in asked(label, span["text"])]
                 break
+    # "Lana Wood, the sister of Natalie Wood": an apposition states a symmetric relation between two names
+    for m in re.finditer(r"([A-Z][\w.'-]*(?: [A-Z][\w.'-]*)*), (?:the |his |her )?(\w+(?:-\w+)?) of ([A-Z][\w.'-]*(?: [A-Z][\w.'-]*)*)",
+                         sentence):
+        for label, triggers, symmetric in RELATIONS:
+            if symmetric and re.fullmatch(triggers, m.group(2).lower()):
+                out += [(q, label) for name in (m.group(1), m.group(3)) for q in asked(label, name.rstrip(".,;:"))]
     return list(dict.fromkeys(out))
+
+
+def asked(label: str, entity: str) -> list[str]:
+    """The relation asked in the possessive ("Who or what is Anna Benson's spouse?"). Not "What is the
+    spouse of Anna Benson?": that is how MuSiQue's knowledge-base steps are asked (evaluation.baselines),
+    and a probe must not be a training question verbatim."""
+    return [f"Who or what is {entity}'s {label}?"]
 
 
 def main_entity(title: str) -> str:
