@@ -268,8 +268,13 @@ def test_an_engine_whose_process_dies_answers_retry_later_then_comes_back(tmp_pa
         assert not ask().error and engine.server.proc.pid != first
         # A request that was in flight to the killed process and failed only after the new one was up is
         # still the gap (retryable), not an engine error (CI saw such a 503 without Retry-After).
-        late = engine._failed(httpx.RemoteProtocolError("Server disconnected"), killed)
+        late = engine._failed(httpx.RemoteProtocolError("Server disconnected"), killed, engine._generation - 1)
         assert late.error.startswith("engine_restarting") and late.retry_after > 0
+        # ... and one sent to the new process while it was still starting (refused), failing once it is up
+        early = engine._failed(httpx.ConnectError("refused"), engine.server.proc, -1)
+        assert early.error.startswith("engine_restarting") and early.retry_after > 0
+        # an ordinary failure of the process that is up is an ordinary error
+        assert engine._failed(httpx.ReadTimeout("slow"), engine.server.proc, engine._generation).error.startswith("engine_error")
         # Dies on every start from now on (its model is gone): after MAX_RESTARTS tries it gives up.
         gguf.unlink()
         gguf.write_bytes(b"not a gguf any more")

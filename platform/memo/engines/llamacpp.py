@@ -173,6 +173,7 @@ class LlamaCppEngine:
         self.pool = ThreadPoolExecutor(max_workers=parallel)
         self._lock = threading.Lock()
         self._restarting = False
+        self._generation = 0  # restarts begun so far: a request sent before one began met the gap
         self._restarts: list[float] = []
         self.failure = ""  # set once the engine has given up restarting
 
@@ -198,6 +199,7 @@ class LlamaCppEngine:
                 return False
             self._restarts.append(now)
             self._restarting = True
+            self._generation += 1
         code = self.server.proc.returncode if self.server.proc else None
         log.warning("memo engine: llama-server for %s exited with %s; restarting", self.server.gguf.name,
                     exit_reason(code) if code is not None else "no code")
@@ -213,17 +215,19 @@ class LlamaCppEngine:
         finally:
             self._restarting = False
 
-    def _failed(self, e: Exception, sent_to) -> Reply:
-        """A request that failed: an ordinary engine error, or (the process it was sent to is gone) a
-        retryable one. `sent_to` is that process: the server may have been restarted since (CI saw a request
-        to a killed process fail after the new one was up; that is the gap too, not an engine error)."""
+    def _failed(self, e: Exception, sent_to, generation: int = -1) -> Reply:
+        """A request that failed: an ordinary engine error, or (the process it was sent to is gone, or a
+        restart began or was under way since it was sent) a retryable one. `sent_to` and `generation` are
+        that process and the restart count when it was sent: the server may be back by the time the failure
+        is handled (CI saw such requests answered 503 without Retry-After), which is the gap all the same."""
         if isinstance(e, httpx.TransportError) and sent_to is not None:
             # A dying process closes its sockets a moment before it can be reaped: give it that moment.
             try:
                 sent_to.wait(timeout=1)
             except subprocess.TimeoutExpired:
                 pass
-        if sent_to is self.server.proc and self.server.alive and not self._restarting:
+        if (generation == self._generation and sent_to is self.server.proc and self.server.alive
+                and not self._restarting):
             return Reply(error=f"engine_error: {type(e).__name__}: {str(e)[:160]}")
         self.heal()
         if self.failure:  # given up: the replica fails its next health check and Serve replaces it
@@ -233,6 +237,8 @@ class LlamaCppEngine:
 
     def _post(self, path: str, body: dict) -> dict | Reply:
         """llama-server's JSON reply, or the failed Reply when the request did not get one."""
+        # -1 for a request sent while a restart was under way (it may reach the new process too early)
+        generation = -1 if self._restarting else self._generation
         sent_to, url = self.server.proc, self.server.url
         try:
             r = self.http.post(url + path, json=body)
@@ -240,7 +246,7 @@ class LlamaCppEngine:
                 raise MemoError(f"llama-server HTTP {r.status_code}: {r.text[:200]}")
             return r.json()
         except (httpx.HTTPError, MemoError) as e:
-            return self._failed(e, sent_to)
+            return self._failed(e, sent_to, generation)
 
     def _complete_one(self, ids: list[int], max_tokens: int, temperature: float) -> Reply:
         # n_probs 1: each generated token's log-probability comes back (the reply's confidence)
