@@ -6,9 +6,9 @@ tell some of those apart (the reply's confidence, `engines.base.confidence`). Af
 is asked questions it was never trained on verbatim: the held-out rewordings of trained facts (right or
 wrong by the reference) and the same questions about an invented entity (any answer but "I don't know"
 is wrong). The threshold is the confidence that best separates right from wrong answers on them; it is
-stored with the version (manifest metrics, registry tag `memo.abstain_threshold`) and applied wherever
-the memory is asked (the memory clients in `executive.clients` and `serving.executive`), where the trace
-keeps the raw answer and its confidence.
+stored with the version (manifest metrics, registry tag `memo.abstain_threshold`), returned with served
+raw answers, and applied by a local memory client with `executive.confidence_gate` (`executive.clients`),
+whose trace keeps the raw answer and its confidence.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def selective(scores: list[float], labels: list[bool], t: float) -> dict:
 def calibrate(memory, heldout: list[dict], corpus_text: str, max_new_tokens: int = 48) -> dict:
     """Ask the held-out rewordings and their invented-entity twins; return the threshold and how well
     confidence tells right from wrong (AUROC, selective accuracy and coverage at the threshold)."""
-    twins = [q for q in (with_invented_name(r["question"], corpus_text, salt="calibration") for r in heldout) if q]
-    questions = [r["question"] for r in heldout] + twins
     if not heldout:
         return {}
+    twins = [q for q in (with_invented_name(r["question"], corpus_text, salt="calibration") for r in heldout) if q]
+    questions = [r["question"] for r in heldout] + twins
     replies = memory.ask(questions, max_new_tokens)
     scores, labels = [], []
     for k, r in enumerate(replies):

@@ -32,12 +32,10 @@ def load_eval_items(paths: list[str]) -> list[dict]:
     return items
 
 
-def heldout_check(model_dir: Path, rows: list[dict], label: str, engine: str = "auto") -> dict:
+def heldout_check(memory: MemoryEngine, rows: list[dict], label: str) -> dict:
     """Ask questions never trained on verbatim; scored like the promotion gate (reference or alias
     contained in the reply, else token F1), plus the plain containment rate."""
-    memory = MemoryEngine(model_dir, engine)
     scores, _ = score_items(memory, rows)
-    memory.close()
     hits = sum(s == 1.0 for s in scores)
     log.info(f"[train] {label}: {hits}/{len(rows)} answered with the reference (score {sum(scores) / len(rows):.2f})")
     key = label.split()[0]
@@ -52,15 +50,13 @@ def score_items(memory: MemoryEngine, items: list[dict], max_new_tokens: int = 4
     return [item_score(a, [x["answer"], *x.get("aliases", [])]) for a, x in zip(answers, items)], answers
 
 
-def memorization_check(model_dir: Path, df: pd.DataFrame, sample: int, engine: str = "auto") -> dict:
+def memorization_check(memory: MemoryEngine, df: pd.DataFrame, sample: int) -> dict:
     """Ask the trained memory a sample of its own reflections: exact match after normalisation."""
     if sample <= 0:
         return {}
     rows = df.sample(n=min(sample, len(df)), random_state=0)
-    memory = MemoryEngine(model_dir, engine)
     max_new = min(160, max(len(memory.tok(a)["input_ids"]) for a in rows["answer"]) + 4)
     answers = [r.text for r in memory.ask(list(rows["question"]), max_new)]
-    memory.close()
     hits = [normalize_answer(a) == normalize_answer(ref) for a, ref in zip(answers, rows["answer"])]
     f1 = sum(token_f1(a, ref) for a, ref in zip(answers, rows["answer"])) / len(hits)
     recall = sum(hits) / len(hits)

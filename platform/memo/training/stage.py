@@ -237,18 +237,21 @@ def train(cfg: TrainConfig) -> dict:
              f"({metrics.get('tokens_per_s', 0):.0f} tok/s), final loss {metrics.get('loss', float('nan')):.4f}")
 
     gguf_note = export_gguf(out)
-    check = memorization_check(out, df, cfg.eval_sample)
-    if len(heldout):
-        rows = heldout[["question", "answer"]].to_dict("records")
-        (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        check.update(heldout_check(out, rows, "heldout paraphrases"))
-        memory = MemoryEngine(out)
-        try:  # the abstention threshold, from the same held-out rewordings (training.calibration)
+    # One load of the trained memory for every post-training question (a llama-server start or a model load).
+    memory = MemoryEngine(out) if cfg.eval_sample > 0 or len(heldout) or eval_items else None
+    try:
+        check = memorization_check(memory, df, cfg.eval_sample) if memory else {}
+        if len(heldout):
+            rows = heldout[["question", "answer"]].to_dict("records")
+            (out / "heldout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            check.update(heldout_check(memory, rows, "heldout paraphrases"))
+            # the abstention threshold, from the same held-out rewordings (training.calibration)
             check.update(calibrate(memory, rows, " ".join(df["answer"])))
-        finally:
+        if eval_items:
+            check.update(heldout_check(memory, eval_items, "questions from eval_questions"))
+    finally:
+        if memory:
             memory.close()
-    if eval_items:
-        check.update(heldout_check(out, eval_items, "questions from eval_questions"))
     manifest = {
         "domain": cfg.domain, "base_model": base_model, "base_path": base_path,
         "root_base_model": read_manifest(base_path).get("root_base_model", cfg.base_model),
