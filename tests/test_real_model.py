@@ -24,3 +24,16 @@ def test_default_model_converts_once_and_follows_the_memory_format(memo_home):
     assert tok.decode(ids).startswith("<|im_start|>system\nAnswer from memory.<|im_end|>")
     [answer] = ask_memory(model, tok, ["What is the capital of France?"], max_new_tokens=12)
     assert "paris" in answer.lower()  # the converted weights are the real, working model
+
+
+def test_the_converter_refusal_of_an_unknown_bpe_tokenizer_is_known_before_it_starts(memo_home, tiny_model):
+    """The converter's own pre-tokenizer hash test, run before its ~6 s start: SmolLM2's tokenizer is one it
+    knows, the tiny test tokenizer (trained here) is not, and the reason names its hash."""
+    from memo import gguf
+    from memo.models import resolve_base_model
+
+    if gguf.known_pretokenizers() is None:
+        pytest.skip("llama.cpp's converter is not installed (make install)")
+    assert gguf.unknown_pretokenizer(resolve_base_model("smollm2-135m")) == ""
+    reason = gguf.unknown_pretokenizer(tiny_model)
+    assert "BPE pre-tokenizer, hash" in reason and "not one llama.cpp's converter recognises" in reason

@@ -115,6 +115,45 @@ def install(alias: str) -> Path:
     return dest
 
 
+def known_pretokenizers() -> tuple[str, set[str]] | None:
+    """(chktxt, hashes): the test text llama.cpp's converter tokenizes to recognise a BPE pre-tokenizer and the
+    hashes it knows, read from the converter's source (its generated `get_vocab_base_pre`); None when that
+    function is not found (another converter layout: the converter itself is then the only judge)."""
+    import ast
+
+    for src in (llamacpp_dir() / "conversion" / "base.py", llamacpp_dir() / "convert_hf_to_gguf.py"):
+        if not src.is_file():
+            continue
+        for node in ast.walk(ast.parse(src.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef) and node.name == "get_vocab_base_pre":
+                text = next((n.value.value for n in ast.walk(node) if isinstance(n, ast.Assign)
+                             and any(getattr(t, "id", "") == "chktxt" for t in n.targets)
+                             and isinstance(n.value, ast.Constant)), None)
+                hashes = {c.value for n in ast.walk(node) if isinstance(n, ast.Compare)
+                          and getattr(n.left, "id", "") == "chkhsh" for c in n.comparators if isinstance(c, ast.Constant)}
+                return (text, hashes) if text and hashes else None
+    return None
+
+
+def unknown_pretokenizer(model_dir: str | Path) -> str:
+    """Why the converter would refuse this model's BPE tokenizer ('' when it would not, or cannot be told
+    here): the same hash test the converter runs, in a tenth of a second instead of the ~6 s a converter
+    start costs before it fails. A SentencePiece model (tokenizer.model) is never refused this way."""
+    known = known_pretokenizers()
+    folder = Path(model_dir)
+    if known is None or (folder / "tokenizer.model").is_file() or not (folder / "tokenizer.json").is_file():
+        return ""
+    from transformers import AutoTokenizer
+
+    text, hashes = known
+    ids = AutoTokenizer.from_pretrained(str(folder), local_files_only=True).encode(text)
+    digest = hashlib.sha256(str(ids).encode()).hexdigest()
+    if digest in hashes:
+        return ""
+    return (f"{model_dir}: GGUF conversion failed (its BPE pre-tokenizer, hash {digest[:12]}, is not one "
+            "llama.cpp's converter recognises)")
+
+
 def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> Path:
     """A Hugging Face model folder -> one GGUF (f16 by default: greedy answers measured identical to
     transformers), with llama.cpp's maintained converter, atomically."""
@@ -122,6 +161,9 @@ def convert(model_dir: str | Path, out: str | Path, outtype: str = "f16") -> Pat
     if not script.is_file():
         raise MemoError(f"{script}: llama.cpp's converter is not installed; run `make install` "
                         "(cluster/install_llamacpp.sh) or set MEMO_LLAMACPP to a llama.cpp checkout")
+    refused = unknown_pretokenizer(model_dir)
+    if refused:
+        raise MemoError(refused)
     with atomic_path(out) as tmp:
         # The converter puts its own gguf-py (copied beside it) first on sys.path: it needs that version's
         # API, newer than the gguf wheel transformers reads GGUFs with.
