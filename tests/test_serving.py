@@ -33,7 +33,7 @@ def _register(domain, folder, alias=None):
 @pytest.fixture(scope="module")
 def domains(ray_local, tiny_model, tmp_path_factory):
     """lighthouse v1: a tiny model trained to recall FACTS (trained before Serve holds any CPU);
-    lighthouse v2: the untrained tiny model (the worse candidate); harbour v1: untrained."""
+    lighthouse v2: the untrained tiny model (the worse candidate); harbour v1: lighthouse v1 merged with itself."""
     import pandas as pd
     from memo.config import TrainConfig, build_config
     from memo.synthesis.schema import COLUMNS
@@ -47,7 +47,15 @@ def domains(ray_local, tiny_model, tmp_path_factory):
                                                "base_model": tiny_model, "epochs": 60, "lr": 5e-3, "batch_size": 4,
                                                "holdout_ratio": 0.0, "eval_sample": 0, "alias": "champion"}))
     v2 = _register("lighthouse", tiny_model, "candidate")
-    _register("harbour", tiny_model, "champion")
+    # harbour v1 is a merge (`memo merge`): lighthouse v1 averaged with itself, i.e. the same memory, served
+    # like any version
+    from memo import registry
+    from memo.config import MergeConfig
+    from memo.merging import merge
+
+    merged = merge(MergeConfig(domain="harbour", inputs=[f"models:/memo-lighthouse/{trained['version']}"] * 2,
+                               method="linear", eval_sample=0))
+    registry.set_alias("harbour", "champion", merged["version"])
     qa = tmp_path_factory.mktemp("qa") / "qa.jsonl"
     qa.write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in FACTS))
     return {"v1": trained["version"], "v2": v2, "qa": str(qa)}
@@ -108,8 +116,8 @@ def test_openai_client_answers_each_domain_with_its_version(served, domains, key
         assert raw.headers["x-memo-model-version"] == version
         reply = raw.parse()
         assert reply.model == domain and reply.model_extra["memo_version"] == version
-        if domain == "lighthouse":  # the trained memory recalls its fact (harbour's is untrained noise)
-            assert "Mara Quill" in reply.choices[0].message.content
+        # the trained memory recalls its fact, and so does the merged one (harbour: lighthouse merged with itself)
+        assert "Mara Quill" in reply.choices[0].message.content
     done = client.completions.create(model="lighthouse", prompt="Who keeps the Orrin lighthouse?", max_tokens=16)
     assert "Mara Quill" in done.choices[0].text and done.model_extra["memo_version"] == domains["v1"]
     # a key sees only its own domains

@@ -29,11 +29,13 @@ from typing import Any, Literal, get_args, get_origin
 
 from memo import registry
 from memo.config import (
+    DENSITY_METHODS,
     BenchmarkSample,
     EvalConfig,
     ExecutiveConfig,
     ExecutiveEndpoint,
     F,
+    MergeConfig,
     ServeConfig,
     Settings,
     SynthesizeConfig,
@@ -156,8 +158,8 @@ def _add_fields(parser: argparse.ArgumentParser, model: type[Settings], section:
             kw["action"] = argparse.BooleanOptionalAction
         elif get_origin(f.annotation) is list:
             kw["metavar"] = ",".join(choices) if choices else "A,B"
-            if extra.get("flags"):  # a list with its own flag is repeatable: --qa F1 --qa F2
-                kw["action"], kw["metavar"] = "append", name.upper()
+            if extra.get("flags"):  # a list with its own flag: --from A B, or repeated: --qa F1 --qa F2
+                kw["action"], kw["nargs"], kw["metavar"] = "extend", "+", name.upper()
         elif choices:
             kw["choices"] = choices
         else:
@@ -282,6 +284,17 @@ def cmd_train(cfg: TrainConfig, sections, args) -> dict:
     return build_memory(cfg, synth)
 
 
+def cmd_merge(cfg: MergeConfig, sections, args) -> dict:
+    """Registered versions -> one merged memory (memo.merging), registered as a candidate."""
+    from memo.merging import merge
+
+    result = merge(cfg)
+    print(f"memo-{cfg.domain} version {result['version']} ({cfg.method}"
+          f"{f' density {cfg.density:g}' if cfg.method in DENSITY_METHODS else ''}) with alias {result['alias']!r}: "
+          + ", ".join(f"{k} {v}" for k, v in result.items() if k.startswith("kept")))
+    return result
+
+
 def cmd_promote(a: PromoteArgs, sections, args) -> dict:
     from memo.promotion import promote
 
@@ -332,6 +345,11 @@ def cmd_status(a: StatusArgs, sections, args) -> dict:
             tags = [k for k, ver in st["aliases"].items() if ver == str(v["version"])]
             print(f"  v{v['version']:<4} base={v['base_model']} rows={v['rows']} train_recall={v['train_recall']} "
                   f"run={v['run_id'][:8]} {' '.join('@' + t for t in tags)}")
+            if v["merge"]:
+                m = v["merge"]
+                inputs = " + ".join(f"memo-{x['domain']}/{x['version']}" for x in m["inputs"])
+                print(f"        merged from {inputs} ({m['method']}, density {m['density']}, "
+                      f"weights {','.join(f'{w:g}' for w in m['weights'])})")
         for dep, s in st["serving"].items():
             print(f"  served by {dep}: v{s['version']} since {s['since']}")
         for span in st["serving_history"][-6:]:
@@ -457,6 +475,8 @@ COMMANDS = (
     Command("synthesize", "corpus -> reflections (Ray Data)", SynthesizeConfig, cmd_synthesize),
     Command("train", "reflections (or a corpus) -> memory model (Ray Train) -> registered version", TrainConfig,
             cmd_train, (Section("synthesize", SynthesizeConfig, ("domain", "corpus")),)),
+    Command("merge", "registered memories -> one merged memory (TIES, DARE, task arithmetic, linear) -> "
+            "registered candidate", MergeConfig, cmd_merge),
     Command("promote", "move an alias (e.g. candidate -> champion) through the promotion gate", PromoteArgs,
             cmd_promote),
     Command("rollback", "point an alias back at its previous version", RollbackArgs, cmd_rollback),

@@ -252,6 +252,43 @@ class TrainConfig(Settings):
         return self
 
 
+MergeMethod = Literal["ties", "dare_ties", "dare_linear", "task_arithmetic", "linear"]
+DENSITY_METHODS = ("ties", "dare_ties", "dare_linear")
+
+
+class MergeConfig(Settings):
+    """`memo merge`: registered memories combined by task-vector arithmetic (memo.merging)."""
+    domain: Domain = F(..., "the merged memory's domain: registered as a new version of memo-<domain>")
+    inputs: list[str] = F(..., "the versions to merge: models:/memo-<domain>@<alias> or models:/memo-<domain>/"
+                          "<version>, two or more, all trained from the same root base", flags=("--from",))
+    method: MergeMethod = F("ties", "ties (the paper's), dare_ties, dare_linear, task_arithmetic (sum of weighted "
+                            "task vectors) or linear (weighted average of the memories)")
+    density: float = F(0.3, "ties/dare: the share of each task vector kept (ties: largest magnitudes; dare: "
+                       "random, rescaled); the paper used 0.3", gt=0, le=1)
+    weights: list[float] = F([], "one weight per input, in --from order; empty = 1 each")
+    seed: int = F(0, "seed of DARE's random drop masks")
+    eval_sample: int = F(32, "training reflections of each input re-asked of the input and of the merge "
+                         "(recital kept per input)", ge=0, run_only=True)
+    register: bool = F(True, "register the result as a new version of memo-<domain>", run_only=True)
+    alias: str = F("candidate", "alias given to the new version (promotion to champion goes through "
+                   "`memo promote`'s gate)", run_only=True)
+
+    @model_validator(mode="after")
+    def _check(self) -> "MergeConfig":
+        if len(self.inputs) < 2:
+            raise ValueError("give two or more versions to merge, e.g. --from models:/memo-a@champion "
+                             "models:/memo-b/3")
+        if self.weights and len(self.weights) != len(self.inputs):
+            raise ValueError(f"weights: {len(self.weights)} given for {len(self.inputs)} inputs; give one per "
+                             "--from version, in order (or none for 1 each)")
+        if any(w < 0 for w in self.weights) or (self.weights and not any(self.weights)):
+            raise ValueError("weights: use non-negative numbers, not all 0")
+        if self.alias == "champion":
+            raise ValueError("alias=champion: a merged version starts as a candidate; promote it with "
+                             "`memo promote --domain D --to champion` (the gate compares it with the champion)")
+        return self
+
+
 class ExecutiveConfig(Settings):
     """The executive <-> memory protocol. Budgets and temperatures default to the paper's."""
     protocol: Literal["single", "structured"] = F("single", "single (decompose once) or structured (grounding, "

@@ -173,6 +173,14 @@ def list_domains() -> list[str]:
                   if rm.name.startswith("memo-"))
 
 
+def _merge_lineage(tags: dict) -> dict | None:
+    """A merged version's inputs and method, from the tags `memo merge` wrote; None for a trained one."""
+    if "memo.merge_inputs" not in tags:
+        return None
+    return {"inputs": json.loads(tags["memo.merge_inputs"]), "method": tags.get("memo.merge_method"),
+            "density": tags.get("memo.merge_density"), "weights": json.loads(tags.get("memo.merge_weights", "[]"))}
+
+
 def domain_status(domain: str) -> dict:
     c = client()
     name = registered_name(domain)
@@ -184,7 +192,8 @@ def domain_status(domain: str) -> dict:
         "aliases": {a: str(v) for a, v in rm.aliases.items()},
         "versions": [{"version": v.version, "created": v.creation_timestamp, "run_id": v.run_id,
                       "base_model": v.tags.get("memo.base_model"), "rows": v.tags.get("memo.reflection_rows"),
-                      "train_recall": v.tags.get("memo.train_recall")} for v in versions],
+                      "train_recall": v.tags.get("memo.train_recall"), "merge": _merge_lineage(v.tags)}
+                     for v in versions],
         "alias_history": json.loads(rm.tags.get("memo.alias_history", "[]")),
         # what each replica serves now, and every span: (deployment, replica, version, since, until)
         "serving": {f"{s['deployment']}/{s['replica']}": {"version": s["version"], "since": s["since"]}
