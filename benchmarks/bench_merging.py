@@ -105,9 +105,6 @@ def main() -> int:
         refl[c] = cached(out / f"synth-{c}.json", lambda c=c: {"out": synthesize(build_config(SynthesizeConfig, {
             "domain": c, "corpus": str(CORPORA[c] / "corpus.jsonl"), "out": str(out / f"synth-{c}")}))["out"]})["out"]
         own[c] = cached(out / f"train-{c}.json", lambda c=c: train_domain(c, [refl[c]], out, args.seed))
-    # the own memories' held-out rewordings are asked of every route: the union never trains on them either
-    held = {x["question"] for c in CORPORA for x in questions_of(c, own[c]["model_dir"]) if x["kind"] == "heldout"}
-    union = cached(out / "train-union.json", lambda: train_domain("union", list(refl.values()), out, args.seed, held))
     merged = {}
     for name in args.methods.split(","):
         method, density = METHODS[name]
@@ -115,6 +112,9 @@ def main() -> int:
             MergeConfig, {"domain": "merged", "inputs": [f"models:/memo-{c}/{own[c]['version']}" for c in CORPORA],
                           "method": method, "density": density, "seed": args.seed, "eval_sample": 0})))
 
+    # the own memories' held-out rewordings are asked of every route: the union never trains on them either
+    held = {x["question"] for c in CORPORA for x in questions_of(c, own[c]["model_dir"]) if x["kind"] == "heldout"}
+    union = cached(out / "train-union.json", lambda: train_domain("union", list(refl.values()), out, args.seed, held))
     routes = {"own": None, "union": union["model_dir"], **{f"merge {n}": m["model_dir"] for n, m in merged.items()}}
     rows, result = [], {"seed": args.seed, "corpora": {}, "costs": {}}
     for c in CORPORA:
