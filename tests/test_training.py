@@ -73,13 +73,13 @@ def test_packed_rows_give_each_example_its_own_loss(tiny_model, tok):
 
 def test_decoder_layers_are_found_through_a_peft_wrapper(tiny_model):
     import torch
-    from memo.training.loop import decoder_layers, lora_config
+    from memo.training.loop import decoder_layers, lora_adapter
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     assert len(decoder_layers(model)) == 2
-    peft = get_peft_model(model, lora_config({"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0}))
+    peft = get_peft_model(model, lora_adapter(4, 8, 0.0))
     assert len(decoder_layers(peft)) == 2
     trainable = {n.split(".")[-4] for n, p in peft.named_parameters() if p.requires_grad}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= trainable
@@ -168,6 +168,19 @@ def test_lora_continual_update_registers_a_child_with_replay_and_lineage(ray_loc
     assert max(diffs) > 0  # the adapter changed the parent's weights
     assert all(torch.isfinite(p).all() for p in child.parameters())
 
+    # `memo merge` takes the chain's LoRA child as full weights (adapter on its parent, on the root base):
+    # the linear merge of v1 and v2 is their average, weight for weight
+    from memo.config import MergeConfig
+    from memo.merging import merge
+
+    m = merge(MergeConfig(domain="cont-merged", inputs=[f"models:/memo-cont/{v1['version']}",
+                                                        f"models:/memo-cont/{v2['version']}"],
+                          method="linear", eval_sample=0))
+    merged, _ = load_model(m["model_dir"])
+    for name, w in merged.state_dict().items():
+        assert torch.allclose(w, (parent.state_dict()[name] + child.state_dict()[name]) / 2, atol=1e-5), name
+    assert read_manifest(m["model_dir"])["root_base_model"] == tiny_model
+
 
 def test_continual_update_from_a_missing_alias_fails_before_training(ray_local, tiny_model, demo_reflections):
     from memo import registry
@@ -179,3 +192,21 @@ def test_continual_update_from_a_missing_alias_fails_before_training(ray_local, 
         train(build_config(TrainConfig, {"domain": "cont", "reflections": str(demo_reflections),
                                          "base_model": tiny_model, "parent": "nope"}))
     assert registry.list_domains() == before
+
+
+def test_the_run_plan_crosses_the_ray_train_boundary_typed(tiny_model):
+    """What the workers read is the TrainConfig itself plus the driver's derived values, validated again on
+    the worker: a missing or misspelt key is an error there, not a silent default (the old hand-built dict)."""
+    from memo.config import TrainConfig
+    from memo.training.loop import RunPlan
+    from pydantic import ValidationError
+
+    plan = RunPlan(train=TrainConfig(domain="p", reflections="/r", lora_r=4), base_path=tiny_model, lr=1e-3,
+                   epochs=2, precision="fp32", warmup_steps=0, steps_per_epoch=3, total_steps=6, accum=1,
+                   lora_alpha=8, checkpoint_every=3, threads=1, pad_id=0, export_dtype="float32", rows_per_batch=8)
+    sent = plan.model_dump()
+    assert RunPlan.model_validate(sent) == plan and RunPlan.model_validate(sent).train.lora_r == 4
+    for broken in ({k: v for k, v in sent.items() if k != "lr"}, {**sent, "learning_rate": 1e-3},
+                   {**sent, "train": {**sent["train"], "lora_rank": 4}}):
+        with pytest.raises(ValidationError):
+            RunPlan.model_validate(broken)

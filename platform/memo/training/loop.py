@@ -6,7 +6,9 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
+from memo.config import Settings, TrainConfig
 from memo.errors import MemoError
 from memo.training.data import collate, epoch_batches
 from memo.training.loss import accumulation_step
@@ -23,20 +25,47 @@ def decoder_layers(model) -> list:
     raise MemoError("cannot find the model's decoder layers (a ModuleList named layers, h or blocks) to shard")
 
 
-def lora_config(cfg: dict):
+class RunPlan(Settings):
+    """What every worker of one run reads: the run's TrainConfig as itself, and what the driver derived from
+    it (schedule, sizes, where things are). It crosses the Ray Train boundary as `model_dump()` and is
+    validated again on the worker, so a missing or misspelt key is an error there, never a default."""
+    train: TrainConfig
+    base_path: str
+    lr: float
+    epochs: int
+    precision: Literal["bf16", "fp32"]
+    warmup_steps: int
+    steps_per_epoch: int
+    total_steps: int
+    accum: int
+    lora_alpha: int
+    checkpoint_every: int
+    threads: int
+    pad_id: int
+    export_dtype: Literal["float32", "bfloat16"]
+    rows_per_batch: int
+    mlflow_run_id: str = ""
+    tracking_uri: str = ""
+
+
+def lora_config(plan: RunPlan):
+    return lora_adapter(plan.train.lora_r, plan.lora_alpha, plan.train.lora_dropout)
+
+
+def lora_adapter(r: int, alpha: int, dropout: float):
     from peft import LoraConfig
 
     # all-linear: every attention and MLP projection, not the output head (as the paper's LoRA runs).
-    return LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"], lora_dropout=cfg["lora_dropout"],
-                      target_modules="all-linear", task_type="CAUSAL_LM")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
 def _lr_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def train_loop_per_worker(cfg: dict) -> None:
-    """Ray Train worker: FSDP2-sharded SFT with resumable checkpoints; rank 0 exports the final model."""
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train worker: FSDP2-sharded SFT with resumable checkpoints; rank 0 exports the final model.
+    `config` is a RunPlan's model_dump()."""
     import ray.train
     import ray.train.torch
     import torch
@@ -51,23 +80,25 @@ def train_loop_per_worker(cfg: dict) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoModelForCausalLM
 
+    plan = RunPlan.model_validate(config)
+    t = plan.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(cfg["threads"])
-    torch.manual_seed(cfg["seed"])
-    device = ray.train.torch.get_device() if cfg["device"] == "cuda" else torch.device("cpu")
+    torch.set_num_threads(plan.threads)
+    torch.manual_seed(t.seed)
+    device = ray.train.torch.get_device() if t.device == "cuda" else torch.device("cpu")
 
-    model = AutoModelForCausalLM.from_pretrained(cfg["base_path"], dtype=torch.float32, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(plan.base_path, dtype=torch.float32, local_files_only=True)
     model.config.use_cache = False
-    if cfg.get("activation_checkpointing"):
+    if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if cfg.get("finetune") == "lora":
+    if t.finetune == "lora":
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(cfg))
+        model = get_peft_model(model, lora_config(plan))
         if rank == 0:
             n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"[train] LoRA r={cfg['lora_r']}: {n_train / 1e6:.2f}M trainable parameters", flush=True)
+            print(f"[train] LoRA r={t.lora_r}: {n_train / 1e6:.2f}M trainable parameters", flush=True)
     model.to(device)
     if world > 1:
         # FSDP2: shard each decoder layer, then the root (embeddings, final norm, tied head). On CPU,
@@ -77,9 +108,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         for layer in decoder_layers(model):
             fully_shard(layer)
         fully_shard(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"],
-                            weight_decay=cfg["weight_decay"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg["warmup_steps"]))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=plan.lr,
+                            weight_decay=t.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan.warmup_steps))
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
     step, epoch, skip = 0, 0, 0
@@ -103,7 +134,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
             if rank == 0 and final:
-                export_model(msd, cfg, Path(d) / "model")  # a finished run needs no optimizer state
+                export_model(msd, plan, Path(d) / "model")  # a finished run needs no optimizer state
             elif rank == 0:
                 torch.save({"model": msd, "optim": osd, "sched": sched.state_dict(), "step": step,
                             "epoch": epoch, "step_in_epoch": step_in_epoch}, Path(d) / "train_state.pt")
@@ -112,39 +143,39 @@ def train_loop_per_worker(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=checkpoint)
 
     mlflow_client = None
-    if rank == 0 and cfg.get("mlflow_run_id"):
+    if rank == 0 and plan.mlflow_run_id:
         import mlflow
 
-        mlflow_client = mlflow.MlflowClient(cfg["tracking_uri"])
+        mlflow_client = mlflow.MlflowClient(plan.tracking_uri)
     shard = ray.train.get_dataset_shard("train")
-    total, t_start, tokens_seen, loss_val = cfg["total_steps"], time.time(), 0, float("nan")
+    total, t_start, tokens_seen, loss_val = plan.total_steps, time.time(), 0, float("nan")
     first_step_s, t_steady, tokens_at_steady = 0.0, t_start, 0
     start_step = step
-    autocast = cfg["precision"] == "bf16"
-    accum = cfg.get("accum", 1)
+    autocast = plan.precision == "bf16"
+    accum = plan.accum
     rows = None
-    while epoch < cfg["epochs"]:
+    while epoch < plan.epochs:
         if rows is None:  # this worker's share, read once (small: reflections, not a pretraining corpus)
             rows = sorted(shard.iter_rows(), key=lambda r: r["idx"])  # the split's order varies; the seed's must not
         # The micro-batches are drawn anew every epoch from a seeded global shuffle (epoch_batches), so a
         # resumed run replays the same order, and the wordings of one fact never train in one step.
         order = epoch_batches([len(r["input_ids"]) for r in rows], [list(r["facts"]) for r in rows],
-                              cfg["rows_per_batch"], cfg["seed"] + epoch)
+                              plan.rows_per_batch, t.seed + epoch)
         group = []
         for i, members in enumerate(order):
             if i < skip:  # resuming mid-epoch: skip what was done
                 continue
-            if i >= cfg["steps_per_epoch"]:
+            if i >= plan.steps_per_epoch:
                 break
             pos = [rows[j]["position_ids"] for j in members] if "position_ids" in rows[0] else None
-            group.append(tuple(t.to(device) for t in collate([rows[j]["input_ids"] for j in members],
-                                                             [rows[j]["labels"] for j in members], cfg["pad_id"], pos)))
-            if len(group) < accum and i + 1 < cfg["steps_per_epoch"]:
+            group.append(tuple(x.to(device) for x in collate([rows[j]["input_ids"] for j in members],
+                                                             [rows[j]["labels"] for j in members], plan.pad_id, pos)))
+            if len(group) < accum and i + 1 < plan.steps_per_epoch:
                 continue
             t0 = time.time()
             loss_val, n_local = accumulation_step(model, group, autocast, world)
             group = []
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -159,16 +190,16 @@ def train_loop_per_worker(cfg: dict) -> None:
             if rank == 0:
                 elapsed = time.time() - t_start
                 eta = elapsed / max(1, step - start_step) * (total - step)
-                print(f"[train] step {step}/{total} epoch {epoch + 1}/{cfg['epochs']} loss {loss_val:.4f} "
+                print(f"[train] step {step}/{total} epoch {epoch + 1}/{plan.epochs} loss {loss_val:.4f} "
                       f"lr {sched.get_last_lr()[0]:.2e} {int(n_tok) / dt:.0f} tok/s eta {eta:.0f}s", flush=True)
                 if mlflow_client:
                     import mlflow.entities as me
 
                     ts = int(time.time() * 1000)
-                    mlflow_client.log_batch(cfg["mlflow_run_id"], metrics=[
+                    mlflow_client.log_batch(plan.mlflow_run_id, metrics=[
                         me.Metric("loss", loss_val, ts, step), me.Metric("tokens_per_s", int(n_tok) / dt, ts, step),
                         me.Metric("grad_norm", float(gnorm), ts, step), me.Metric("lr", sched.get_last_lr()[0], ts, step)])
-            if step % cfg["checkpoint_every"] == 0 and step < total:
+            if step % plan.checkpoint_every == 0 and step < total:
                 save(i + 1, {"step": step, "loss": loss_val})
         skip = 0
         epoch += 1
@@ -181,7 +212,7 @@ def train_loop_per_worker(cfg: dict) -> None:
              "tokens_per_s": tps, "tokens": tokens_seen}, final=True)
 
 
-def export_model(state_dict: dict, cfg: dict, out: Path) -> None:
+def export_model(state_dict: dict, plan: RunPlan, out: Path) -> None:
     """Write the trained weights as a Hugging Face folder (safetensors, tokenizer, chat template).
 
     LoRA runs export either merged into the base weights (a plain folder any server loads) or as the
@@ -190,17 +221,17 @@ def export_model(state_dict: dict, cfg: dict, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(cfg["base_path"], dtype=torch.float32, local_files_only=True)
-    if cfg.get("finetune") == "lora":
+    model = AutoModelForCausalLM.from_pretrained(plan.base_path, dtype=torch.float32, local_files_only=True)
+    if plan.train.finetune == "lora":
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(cfg))
+        model = get_peft_model(model, lora_config(plan))
         model.load_state_dict(state_dict)
-        if cfg.get("lora_export") == "merged":
+        if plan.train.lora_export == "merged":
             model = model.merge_and_unload()
     else:
         model.load_state_dict(state_dict)
-    model.to(getattr(torch, cfg["export_dtype"]))
+    model.to(getattr(torch, plan.export_dtype))
     model.config.use_cache = True
     model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(cfg["base_path"], local_files_only=True).save_pretrained(out)
+    AutoTokenizer.from_pretrained(plan.base_path, local_files_only=True).save_pretrained(out)

@@ -32,7 +32,7 @@ from memo.training.data import (
     tokenize_reflections,
     with_replay,
 )
-from memo.training.loop import train_loop_per_worker
+from memo.training.loop import RunPlan, train_loop_per_worker
 from memo.training.placement import check_placement, stop_training_runs
 from memo.training.recipe import default_schedule, resolve_precision
 
@@ -184,28 +184,25 @@ def train(cfg: TrainConfig) -> dict:
     registry.log_reflections_input(run_id, dataset_df, cfg.reflections, data_hash, cfg.domain, synth)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = cfg.cpus_per_worker or max(1, cpus // cfg.workers)
-    loop_cfg = {
-        "base_path": base_path, "lr": lr, "epochs": epochs, "batch_size": cfg.batch_size,
-        "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "precision": precision,
-        "warmup_steps": int(cfg.warmup_ratio * total), "steps_per_epoch": spe, "total_steps": total,
-        "accum": accum, "finetune": cfg.finetune, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha or 2 * cfg.lora_r,
-        "lora_dropout": cfg.lora_dropout, "lora_export": cfg.lora_export,
-        "activation_checkpointing": cfg.activation_checkpointing,
+    plan = RunPlan(
+        # eval_questions is read here, on the driver; cleared so the worker's validation never looks for
+        # a file that lives on another node
+        train=cfg.model_copy(update={"eval_questions": ""}), base_path=base_path, lr=lr, epochs=epochs,
+        precision=precision, warmup_steps=int(cfg.warmup_ratio * total), steps_per_epoch=spe, total_steps=total,
+        accum=accum, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
         # A full checkpoint of a 135M model with AdamW state is ~1.6 GB written twice (worker, then
         # storage): ~15 s on this CPU, so by default only ~3 per run, at epoch boundaries.
-        "checkpoint_every": cfg.checkpoint_every or opt_steps_per_epoch * max(1, math.ceil(epochs / 3)),
-        "seed": cfg.seed, "threads": threads, "device": cfg.device,
-        "pad_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-        "export_dtype": export_dtype, "rows_per_batch": rows_per_batch,
-        "mlflow_run_id": run_id, "tracking_uri": registry.tracking_uri(),
-    }
+        checkpoint_every=cfg.checkpoint_every or opt_steps_per_epoch * max(1, math.ceil(epochs / 3)),
+        threads=threads, pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+        export_dtype=export_dtype, rows_per_batch=rows_per_batch, mlflow_run_id=run_id,
+        tracking_uri=registry.tracking_uri())
     storage = memo_home() / "ray_results"
     # Bounds on what is left after the check (someone takes the resources before Ray Train places its
     # workers): each worker-group start waits startup_timeout_s, and one failed start is retried once.
     # Ray Train reads this from the driver's environment and passes it to its controller.
     os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.startup_timeout_s)
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=loop_cfg,
+        train_loop_per_worker, train_loop_config=plan.model_dump(),
         # 1 logical CPU per worker leaves room for Ray Data's streaming split; the worker itself runs
         # `threads` torch threads (Ray Train would otherwise pin it to 1).
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
