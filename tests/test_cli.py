@@ -140,3 +140,29 @@ def test_memo_serve_stops_cleanly_on_sigterm_even_with_sigint_ignored(tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0 and "memo router stopped" in out, out[-2000:]
+
+
+def test_chunks_an_llm_generator_would_reject_are_a_config_error():
+    """chunk_words above max_chunk_tokens made every book-sized chunk a too_long reject (the GPU recipes did):
+    now an error naming both fields, before anything runs."""
+    from memo.config import SynthesizeConfig, build_config
+    from memo.errors import MemoError
+
+    with pytest.raises(MemoError, match="chunk_words=6400 > max_chunk_tokens=3000"):
+        build_config(SynthesizeConfig, {"domain": "d", "corpus": "c", "generator": "vllm", "model": "m",
+                                        "chunk_words": 6400})
+    assert build_config(SynthesizeConfig, {"domain": "d", "corpus": "c", "chunk_words": 6400}).generator == "rules"
+
+
+def test_the_gpu_extra_pins_the_vllm_that_ray_serve_llm_is_built_against():
+    """An unpinned vllm resolved to a newer one than ray.serve.llm supports: the extra must pin the version
+    the installed Ray's own `llm` extra pins (so a Ray upgrade that moves it fails here, not on a cluster)."""
+    import re
+    import tomllib
+    from importlib.metadata import requires
+
+    from conftest import REPO
+
+    gpu = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["gpu"]
+    ray_pin = next(re.search(r"==([\w.]+)", r)[1] for r in requires("ray") if r.startswith("vllm") and "llm" in r)
+    assert [g for g in gpu if g.startswith("vllm")] == [f"vllm=={ray_pin}"]

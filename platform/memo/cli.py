@@ -261,9 +261,18 @@ def interrupt_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def read_corpus_first(path: str) -> None:
+    """A missing, malformed or non-UTF-8 corpus is its one-line error in a second, before a Ray cluster
+    starts (~10 s): the stage reads it again, which costs little beside synthesis."""
+    from memo.corpus import load_documents
+
+    load_documents(path)
+
+
 def cmd_synthesize(cfg: SynthesizeConfig, sections, args) -> dict:
     from memo.synthesis import synthesize
 
+    read_corpus_first(cfg.corpus)
     init_ray()
     return synthesize(cfg)
 
@@ -279,6 +288,8 @@ def cmd_train(cfg: TrainConfig, sections, args) -> dict:
         raise MemoError("synthesize.* settings apply only with --corpus (synthesize first); drop them or give --corpus")
     if cfg.parent and not cfg.parent.isdigit():  # a missing parent fails before synthesis or any worker
         registry.resolve_version(cfg.domain, cfg.parent)
+    if cfg.corpus:
+        read_corpus_first(cfg.corpus)
     init_ray()
     interrupt_on_sigterm()
     return build_memory(cfg, synth)
