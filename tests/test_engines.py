@@ -287,3 +287,19 @@ def test_an_engine_whose_process_dies_answers_retry_later_then_comes_back(tmp_pa
         assert "died" in engine.failure and ask().error.startswith("engine_failed")
     finally:
         engine.close()
+
+
+def test_vllm_memory_engines_are_sized_per_replica_and_version():
+    """Without vLLM here, what each memory engine would ask of it: a share of the GPU divided among the versions
+    the replica's LRU holds (scaled by a fractional GPU), whole GPUs as tensor parallelism, a bounded context."""
+    from memo.engines.vllm import vllm_engine_args
+    from memo.errors import MemoError
+
+    one = vllm_engine_args("/m", models_per_replica=4, replica_gpus=1, max_model_len=2048, gpu_memory_share=0.8)
+    assert one["gpu_memory_utilization"] == 0.2 and one["tensor_parallel_size"] == 1 and one["max_model_len"] == 2048
+    half = vllm_engine_args("/m", models_per_replica=2, replica_gpus=0.5, max_model_len=1024, gpu_memory_share=0.8)
+    assert half["gpu_memory_utilization"] == 0.2 and half["tensor_parallel_size"] == 1
+    assert vllm_engine_args("/m", 1, 2, 2048, 0.9)["tensor_parallel_size"] == 2
+    for gpus in (0, 1.5):
+        with pytest.raises(MemoError, match="replica_gpus"):
+            vllm_engine_args("/m", 1, gpus, 2048, 0.9)

@@ -3,6 +3,7 @@ then the five-step pipeline through the real http engine and Ray Data against a 
 server on loopback: six step kinds, a malformed row in rejects, resume without repeated work (slow)."""
 
 import json
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -406,3 +407,22 @@ def test_groups_are_the_same_on_every_run():
     assert all(r == runs[0] for r in runs) and runs[0]
     groups, _ = form_groups(chunks, group_size=3, group_by="bm25")
     assert all(set(g["doc_ids"]) <= {"a", "b"} for g in groups)  # no neighbour without a shared word
+
+
+def test_the_vllm_generator_app_fetches_what_is_not_cached_and_splits_big_models(tmp_path, monkeypatch):
+    """The job runs offline (HF_HUB_OFFLINE=1) and Serve passes that on: the generator replicas get their own
+    environment, online for an HF id not in the cache (on the shared volume), offline for a local folder;
+    tensor/pipeline parallelism and the context reach vLLM's engine arguments."""
+    from memo.config import SynthesizeConfig, build_config
+    from memo.synthesis.llm.pipeline import vllm_generator_config
+
+    monkeypatch.delenv("HF_HOME", raising=False)
+    cfg = build_config(SynthesizeConfig, {"domain": "d", "corpus": "c", "generator": "vllm",
+                                          "model": "Qwen/Qwen2.5-32B-Instruct", "tensor_parallel_size": 2})
+    c = vllm_generator_config(cfg)
+    assert c["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "0"
+    assert c["runtime_env"]["env_vars"]["HF_HOME"].startswith(os.environ["MEMO_HOME"])
+    assert c["engine_kwargs"] == {"max_model_len": 3000 * 2 + 512, "tensor_parallel_size": 2, "pipeline_parallel_size": 1}
+    local = vllm_generator_config(cfg.model_copy(update={"model_source": str(tmp_path)}))
+    assert local["runtime_env"]["env_vars"]["HF_HUB_OFFLINE"] == "1"
+    assert local["model_loading_config"] == {"model_id": "Qwen/Qwen2.5-32B-Instruct", "model_source": str(tmp_path)}

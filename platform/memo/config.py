@@ -146,6 +146,10 @@ class SynthesizeConfig(Settings):
     api_key_env: str = F("OPENAI_API_KEY", "http: the environment variable holding the key (never in a file)",
                          run_only=True)
     model_source: str = F("", "vllm: the HF id or path vLLM loads (default: model)")
+    tensor_parallel_size: int = F(1, "vllm: GPUs each generator replica splits the model's layers across (a 32B "
+                                  "model in bf16 needs 2-4 80 GB GPUs)", ge=1, run_only=True)
+    pipeline_parallel_size: int = F(1, "vllm: pipeline stages per generator replica (multi-node models)", ge=1,
+                                    run_only=True)
     concurrency: int = F(8, "http: requests in flight per actor", ge=1, run_only=True)
     request_timeout: float = F(120.0, "http: seconds per request", gt=0, run_only=True)
     retries: int = F(3, "http: retries of a failed request (connection, timeout, 429, 5xx), honouring "
@@ -167,6 +171,12 @@ class SynthesizeConfig(Settings):
             raise ValueError("generator=vllm needs --model (an HF id or a local folder vLLM can load)")
         if self.base_url and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url={self.base_url!r}: use an http:// or https:// URL")
+        if self.generator != "rules" and self.chunk_words > self.max_chunk_tokens:
+            # otherwise every chunk of a long document is a too_long reject and synthesis "succeeds" empty
+            raise ValueError(f"chunk_words={self.chunk_words} > max_chunk_tokens={self.max_chunk_tokens}: chunks that "
+                             f"long would be rejected before the {self.generator} generator sees them; raise "
+                             "max_chunk_tokens to at least chunk_words (the LLM context is sized from it: 2 x "
+                             "max_chunk_tokens + max_tokens) or lower chunk_words")
         return self
 
 
@@ -345,7 +355,12 @@ class ServeConfig(ExecutiveEndpoint):
     max_tokens_cap: int = F(256, "largest max_tokens a request may ask for", ge=1)
     max_models_per_replica: int = F(4, "LRU of loaded memory versions per replica (@serve.multiplexed)", ge=1)
     replica_cpus: float = F(1.0, "CPUs reserved per memory replica", gt=0)
-    replica_gpus: float = F(0.0, "GPUs per memory replica (vllm engine: 1)", ge=0)
+    replica_gpus: float = F(0.0, "GPUs per memory replica (vllm engine: a fraction of one GPU, or N whole GPUs "
+                            "that each version is split across)", ge=0)
+    gpu_memory_share: float = F(0.85, "vllm engine: share of each GPU's memory a replica's engines use together "
+                                "(divided among the max_models_per_replica versions it holds)", gt=0, le=0.95)
+    memory_max_model_len: int = F(2048, "vllm engine: context per memory engine (a memory is asked one question; "
+                                  "a shorter context leaves more of the GPU for the KV cache)", ge=128)
     engine: Literal["auto", "llamacpp", "transformers", "vllm"] = F(
         "auto", "memory engine: llamacpp (CPU default: llama-server, the version's GGUF), transformers, vllm "
         "(GPU; pip install memo-platform[gpu]); auto = llamacpp when installed, else transformers")

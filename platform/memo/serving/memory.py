@@ -107,7 +107,9 @@ class MemoryModel:
             from memo.engines.vllm import VLLMMemory
 
             full = await asyncio.to_thread(materialize_full_model, path)  # vLLM needs merged weights
-            memory = await asyncio.to_thread(VLLMMemory, str(full), self.cfg.max_models_per_replica)
+            memory = await asyncio.to_thread(VLLMMemory, str(full), self.cfg.max_models_per_replica,
+                                             self.cfg.replica_gpus, self.cfg.memory_max_model_len,
+                                             self.cfg.gpu_memory_share)
         else:
             memory = await asyncio.to_thread(MemoryEngine, str(path), self.cfg.engine, self.cfg.engine_threads,
                                              self.cfg.engine_parallel)

@@ -16,7 +16,8 @@ def default_schedule(n_params: float, n_rows: int, recipe: str = "auto", finetun
     """
     lora = finetune == "lora"
     if recipe == "paper" or n_params >= 1e9:
-        return 3, (2e-4 if lora else 2e-5), "paper recipe: 3 epochs, lr " + ("2e-4 (LoRA)" if lora else "2e-5")
+        why = "recipe=paper" if recipe == "paper" else f"a {n_params / 1e9:.1f}B model takes the paper's recipe"
+        return 3, (2e-4 if lora else 2e-5), f"{why}: 3 epochs, lr " + ("2e-4 (LoRA)" if lora else "2e-5")
     if n_rows < 20_000:
         return 6, (1e-3 if lora else 3e-4), "small model and corpus: 6 epochs at a high rate (paper's 2e-5 x 3 barely memorizes at this size)"
     return 4, (1e-3 if lora else 1e-4), "small model, larger corpus: 4 epochs"

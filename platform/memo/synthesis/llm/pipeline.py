@@ -75,6 +75,37 @@ def actor_resources(spec: dict, actors: int) -> tuple[float, int]:
     return float(share), share
 
 
+def generator_env(source: str) -> dict[str, str]:
+    """The vLLM generator replicas' environment. The job runs with HF_HUB_OFFLINE=1 (memo.runtime) and Serve
+    hands that to its replicas, which then could not fetch an HF id: they run offline only when the model is a
+    local folder or already in the HF cache, and the cache is MEMO_HOME/hf (the shared volume on a cluster)
+    unless HF_HOME says otherwise, so every node downloads into, and finds, the same copy."""
+    from memo.config import memo_home
+
+    home = os.environ.get("HF_HOME") or str(memo_home() / "hf")
+    local = Path(source).expanduser().exists()
+    if not local:
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            local = isinstance(try_to_load_from_cache(source, "config.json", cache_dir=str(Path(home) / "hub")), str)
+        except Exception:  # noqa: BLE001 - an id the hub library cannot parse: let vLLM say what is wrong
+            local = False
+    return {"HF_HOME": home, "HF_HUB_OFFLINE": "1" if local else "0"}
+
+
+def vllm_generator_config(cfg) -> dict:
+    """LLMConfig(**this) for the generator app: the model, replicas, context and parallelism, environment."""
+    source = cfg.model_source or cfg.model
+    return {"model_loading_config": {"model_id": cfg.model, "model_source": source},
+            "deployment_config": {"autoscaling_config": {"min_replicas": 1, "max_replicas": cfg.workers}},
+            # a prompt holds one chunk (and, when verifying, its pairs) plus the reply
+            "engine_kwargs": {"max_model_len": cfg.max_chunk_tokens * 2 + cfg.max_tokens,
+                              "tensor_parallel_size": cfg.tensor_parallel_size,
+                              "pipeline_parallel_size": cfg.pipeline_parallel_size},
+            "runtime_env": {"env_vars": generator_env(source)}}
+
+
 def start_vllm_generator(cfg, port: int = 8000) -> str:
     """Start one vLLM generator as a Ray Serve LLM app for the whole run; returns its OpenAI base URL."""
     try:
@@ -83,9 +114,7 @@ def start_vllm_generator(cfg, port: int = 8000) -> str:
     except Exception as e:  # noqa: BLE001 - ray.serve.llm raises ImportError or its own error without vLLM
         raise MemoError(f"--generator vllm: vLLM is not importable here ({str(e)[:120]}); install the GPU extra "
                         "(pip install 'memo-platform[gpu]') on a GPU cluster, or use --generator http|hf") from None
-    llm = LLMConfig(model_loading_config={"model_id": cfg.model, "model_source": cfg.model_source or cfg.model},
-                    deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": cfg.workers}},
-                    engine_kwargs={"max_model_len": cfg.max_chunk_tokens * 2 + cfg.max_tokens})
+    llm = LLMConfig(**vllm_generator_config(cfg))
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_openai_app({"llm_configs": [llm]}), name="memo-generator", route_prefix="/generator")
     return f"http://127.0.0.1:{port}/generator/v1"
