@@ -16,6 +16,7 @@ recall over the corpus' own memory's. Costs: seconds to produce each route.
 
     python benchmarks/bench_merging.py --out /tmp/bm        # resumable: trained memories are reused
     python benchmarks/bench_merging.py --out /tmp/bm --methods ties,linear --seed 1
+    python benchmarks/bench_merging.py --out /tmp/bm3 --epochs 3     # ~50 min on 2 AVX2 cores (6 epochs: ~85)
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def cached(path: Path, build):
     return res
 
 
-def train_domain(domain: str, reflections: list[str], out: Path, seed: int, exclude: set[str] = frozenset()) -> dict:
+def train_domain(domain: str, reflections: list[str], out: Path, seed: int, exclude: set[str] = frozenset(),
+                 epochs: int | None = None) -> dict:
     """Train (and register) a memory on the union of reflection folders, less the `exclude` questions."""
     import pandas as pd
     from memo.config import TrainConfig, build_config
@@ -55,7 +57,7 @@ def train_domain(domain: str, reflections: list[str], out: Path, seed: int, excl
     df = pd.concat([load_reflections(r) for r in reflections], ignore_index=True)
     df[~df["question"].isin(exclude)].to_parquet(folder / "reflections.parquet")
     r = train(build_config(TrainConfig, {"domain": domain, "reflections": str(folder), "seed": seed,
-                                         "eval_sample": 0, "alias": "champion"}))
+                                         "eval_sample": 0, "alias": "champion", "epochs": epochs}))
     return {"version": r["version"], "model_dir": r["model_dir"], "rows": r.get("examples") or 0,
             "train_seconds": r["seconds"], "heldout_contains": r.get("heldout_contains")}
 
@@ -87,6 +89,8 @@ def main() -> int:
     ap.add_argument("--out", default="")
     ap.add_argument("--methods", default=",".join(METHODS), help=f"of {', '.join(METHODS)}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=None, help="every memory's epochs (default: memo train's recipe, "
+                    "6 at this size); the same for every route")
     args = ap.parse_args()
     out = Path(args.out or os.environ.get("TMPDIR", "/tmp")) / ("bench_merging" if not args.out else "")
     out.mkdir(parents=True, exist_ok=True)
@@ -104,7 +108,8 @@ def main() -> int:
     for c in CORPORA:
         refl[c] = cached(out / f"synth-{c}.json", lambda c=c: {"out": synthesize(build_config(SynthesizeConfig, {
             "domain": c, "corpus": str(CORPORA[c] / "corpus.jsonl"), "out": str(out / f"synth-{c}")}))["out"]})["out"]
-        own[c] = cached(out / f"train-{c}.json", lambda c=c: train_domain(c, [refl[c]], out, args.seed))
+        own[c] = cached(out / f"train-{c}.json", lambda c=c: train_domain(c, [refl[c]], out, args.seed,
+                                                                                  epochs=args.epochs))
     merged = {}
     for name in args.methods.split(","):
         method, density = METHODS[name]
@@ -114,9 +119,10 @@ def main() -> int:
 
     # the own memories' held-out rewordings are asked of every route: the union never trains on them either
     held = {x["question"] for c in CORPORA for x in questions_of(c, own[c]["model_dir"]) if x["kind"] == "heldout"}
-    union = cached(out / "train-union.json", lambda: train_domain("union", list(refl.values()), out, args.seed, held))
+    union = cached(out / "train-union.json", lambda: train_domain("union", list(refl.values()), out, args.seed, held,
+                                                                        args.epochs))
     routes = {"own": None, "union": union["model_dir"], **{f"merge {n}": m["model_dir"] for n, m in merged.items()}}
-    rows, result = [], {"seed": args.seed, "corpora": {}, "costs": {}}
+    rows, result = [], {"seed": args.seed, "epochs": args.epochs, "corpora": {}, "costs": {}}
     for c in CORPORA:
         items = questions_of(c, own[c]["model_dir"])
         scores = {}
@@ -152,7 +158,7 @@ def main() -> int:
     print("| compose | 0 (both memories served; each question asks both) |")
     best = max(merged, key=lambda n: min(result["corpora"][c][f"merge {n}"]["kept"] or 0 for c in CORPORA))
     print("RESULT " + json.dumps({
-        "seed": args.seed, "union_retrain_s": union["train_seconds"],
+        "seed": args.seed, "epochs": args.epochs, "union_retrain_s": union["train_seconds"],
         "merge_s": {n: m.get("merge_seconds") for n, m in merged.items()},
         "kept": {f"merge {n}": {c: result["corpora"][c][f"merge {n}"]["kept"] for c in CORPORA} for n in merged},
         "union_kept": {c: result["corpora"][c]["union"]["kept"] for c in CORPORA},
