@@ -77,3 +77,10 @@ def test_a_worker_killed_mid_run_resumes_from_the_last_checkpoint(ray_local, tin
     # steps 1..4 ran, the process died starting step 5, steps 5..total ran again from the checkpoint at 4
     assert sorted(steps) == list(range(1, total + 1))
     assert registry.resolve_version("e2ekill", "candidate") == result["version"]
+    # the checkpoints were sharded: each of the 2 ranks wrote its own part (torch.distributed.checkpoint), rank 0
+    # only the schedule and position beside them; nothing was gathered whole before the export
+    from memo.config import memo_home
+
+    shards = sorted(p.name for p in memo_home().glob(f"ray_results/memo-e2ekill-{result['run_id'][:8]}/checkpoint_*/shards/*"))
+    assert shards.count(".metadata") >= 1 and {"__0_0.distcp", "__1_0.distcp"} <= set(shards), shards
+    assert result["peak_rss_mb"] > 0

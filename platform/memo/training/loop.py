@@ -70,6 +70,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     import torch
     import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -119,26 +120,37 @@ def train_loop_per_worker(config: dict) -> None:
         with ckpt.as_directory() as d:
             if not (Path(d) / "train_state.pt").exists():
                 return  # the latest checkpoint is the exported final model: this run already finished
-            state = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False)
-        set_model_state_dict(model, state["model"], options=full)
-        set_optimizer_state_dict(model, opt, state["optim"], options=full)
-        sched.load_state_dict(state["sched"])
-        step, epoch, skip = state["step"], state["epoch"], state["step_in_epoch"]
+            meta = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False)
+            # each rank reads the slices of the shards it holds now (DCP reshards: the run that wrote them
+            # may have had another number of workers)
+            state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+            dcp.load(state, checkpoint_id=str(Path(d) / "shards"))
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        sched.load_state_dict(meta["sched"])
+        step, epoch, skip = meta["step"], meta["epoch"], meta["step_in_epoch"]
         if rank == 0:
-            print(f"[train] resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip})", flush=True)
+            print(f"[train] resumed from checkpoint at step {step} (epoch {epoch + 1}, batch {skip}; written by "
+                  f"{meta.get('world', '?')} worker(s), read by {world})", flush=True)
 
     def save(step_in_epoch: int, metrics: dict, final: bool = False) -> None:
-        # Every rank takes part in gathering the full state; only rank 0 writes and reports a checkpoint.
-        msd = get_model_state_dict(model, options=full)
-        osd = None if final else get_optimizer_state_dict(model, opt, options=full)
         with tempfile.TemporaryDirectory() as d:
             checkpoint = None
-            if rank == 0 and final:
-                export_model(msd, plan, Path(d) / "model")  # a finished run needs no optimizer state
-            elif rank == 0:
-                torch.save({"model": msd, "optim": osd, "sched": sched.state_dict(), "step": step,
-                            "epoch": epoch, "step_in_epoch": step_in_epoch}, Path(d) / "train_state.pt")
-            if rank == 0:
+            if final:
+                # the one full gather of a run: the export, written by rank 0 (no optimizer state)
+                msd = get_model_state_dict(model, options=full)
+                if rank == 0:
+                    export_model(msd, plan, Path(d) / "model")
+                    checkpoint = ray.train.Checkpoint.from_directory(d)
+            else:
+                # Sharded (torch.distributed.checkpoint): every rank writes its own shard of the model and the
+                # optimizer, nothing is gathered on one host, and Ray Train puts every rank's files in one
+                # checkpoint folder (DCP's file names are per rank). Rank 0 adds the schedule and position.
+                dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                         checkpoint_id=str(Path(d) / "shards"))
+                if rank == 0:
+                    torch.save({"sched": sched.state_dict(), "step": step, "epoch": epoch,
+                                "step_in_epoch": step_in_epoch, "world": world}, Path(d) / "train_state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -208,8 +220,12 @@ def train_loop_per_worker(config: dict) -> None:
     # tokens_per_s: steady state, after the first optimizer step (when there is more than one);
     # first_step_s and train_seconds tell the whole story.
     tps = (tokens_seen - tokens_at_steady) / steady if step - start_step > 1 and steady > 0 else tokens_seen / max(seconds, 1e-9)
+    import resource
+
+    # rank 0's peak resident memory (the host that used to gather every checkpoint whole)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     save(0, {"step": step, "loss": loss_val, "epoch": epoch, "train_seconds": seconds, "first_step_s": first_step_s,
-             "tokens_per_s": tps, "tokens": tokens_seen}, final=True)
+             "tokens_per_s": tps, "tokens": tokens_seen, "peak_rss_mb": round(peak_mb)}, final=True)
 
 
 def export_model(state_dict: dict, plan: RunPlan, out: Path) -> None:
