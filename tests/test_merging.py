@@ -102,6 +102,7 @@ def test_memo_merge_registers_a_candidate_with_its_lineage_and_refuses_bad_input
     from memo.cli import main
     from memo.synthesis.schema import COLUMNS
     from tiny import build_tiny_model
+    from transformers import AutoTokenizer
 
     refl = tmp_path / "refl"
     refl.mkdir()
@@ -113,6 +114,9 @@ def test_memo_merge_registers_a_candidate_with_its_lineage_and_refuses_bad_input
     vb = _registered("mb", _memory(tiny_model, tmp_path / "b", 0.02, 2), tiny_model)
     other = build_tiny_model(tmp_path / "otherbase", vocab_size=300, seed=3)
     _registered("mc", _memory(other, tmp_path / "c", 0.02, 3), other)
+    d = _memory(tiny_model, tmp_path / "d", 0.02, 4)  # the same base, another tokenizer
+    AutoTokenizer.from_pretrained(other).save_pretrained(d)
+    _registered("md", d, tiny_model)
 
     args = ["merge", "--domain", "mab", "--from", f"models:/memo-ma/{va}", "models:/memo-mb@champion",
             "--method", "ties", "--density", "0.3", "--weights", "1,0.5", "--set", "eval_sample=1"]
@@ -140,6 +144,7 @@ def test_memo_merge_registers_a_candidate_with_its_lineage_and_refuses_bad_input
     for bad, message in (
             (["--from", "models:/memo-ma/9", "models:/memo-mb/1"], "--from models:/memo-ma/9: no such version"),
             (["--from", "models:/memo-ma/1", "models:/memo-mc/1"], "--from models:/memo-mc/1: root base"),
+            (["--from", "models:/memo-ma/1", "models:/memo-md/1"], "--from models:/memo-md/1: its tokenizer differs"),
             (["--from", "models:/memo-ma/1", "models:/memo-mb/1", "--density", "0"], "--density 0: use more than 0"),
             (["--from", "models:/memo-ma/1", "models:/memo-mb/1", "--density", "1.5"], "--density 1.5: use at most 1"),
             (["--from", "models:/memo-ma/1", "models:/memo-mb/1", "--weights", "1,1,1"], "weights: 3 given for 2"),

@@ -114,14 +114,6 @@ def merge_folders(base: str | Path, inputs: list[str | Path], out: str | Path, m
     return {"tensors": len(merged), "tensors_changed": changed, "merge_seconds": round(time.time() - t0, 1)}
 
 
-def _file_digest(folder: Path, names: tuple[str, ...]) -> str:
-    h = hashlib.sha256()
-    for n in names:
-        if (folder / n).is_file():
-            h.update(n.encode() + (folder / n).read_bytes())
-    return h.hexdigest()
-
-
 def resolve_inputs(uris: list[str]) -> list[dict]:
     """Each `models:/memo-<domain>@<alias>` or `/<version>` -> its version, folder (full weights; a LoRA
     export is merged onto its base first), manifest and run; an unknown one is an error naming it."""
@@ -158,15 +150,28 @@ def check_compatible(inputs: list[dict]) -> str:
         if x["root_base_model"] != first["root_base_model"]:
             raise MemoError(f"--from {x['uri']}: root base {x['root_base_model']!r} differs from {first['uri']}'s "
                             f"{first['root_base_model']!r}; task vectors need one common base")
-    tok_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model")
-    digests = {x["uri"]: _file_digest(x["full"], tok_files) for x in inputs}
+    vocab = {x["uri"]: tokenizer_identity(x["full"]) for x in inputs}
     for x in inputs[1:]:
-        if digests[x["uri"]] != digests[first["uri"]]:
+        if vocab[x["uri"]] != vocab[first["uri"]]:
             raise MemoError(f"--from {x['uri']}: its tokenizer differs from {first['uri']}'s; merged weights would "
                             "mean different tokens")
     if not first["root_base_model"]:
         raise MemoError(f"--from {first['uri']}: its manifest names no root base model (not a MeMo memory?)")
-    return resolve_base_model(first["root_base_model"])
+    base = resolve_base_model(first["root_base_model"])
+    if not Path(base).exists():  # an HF id in the local cache: its snapshot folder holds the weights
+        from huggingface_hub import snapshot_download
+
+        base = snapshot_download(base, local_files_only=True)
+    return base
+
+
+def tokenizer_identity(folder: Path) -> str:
+    """What makes two tokenizers the same for merging: the vocabulary and the special tokens (not the files'
+    bytes, which a re-save of the same tokenizer may change)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return hashlib.sha256(json.dumps([sorted(tok.get_vocab().items()), tok.all_special_tokens]).encode()).hexdigest()
 
 
 def _input_checks(memory, x: dict, label: str, sample: int, heldout: list[dict]) -> dict:
