@@ -11,8 +11,8 @@ MLflow registry (a fresh MEMO_HOME):
            answers", an upper bound on what the executive can pick from the two replies.
 Each route's memory is asked, per corpus, the corpus' check questions about one document (reworded,
 never a training question) and its own memory's held-out rewordings; a reply counts when it contains the
-reference (the promotion gate's rule). 95% bootstrap intervals over questions; `kept` = the route's
-recall over the corpus' own memory's. Costs: seconds to produce each route.
+reference or an alias (recall; the gate score beside it gives a miss its token F1). 95% bootstrap intervals
+over questions; `kept` = the route's recall over the corpus' own memory's. Costs: seconds to produce each route.
 
     python benchmarks/bench_merging.py --out /tmp/bm        # resumable: trained memories are reused
     python benchmarks/bench_merging.py --out /tmp/bm --methods ties,linear --seed 1
@@ -132,12 +132,15 @@ def main() -> int:
         other = [o for o in CORPORA if o != c][0]
         other_scores = cached(out / f"score-{c}-other.json", lambda: {"scores": ask_all(own[other]["model_dir"], items)})
         scores["compose (either)"] = [max(a, b) for a, b in zip(scores["own"], other_scores["scores"])]
-        base = sum(scores["own"]) / len(items)
+        # recall: the reply contains the reference or an alias (1) or not (0); score: the promotion gate's
+        # rule, which gives a miss its token F1 (partial credit)
+        hits = {route: [float(v == 1.0) for v in s] for route, s in scores.items()}
+        base = sum(hits["own"]) / len(items)
         result["corpora"][c] = {"questions": len(items), "check": sum(x["kind"] == "check" for x in items)}
         for route, s in scores.items():
-            r = sum(s) / len(s)
-            entry = {"recall": round(r, 3), "ci": [round(x, 3) for x in bootstrap_ci(s)],
-                     "kept": round(r / base, 2) if base else None}
+            r = sum(hits[route]) / len(s)
+            entry = {"recall": round(r, 3), "ci": [round(x, 3) for x in bootstrap_ci(hits[route])],
+                     "score": round(sum(s) / len(s), 3), "kept": round(r / base, 2) if base else None}
             result["corpora"][c][route] = entry
             rows.append((c, route, entry))
     train_s = {c: own[c]["train_seconds"] for c in CORPORA}
@@ -145,10 +148,10 @@ def main() -> int:
                        **{f"merge {n}": m.get("merge_seconds") for n, m in merged.items()},
                        **{f"merge {n} (with export)": m["seconds"] for n, m in merged.items()}}
     print(f"\nrecall of each route's memory on each corpus' questions (seed {args.seed}; {out})")
-    print("| corpus | route | recall [95% CI] | kept vs own |")
-    print("|---|---|---|---|")
+    print("| corpus | route | recall [95% CI] | kept vs own | gate score |")
+    print("|---|---|---|---|---|")
     for c, route, e in rows:
-        print(f"| {c} | {route} | {e['recall']:.2f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}] | {e['kept']} |")
+        print(f"| {c} | {route} | {e['recall']:.2f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}] | {e['kept']} | {e['score']:.2f} |")
     print("\n| route | seconds to produce (after the own memories exist) |")
     print("|---|---|")
     print(f"| own memories (train each corpus) | {' + '.join(f'{v:.0f}' for v in train_s.values())} |")
