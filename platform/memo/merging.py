@@ -174,21 +174,30 @@ def tokenizer_identity(folder: Path) -> str:
     return hashlib.sha256(json.dumps([sorted(tok.get_vocab().items()), tok.all_special_tokens]).encode()).hexdigest()
 
 
-def _input_checks(memory, x: dict, label: str, sample: int, heldout: list[dict]) -> dict:
-    """The post-training checks of one input, asked of `memory`: a sample of its training reflections
-    (recital) and its held-out rewordings."""
+def recital_rows(x: dict, heldout: list[dict], sample: int):
+    """An input's training reflections less its held-out rewordings (what the recital check samples), read
+    once for both memories that are asked; None when there is nothing to sample."""
     from memo.synthesis.schema import load_reflections
+
+    src = x["manifest"].get("reflections", "")
+    if sample <= 0:
+        return None
+    if not (src and Path(src).exists()):
+        log.warning(f"[merge] {x['uri']}: its reflections {src or '(none recorded)'} are not on this machine; "
+                    "no recital check for it")
+        return None
+    df = load_reflections(src)
+    return df[~df["question"].isin({r["question"] for r in heldout})]
+
+
+def _input_checks(memory, x: dict, label: str, sample: int, heldout: list[dict], rows) -> dict:
+    """The post-training checks of one input, asked of `memory`: a sample of its training reflections
+    (recital, the same sample whichever memory is asked) and its held-out rewordings."""
     from memo.training.checks import heldout_check, memorization_check
 
     out = {}
-    src = x["manifest"].get("reflections", "")
-    if sample > 0 and src and Path(src).exists():
-        df = load_reflections(src)
-        df = df[~df["question"].isin({r["question"] for r in heldout})]
-        out.update({f"{label}.{k}": v for k, v in memorization_check(memory, df, sample).items()})
-    elif sample > 0:
-        log.warning(f"[merge] {x['uri']}: its reflections {src or '(none recorded)'} are not on this machine; "
-                    "no recital check for it")
+    if rows is not None:
+        out.update({f"{label}.{k}": v for k, v in memorization_check(memory, rows, sample).items()})
     if heldout:
         out.update({f"{label}.{k}": v for k, v in heldout_check(memory, heldout, f"heldout of {x['uri']}").items()})
     return out
@@ -224,16 +233,17 @@ def merge(cfg: MergeConfig) -> dict:
     check: dict = {}
     if cfg.eval_sample > 0 or any(heldouts):
         # Each input's questions asked of the input itself and of the merge: what the merge kept, per input.
+        rows = [recital_rows(x, held, cfg.eval_sample) for x, held in zip(inputs, heldouts)]
         for i, (x, held) in enumerate(zip(inputs, heldouts)):
             memory = MemoryEngine(x["folder"])
             try:
-                check.update(_input_checks(memory, x, f"input{i}", cfg.eval_sample, held))
+                check.update(_input_checks(memory, x, f"input{i}", cfg.eval_sample, held, rows[i]))
             finally:
                 memory.close()
         memory = MemoryEngine(out)
         try:
             for i, (x, held) in enumerate(zip(inputs, heldouts)):
-                check.update(_input_checks(memory, x, f"merged{i}", cfg.eval_sample, held))
+                check.update(_input_checks(memory, x, f"merged{i}", cfg.eval_sample, held, rows[i]))
         finally:
             memory.close()
         for i in range(len(inputs)):
