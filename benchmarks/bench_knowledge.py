@@ -15,6 +15,8 @@ Levers (synthesize.* / train.* settings; README "Knowledge injection"):
     phrasings            synthesize.phrasings=5: every fact in up to 5 wordings, both directions
     fact_text            train.fact_text=mixed: the corpus' sentences mixed into training
     phrasings+fact_text  both
+    phrasings+select     phrasings=5 and train.select_on=heldout_recall: up to twice the recipe's epochs, the
+                         best epoch on held-out rewordings kept, stopped 2 epochs after it
 Each lever's result is kept in OUT/<lever>.json: an interrupted run resumes where it stopped.
 """
 
@@ -34,6 +36,7 @@ LEVERS = {
     "phrasings": ({"phrasings": 5}, {}),
     "fact_text": ({}, {"fact_text": "mixed"}),
     "phrasings+fact_text": ({"phrasings": 5}, {"fact_text": "mixed"}),
+    "phrasings+select": ({"phrasings": 5}, {"select_on": "heldout_recall"}),
 }
 
 
@@ -48,6 +51,8 @@ def build_and_score(lever: str, corpus: Path, questions, out: Path, seed: int, e
     stats = synthesize(build_config(SynthesizeConfig, {"domain": "bench", "corpus": str(corpus), "out": str(refl),
                                                        **synth_set}))
     t1 = time.time()
+    if train_set.get("select_on") == "heldout_recall" and "epochs" in extra_train:
+        extra_train = {"max_epochs": extra_train["epochs"]}  # --epochs caps a run that chooses its epoch
     r = train(build_config(TrainConfig, {"domain": "bench", "reflections": str(refl), "register": False,
                                          "seed": seed, "eval_sample": 0, **train_set, **extra_train}))
     t2 = time.time()
@@ -55,7 +60,8 @@ def build_and_score(lever: str, corpus: Path, questions, out: Path, seed: int, e
            "train_tokens": r.get("tokens"), "tokens_per_s": round(r.get("tokens_per_s", 0), 1),
            "synth_min": round((t1 - t0) / 60, 2), "train_min": round((t2 - t1) / 60, 2),
            "heldout_contains": r.get("heldout_contains"), "abstain_threshold": r.get("abstain_threshold"),
-           "calibration_auroc": r.get("confidence_auroc")}
+           "calibration_auroc": r.get("confidence_auroc"), "epochs_trained": r.get("epochs_trained"),
+           "best_epoch": r.get("best_epoch"), "selection_recall": r.get("selection_recall")}
     return {**res, **score(res, questions)}
 
 
@@ -145,7 +151,7 @@ def main() -> int:
               f"{r['tokens_per_s']:.0f} |")
     keys = ("recall", "recall_ci", "recall_unseen", "recall_unseen_ci", "seen_verbatim", "recited", "confident_wrong",
             "echo", "idk", "probe_auroc", "probe_selective_accuracy", "probe_coverage", "abstain_threshold",
-            "reflections", "synth_min", "train_min", "tokens_per_s")
+            "reflections", "synth_min", "train_min", "tokens_per_s", "best_epoch", "epochs_trained")
     summary = {r["lever"]: {k: r.get(k) for k in keys} for r in results}
     print("RESULT " + json.dumps({"benchmark": args.benchmark, "questions": len(questions), "probes": base["probes"],
                                   "seed": args.seed, "cpu_flags": flags, "levers": summary}))

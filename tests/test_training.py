@@ -91,12 +91,24 @@ def test_decoder_layers_are_found_through_a_peft_wrapper(tiny_model):
     ({"recipe": "fast"}, "'auto' or 'paper'"),
     ({"epochs": 0}, "use 1 or more"),
     ({"eval_questions": "/nope.jsonl"}, "no such file"),
+    ({"max_epochs": 4}, "applies to select_on=heldout_recall only"),
+    ({"select_on": "heldout_recall", "epochs": 4}, "set max_epochs"),
 ])
 def test_training_config_errors_name_the_field(values, message):
     from memo.config import TrainConfig, build_config
 
     with pytest.raises(MemoError, match=message):
         build_config(TrainConfig, {"domain": "d", "reflections": "r", **values})
+
+
+def test_epoch_selection_keeps_the_earliest_best_and_stops_after_patience():
+    from memo.training.selection import EpochSelection
+
+    s = EpochSelection(patience=2)
+    assert [s.add(x) for x in (0.2, 0.5, 0.5, 0.4)] == [True, True, False, False]
+    assert (s.best_epoch, s.best, s.stop) == (2, 0.5, True)  # a tie is no gain: fewer epochs win
+    resumed = EpochSelection(2, [0.2, 0.5, 0.5])  # from a checkpoint's history
+    assert resumed.best_epoch == 2 and not resumed.stop and EpochSelection(1).best_epoch == 0
 
 
 def test_paper_recipe_and_lora_rates():

@@ -75,8 +75,11 @@ def _domain(value: str) -> str:
 Domain = Annotated[str, AfterValidator(_domain)]
 
 
+_UNSET = object()  # F's `added` default: None is a value an added option can have
+
+
 def F(default: Any = ..., doc: str = "", *, run_only: bool = False, flags: tuple[str, ...] = (),
-      positional: bool = False, added: Any = None, **bounds: Any) -> Any:
+      positional: bool = False, added: Any = _UNSET, **bounds: Any) -> Any:
     """A config field: default, one-line doc (the --help text), bounds (ge, le, gt, lt, ...).
 
     run_only: changes how a stage runs, never what it writes (left out of resume keys). flags: the CLI
@@ -85,7 +88,7 @@ def F(default: Any = ..., doc: str = "", *, run_only: bool = False, flags: tuple
     it is left out of resume keys, so those outputs (reflections, trained runs, evaluations) stay reusable.
     """
     extra = {k: v for k, v in (("run_only", run_only), ("flags", list(flags)), ("positional", positional)) if v}
-    if added is not None:
+    if added is not _UNSET:
         extra["added"] = {"value": added}
     return Field(default, description=doc, json_schema_extra=extra or None, **bounds)
 
@@ -245,6 +248,17 @@ class TrainConfig(Settings):
                             run_only=True)
     holdout_ratio: float = F(0.05, "paraphrases kept out of training to evaluate on (and gate promotions with)",
                              ge=0, lt=0.5)
+    select_on: Literal["last", "heldout_recall"] = F(
+        "last", "last: keep the model after the last epoch; heldout_recall: after every epoch ask a selection set "
+        "of held-out rewordings, keep the best epoch and stop after `patience` epochs without a gain "
+        "(memo.training.selection)", added="last")
+    max_epochs: int | None = F(None, "select_on=heldout_recall: the most epochs it may train; None = twice the "
+                               "recipe's epochs", ge=1, added=None)
+    patience: int = F(2, "select_on=heldout_recall: epochs without a better selection score before training stops",
+                      ge=1, added=2)
+    select_ratio: float = F(0.05, "select_on=heldout_recall: rewordings kept out of training to choose the epoch "
+                            "on, apart from holdout_ratio's (which stay unbiased for the gate)", gt=0, lt=0.5,
+                            added=0.05)
     register: bool = F(True, "register the result as a new version of memo-<domain>", run_only=True)
     alias: str = F("candidate", "alias given to the new version", run_only=True)
 

@@ -33,17 +33,19 @@ def prompt_ids(tok, messages: list[dict]) -> list[int]:
 
 
 def generate_ids(model, tok, prompts: list[list[int]], max_new_tokens: int = 64,
-                 temperature: float = 0.0, logprobs: bool = False) -> list[tuple]:
+                 temperature: float = 0.0, logprobs: bool = False, **generate_kwargs: Any) -> list[tuple]:
     """Batched generation from token ids (left padding); greedy unless temperature > 0. Returns, per
     prompt, the new tokens up to the end-of-turn token, and whether it stopped there (else max_new_tokens);
-    with `logprobs`, also each of those tokens' log-probability."""
+    with `logprobs`, also each of those tokens' log-probability. `generate_kwargs` go to `model.generate`
+    (e.g. synced_gpus for a model sharded over ranks)."""
     import torch
 
     n = max(len(p) for p in prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    ids = torch.tensor([[pad] * (n - len(p)) + list(p) for p in prompts])
-    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts])
-    kwargs: dict[str, Any] = {"do_sample": temperature > 0}
+    device = next(model.parameters()).device
+    ids = torch.tensor([[pad] * (n - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in prompts], device=device)
+    kwargs: dict[str, Any] = {"do_sample": temperature > 0, **generate_kwargs}
     if temperature > 0:
         kwargs["temperature"] = temperature
     with torch.inference_mode():

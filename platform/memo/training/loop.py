@@ -12,6 +12,7 @@ from memo.config import Settings, TrainConfig
 from memo.errors import MemoError
 from memo.training.data import collate, epoch_batches
 from memo.training.loss import accumulation_step
+from memo.training.selection import EpochSelection, selection_recall
 
 
 def decoder_layers(model) -> list:
@@ -46,6 +47,8 @@ class RunPlan(Settings):
     rows_per_batch: int
     mlflow_run_id: str = ""
     tracking_uri: str = ""
+    # train.select_on=heldout_recall: the rewordings each epoch is scored on (training.selection)
+    selection: list[dict] = []
 
 
 def lora_config(plan: RunPlan):
@@ -79,7 +82,7 @@ def train_loop_per_worker(config: dict) -> None:
         set_optimizer_state_dict,
     )
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     plan = RunPlan.model_validate(config)
     t = plan.train
@@ -90,6 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if t.device == "cuda" else torch.device("cpu")
 
     model = AutoModelForCausalLM.from_pretrained(plan.base_path, dtype=torch.float32, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(plan.base_path, local_files_only=True) if plan.selection else None
     model.config.use_cache = False
     if t.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -114,6 +118,12 @@ def train_loop_per_worker(config: dict) -> None:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan.warmup_steps))
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
+    def snapshot() -> dict:
+        """This rank's shard of the weights, copied to host memory (the best epoch so far)."""
+        sd = get_model_state_dict(model, options=StateDictOptions(cpu_offload=True))
+        return {k: v.detach().clone() for k, v in sd.items()}
+
+    chooser, best = EpochSelection(t.patience), None
     step, epoch, skip = 0, 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -125,6 +135,11 @@ def train_loop_per_worker(config: dict) -> None:
             # may have had another number of workers)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.load(state, checkpoint_id=str(Path(d) / "shards"))
+            chooser = EpochSelection(t.patience, meta.get("selection"))
+            if (Path(d) / "best").exists():
+                best = {"model": snapshot()}
+                dcp.load(best, checkpoint_id=str(Path(d) / "best"))
+                best = best["model"]
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, opt, state["optim"])
         sched.load_state_dict(meta["sched"])
@@ -148,9 +163,12 @@ def train_loop_per_worker(config: dict) -> None:
                 # checkpoint folder (DCP's file names are per rank). Rank 0 adds the schedule and position.
                 dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                          checkpoint_id=str(Path(d) / "shards"))
+                if best is not None:  # the best epoch's weights, when it is not the current one
+                    dcp.save({"model": best}, checkpoint_id=str(Path(d) / "best"))
                 if rank == 0:
                     torch.save({"sched": sched.state_dict(), "step": step, "epoch": epoch,
-                                "step_in_epoch": step_in_epoch, "world": world}, Path(d) / "train_state.pt")
+                                "step_in_epoch": step_in_epoch, "world": world, "selection": chooser.history},
+                               Path(d) / "train_state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -215,6 +233,27 @@ def train_loop_per_worker(config: dict) -> None:
                 save(i + 1, {"step": step, "loss": loss_val})
         skip = 0
         epoch += 1
+        if plan.selection and len(chooser.history) < epoch:
+            score = selection_recall(model, tok, plan.selection, rank, world)
+            if chooser.add(score):
+                best = None if epoch == plan.epochs else snapshot()  # the last epoch is the model itself
+            if rank == 0:
+                print(f"[train] epoch {epoch}: held-out recall {score:.2f} on {len(plan.selection)} rewordings "
+                      f"(best {chooser.best:.2f}, epoch {chooser.best_epoch})", flush=True)
+                if mlflow_client:
+                    mlflow_client.log_metric(plan.mlflow_run_id, "selection_recall", score, step=epoch)
+            if chooser.stop:
+                if rank == 0:
+                    print(f"[train] stopping after epoch {epoch}: no better held-out recall in {t.patience} "
+                          f"epoch(s)", flush=True)
+                break
+    selected = {}
+    if plan.selection:
+        if chooser.best_epoch != len(chooser.history):
+            set_model_state_dict(model, best)
+            if rank == 0:
+                print(f"[train] keeping epoch {chooser.best_epoch} (held-out recall {chooser.best:.2f})", flush=True)
+        selected = {"best_epoch": chooser.best_epoch, "selection_recall": chooser.best, "epochs_trained": epoch}
     seconds = time.time() - t_start
     steady = time.time() - t_steady
     # tokens_per_s: steady state, after the first optimizer step (when there is more than one);
@@ -225,7 +264,7 @@ def train_loop_per_worker(config: dict) -> None:
     # rank 0's peak resident memory (the host that used to gather every checkpoint whole)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     save(0, {"step": step, "loss": loss_val, "epoch": epoch, "train_seconds": seconds, "first_step_s": first_step_s,
-             "tokens_per_s": tps, "tokens": tokens_seen, "peak_rss_mb": round(peak_mb)}, final=True)
+             "tokens_per_s": tps, "tokens": tokens_seen, "peak_rss_mb": round(peak_mb), **selected}, final=True)
 
 
 def export_model(state_dict: dict, plan: RunPlan, out: Path) -> None:

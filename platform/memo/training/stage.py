@@ -123,6 +123,15 @@ def train(cfg: TrainConfig) -> dict:
     data_hash, data_rows = dataset_hash(df), len(df)  # the input dataset, as the synthesize stage hashed it
     dataset_df = df
     df, heldout = split_heldout(df, cfg.holdout_ratio, cfg.seed)
+    selection = pd.DataFrame(columns=["question", "answer"])
+    if cfg.select_on == "heldout_recall":
+        # its own split (same rule: one wording per fact whose other wordings stay in training), so the
+        # gate's held-out number is not the one the epoch was chosen on
+        df, selection = split_heldout(df, cfg.select_ratio, cfg.seed + 1)
+        if selection.empty:
+            raise MemoError(f"select_on=heldout_recall: --reflections {cfg.reflections} has no fact asked in two or "
+                            "more direct/indirect wordings to hold one out; raise synthesize.phrasings, or use "
+                            "select_on=last")
     tok = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     check_chat_template(tok, f"--base-model {cfg.base_model}")
     data, dropped = tokenize_reflections(df, tok, cfg.max_seq_len)
@@ -140,6 +149,9 @@ def train(cfg: TrainConfig) -> dict:
     n_params = count_params(base_path)
     epochs, lr, why = default_schedule(n_params, len(data), cfg.recipe, cfg.finetune)
     epochs, lr = cfg.epochs or epochs, cfg.lr or lr
+    if cfg.select_on == "heldout_recall":
+        # the most it may train: it stops earlier when the selection score stops improving
+        epochs = cfg.max_epochs or 2 * epochs
     rows_per_batch = cfg.batch_size
     if cfg.packing:
         # About batch_size examples per micro-batch either way, so packing changes throughput, not the
@@ -166,8 +178,10 @@ def train(cfg: TrainConfig) -> dict:
     synth = json.loads(stats_file.read_text()) if stats_file and stats_file.exists() else {}
     log.info(f"[train] {len(data)} examples ({dropped} over {cfg.max_seq_len} tokens dropped, "
              + (f"{statements} fact statements mixed in, " if cfg.fact_text == "mixed" else "")
-             + f"{len(heldout)} paraphrases held out for evaluation), "
-             f"{n_params / 1e6:.1f}M params, {cfg.finetune}, {cfg.workers} worker(s), {epochs} epochs x "
+             + f"{len(heldout)} paraphrases held out for evaluation"
+             + (f", {len(selection)} to choose the epoch on" if len(selection) else "") + "), "
+             f"{n_params / 1e6:.1f}M params, {cfg.finetune}, {cfg.workers} worker(s), "
+             f"{'at most ' if len(selection) else ''}{epochs} epochs x "
              f"{opt_steps_per_epoch} steps = {total} steps of {cfg.batch_size * cfg.workers * accum} examples"
              f"{f' ({accum} accumulated micro-batches)' if accum > 1 else ''}, lr {lr:g}, {precision}"
              + ("" if cfg.epochs and cfg.lr else f" ({why})"))
@@ -195,7 +209,8 @@ def train(cfg: TrainConfig) -> dict:
         checkpoint_every=cfg.checkpoint_every or opt_steps_per_epoch * max(1, math.ceil(epochs / 3)),
         threads=threads, pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         export_dtype=export_dtype, rows_per_batch=rows_per_batch, mlflow_run_id=run_id,
-        tracking_uri=registry.tracking_uri())
+        tracking_uri=registry.tracking_uri(),
+        selection=selection[["question", "answer"]].to_dict("records"))
     storage = memo_home() / "ray_results"
     # Bounds on what is left after the check (someone takes the resources before Ray Train places its
     # workers): each worker-group start waits startup_timeout_s, and one failed start is retried once.
@@ -254,7 +269,7 @@ def train(cfg: TrainConfig) -> dict:
         "root_base_model": read_manifest(base_path).get("root_base_model", cfg.base_model),
         "corpus_hash": synth.get("corpus_hash", ""), "reflections": sources[0], "reflection_sources": sources,
         "reflections_hash": data_hash, "reflection_rows": data_rows, "new_rows": new_rows, "replay_rows": replay,
-        "heldout_rows": len(heldout),
+        "heldout_rows": len(heldout), "selection_rows": len(selection),
         "generator": synth.get("generator", ""), "finetune": cfg.finetune,
         "lora_export": cfg.lora_export if cfg.finetune == "lora" else None,
         "parent_version": parent_version, "run_id": run_id, "resume_key": key, "gguf": gguf_note, "training_config": params, "metrics": {**metrics, **check},
