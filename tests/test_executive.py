@@ -180,3 +180,91 @@ def test_rewrite_chain_fills_refs_and_skips_what_it_cannot_fill():
     mem = Memory({})
     tr = single_turn(q, exe, mem, REWRITE)
     assert mem.asked == [q, "Who founded the company?"] and tr.steps[-1]["step"] == "skip"
+
+
+class _Handle:
+    """A memory deployment handle whose answers are scripted (what `MemoryModel.answer` returns)."""
+
+    def __init__(self, text: str, confidence: float, threshold: float | None):
+        self.out = {"text": text, "confidence": confidence, "abstain_threshold": threshold, "prompt_tokens": 5,
+                    "completion_tokens": 3}
+
+    def options(self, **_):
+        return self
+
+    @property
+    def answer(self):
+        return self
+
+    def remote(self, *_):
+        out = self.out
+
+        class Response:
+            def result(self, timeout_s=None):
+                return dict(out)
+        return Response()
+
+
+def test_served_memories_gate_each_memory_by_its_own_threshold_and_keep_the_raw_answer():
+    import time
+
+    from memo.serving.executive import ServedMemories
+
+    sure, unsure = _Handle("Quillstead.", 0.9, 0.5), _Handle("Bellhaven.", 0.3, 0.5)
+    deadline = time.monotonic() + 30
+    gated = ServedMemories([("a", "1", sure), ("b", "2", unsure)], 16, deadline, confidence_gate=True)
+    [row] = gated.ask_detailed(["Where was Ysolde Marrowfen born?"])
+    assert row["answer"] == "Quillstead." and row["raw_answer"] == "Quillstead. / Bellhaven."
+    by_domain = {c["domain"]: c for c in gated.log}
+    assert is_idk(by_domain["b"]["answer"]) and by_domain["b"]["raw_answer"] == "Bellhaven."
+    assert by_domain["b"]["below_threshold"] == 0.5 and by_domain["a"]["confidence"] == 0.9
+    [alone] = ServedMemories([("b", "2", unsure)], 16, deadline, confidence_gate=True).ask_detailed(["Q?"])
+    assert is_idk(alone["answer"]) and alone["confidence"] == 0.3 and alone["raw_answer"] == "Bellhaven."
+    # without the gate every answer stands, with its confidence in the log
+    ungated = ServedMemories([("a", "1", sure), ("b", "2", unsure)], 16, deadline)
+    assert ungated.ask(["Q?"]) == ["Quillstead. / Bellhaven."] and ungated.log[1]["confidence"] == 0.3
+
+
+def test_an_http_memory_reads_the_routers_confidence_and_gates_on_the_served_threshold():
+    """HttpMemory against an endpoint speaking the router's wire format (memo_confidence and
+    memo_abstain_threshold beside the OpenAI fields)."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from memo.executive.clients import HttpMemory
+
+    answers = {"Who founded the Halvenmere Cooperative?": ("Ysolde Marrowfen.", 0.92),
+               "Who founded the Larkspur Guild?": ("Ysolde Marrowfen.", 0.41)}
+
+    class Router(BaseHTTPRequestHandler):
+        def do_POST(self):
+            req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            text, conf = answers[req["messages"][-1]["content"]]
+            body = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": req["model"],
+                               "memo_version": "3", "memo_confidence": conf, "memo_abstain_threshold": 0.6,
+                               "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": text}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("x-memo-model-version", "3")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Router)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        sure, unsure = HttpMemory(url, "demo", confidence_gate=True).ask_detailed(list(answers))
+        assert sure == {"answer": "Ysolde Marrowfen.", "confidence": 0.92}
+        assert is_idk(unsure["answer"]) and unsure["raw_answer"] == "Ysolde Marrowfen."
+        assert unsure["below_threshold"] == 0.6
+        assert HttpMemory(url, "demo").ask(list(answers)) == ["Ysolde Marrowfen."] * 2
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -90,7 +90,8 @@ def run_checks(args, exec_cfg: ExecutiveConfig) -> dict:
         served = ServedMemo(args.url, args.domain, key)
         memo = lambda question: served.answer(question, exec_cfg.protocol)  # noqa: E731
     else:
-        memory = HttpMemory(args.url, args.domain, key, exec_cfg.memory_max_tokens)
+        memory = HttpMemory(args.url, args.domain, key, exec_cfg.memory_max_tokens,
+                            confidence_gate=exec_cfg.confidence_gate)
         memo = lambda question: answer_question(question, executive, memory, exec_cfg)  # noqa: E731
     rows, by_kind = [], {}
     for i, q in enumerate(questions, 1):

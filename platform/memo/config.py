@@ -269,6 +269,12 @@ class TrainConfig(Settings):
                              "--corpus PATH (synthesize it first)")
         if self.eval_questions and not Path(self.eval_questions).is_file():
             raise ValueError(f"eval_questions={self.eval_questions}: no such file")
+        if self.select_on == "last" and self.max_epochs is not None:
+            raise ValueError(f"max_epochs={self.max_epochs} applies to select_on=heldout_recall only; "
+                             "set epochs instead, or add --set select_on=heldout_recall")
+        if self.select_on == "heldout_recall" and self.epochs is not None:
+            raise ValueError(f"epochs={self.epochs} with select_on=heldout_recall: set max_epochs (the most it may "
+                             "train; it stops earlier when held-out recall stops improving)")
         micro = self.batch_size * self.workers
         if self.effective_batch_size and (self.effective_batch_size < micro or self.effective_batch_size % micro):
             raise ValueError(f"effective_batch_size={self.effective_batch_size}: use a multiple of batch_size x "
@@ -333,7 +339,7 @@ class ExecutiveConfig(Settings):
     memory_max_tokens: int = F(64, "tokens per memory answer", ge=1)
     confidence_gate: bool = F(False, "a memory answer below its version's calibrated abstention threshold "
                               "(memo.training.calibration) counts as \"I don't know\"; the trace keeps the raw "
-                              "answer and its confidence (local memories)", added=False)
+                              "answer and its confidence (local, served and HTTP memories)", added=False)
     json_retries: int = F(1, "re-asks after an unparseable executive reply, before the fallback", ge=0)
     chain: Literal["refs", "rewrite"] = F(
         "refs", "single: how a later sub-question gets an earlier one's answer: refs = only where the executive "
@@ -409,6 +415,9 @@ class ServeConfig(ExecutiveEndpoint):
     executive_chain: Literal["refs", "rewrite"] = F(
         ExecutiveConfig.model_fields["chain"].default, "memo/<domain>'s single protocol (executive.chain): refs "
         "or rewrite")
+    executive_confidence_gate: bool = F(
+        ExecutiveConfig.model_fields["confidence_gate"].default, "memo/<domain>: a memory answer below its "
+        "version's abstention threshold counts as \"I don't know\" (executive.confidence_gate)")
     executive_deadline_s: float = F(120.0, "a MeMo answer past this returns the best answer so far "
                                     "(finish_reason length) or 504", gt=0)
     executive_api_key_env: str = F("MEMO_EXECUTIVE_API_KEY", "environment variable holding executive_url's key")

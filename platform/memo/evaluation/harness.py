@@ -95,7 +95,7 @@ def _memory_client(cfg: EvalConfig, docs: list[Document], out: Path, exec_cfg: E
 
     if cfg.memory_url:
         return HttpMemory(cfg.memory_url, cfg.domain, os.environ.get("MEMO_API_KEY"), exec_cfg.memory_max_tokens,
-                          exec_cfg.memory_temperature), f"{cfg.memory_url} ({cfg.domain})"
+                          exec_cfg.memory_temperature, exec_cfg.confidence_gate), f"{cfg.memory_url} ({cfg.domain})"
     if cfg.memory:
         mem = load_memory(cfg.memory, exec_cfg.memory_max_tokens, exec_cfg.memory_temperature,
                           exec_cfg.confidence_gate)

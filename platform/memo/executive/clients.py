@@ -107,6 +107,7 @@ class OpenAILLM:
         self.model = model
         self.json_format = JsonFormat()
         self.last_version: str | None = None
+        self.last_abstain_threshold: float | None = None
         self.usage: Counter = Counter()
 
     def reply(self, messages, max_tokens=96, temperature=0.0, json_mode=False) -> Reply:
@@ -116,9 +117,13 @@ class OpenAILLM:
         self.last_version = raw.headers.get("x-memo-model-version")
         resp = raw.parse()
         u = getattr(resp, "usage", None)
+        # this project's router adds memo_confidence / memo_abstain_threshold to a memory's raw answer
+        extra = getattr(resp, "model_extra", None) or {}
+        self.last_abstain_threshold = extra.get("memo_abstain_threshold")
         r = Reply((resp.choices[0].message.content or "").strip(), "", getattr(u, "prompt_tokens", 0) or 0,
                   getattr(u, "completion_tokens", 0) or 0,
-                  "length" if resp.choices[0].finish_reason == "length" else "stop")
+                  "length" if resp.choices[0].finish_reason == "length" else "stop",
+                  confidence=extra.get("memo_confidence"))
         self.usage.update(calls=1, prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
         return r
 
@@ -130,9 +135,10 @@ class HttpMemory:
     """The memory behind the Serve router: one fresh single-turn chat per question."""
 
     def __init__(self, base_url: str, domain: str, api_key: str | None = None, max_tokens: int = 64,
-                 temperature: float = 0.0):
+                 temperature: float = 0.0, confidence_gate: bool = False):
         self.llm = OpenAILLM(base_url.rstrip("/") + "/v1", domain, api_key)
         self.max_tokens, self.temperature = max_tokens, temperature
+        self.confidence_gate = confidence_gate
 
     @property
     def version(self) -> str | None:
@@ -142,9 +148,16 @@ class HttpMemory:
     def usage(self) -> Counter:
         return self.llm.usage
 
+    def ask_detailed(self, questions) -> list[dict]:
+        """Each answer with the confidence the router reports; gated by the served version's threshold."""
+        rows = []
+        for q in questions:
+            r = self.llm.reply([{"role": "user", "content": q}], self.max_tokens, self.temperature)
+            rows.append(gated(r.text, r.confidence, self.llm.last_abstain_threshold if self.confidence_gate else None))
+        return rows
+
     def ask(self, questions):
-        return [self.llm.complete([{"role": "user", "content": q}], self.max_tokens, self.temperature)
-                for q in questions]
+        return [r["answer"] for r in self.ask_detailed(questions)]
 
 
 def load_memory(spec: str, max_tokens: int = 64, temperature: float = 0.0,

@@ -28,7 +28,7 @@ from ray import serve
 from memo.config import ExecutiveConfig, ServeConfig
 from memo.errors import MemoError, Unavailable
 from memo.executive import answer_question
-from memo.executive.clients import make_executive
+from memo.executive.clients import gated, make_executive
 from memo.runtime import quiet
 from memo.serving.memory import HEALTH
 from memo.serving.replica import use_state_of
@@ -65,21 +65,25 @@ def combine(answers: list[str]) -> str:
 
 
 class ServedMemories:
-    """A MemoryClient over memory deployment handles: `targets` = [(domain, version, handle)]."""
+    """A MemoryClient over memory deployment handles: `targets` = [(domain, version, handle)]. With
+    `confidence_gate`, each memory's answer below its version's abstention threshold counts as "I don't
+    know" (the raw answer stays in the log and the trace)."""
 
-    def __init__(self, targets: list[tuple[str, str, object]], max_tokens: int, deadline: float):
+    def __init__(self, targets: list[tuple[str, str, object]], max_tokens: int, deadline: float,
+                 confidence_gate: bool = False):
         self.targets, self.max_tokens, self.deadline = targets, max_tokens, deadline
+        self.confidence_gate = confidence_gate
         self.usage: Counter = Counter()
-        self.log: list[dict] = []  # every memory call: domain, version, question, answer
+        self.log: list[dict] = []  # every memory call: domain, version, question, answer (gated), raw answer
         self.version = targets[0][1] if len(targets) == 1 else "+".join(f"{d}:{v}" for d, v, _ in targets)
 
-    def ask(self, questions: list[str]) -> list[str]:
+    def ask_detailed(self, questions: list[str]) -> list[dict]:
         if time.monotonic() > self.deadline:
             raise DeadlineExceeded
         # Every (question, memory) call in flight at once: the memory replicas batch them.
         calls = [(q, d, v, h.options(multiplexed_model_id=f"{d}:{v}").answer.remote(q, self.max_tokens))
                  for q in questions for d, v, h in self.targets]
-        by_question: dict[str, list[str]] = {}
+        by_question: dict[str, list[dict]] = {}
         for q, d, v, response in calls:
             try:
                 out = response.result(timeout_s=max(0.1, self.deadline - time.monotonic()))
@@ -90,10 +94,22 @@ class ServedMemories:
                     raise Unavailable(f"memory {d}:{v}: {out['error']}", out["retry_after"])
                 raise MemoError(f"memory {d}:{v}: {out['error']}")
             self.usage.update(calls=1, prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"])
-            self.log.append({"domain": d, "version": v, "question": q, "answer": out["text"],
-                             "confidence": out.get("confidence")})
-            by_question.setdefault(q, []).append(out["text"])
-        return [combine(by_question[q]) for q in questions]
+            g = gated(out["text"], out.get("confidence"), out.get("abstain_threshold") if self.confidence_gate else None)
+            self.log.append({"domain": d, "version": v, "question": q, **g})
+            by_question.setdefault(q, []).append(g)
+        rows = []
+        for q in questions:
+            answers = by_question[q]
+            row = {"answer": combine([a["answer"] for a in answers])}
+            if len(answers) == 1:
+                row.update({k: x for k, x in answers[0].items() if k != "answer"})
+            elif any("raw_answer" in a for a in answers):
+                row["raw_answer"] = combine([a.get("raw_answer", a["answer"]) for a in answers])
+            rows.append(row)
+        return rows
+
+    def ask(self, questions: list[str]) -> list[str]:
+        return [r["answer"] for r in self.ask_detailed(questions)]
 
     def best_answer(self, question: str) -> str:
         """What the memories said to the user's own question, when the protocol got no further."""
@@ -130,11 +146,12 @@ class ExecutiveModel:
         deadline = time.monotonic() + seconds
         llm = RequestExecutive(self.llm, deadline)
         memory = ServedMemories([(d, v, self.dedicated.get(d, self.memory)) for d, v in versions.items()],
-                                min(ExecutiveConfig().memory_max_tokens, self.cfg.max_tokens_cap), deadline)
+                                min(ExecutiveConfig().memory_max_tokens, self.cfg.max_tokens_cap), deadline,
+                                confidence_gate=self.cfg.executive_confidence_gate)
         try:
-            tr = answer_question(question, llm, memory, ExecutiveConfig(protocol=protocol,
-                                                                       grounding=self.cfg.executive_grounding,
-                                                                       chain=self.cfg.executive_chain))
+            tr = answer_question(question, llm, memory, ExecutiveConfig(
+                protocol=protocol, grounding=self.cfg.executive_grounding, chain=self.cfg.executive_chain,
+                confidence_gate=self.cfg.executive_confidence_gate))
             text, finish, trace = tr.answer, "stop", asdict(tr)
         except DeadlineExceeded:
             text, finish = memory.best_answer(question), "length"
