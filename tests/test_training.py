@@ -101,13 +101,22 @@ def test_training_config_errors_name_the_field(values, message):
         build_config(TrainConfig, {"domain": "d", "reflections": "r", **values})
 
 
-def test_epoch_selection_keeps_the_earliest_best_and_stops_after_patience():
+def test_epoch_selection_keeps_the_best_and_stops_after_patience_never_before_the_recipe():
     from memo.training.selection import EpochSelection
 
     s = EpochSelection(patience=2)
-    assert [s.add(x) for x in (0.2, 0.5, 0.5, 0.4)] == [True, True, False, False]
-    assert (s.best_epoch, s.best, s.stop) == (2, 0.5, True)  # a tie is no gain: fewer epochs win
-    resumed = EpochSelection(2, [0.2, 0.5, 0.5])  # from a checkpoint's history
+    assert [s.add(x) for x in (0.2, 0.5, 0.4, 0.3)] == [True, True, False, False]
+    assert (s.best_epoch, s.best, s.stop) == (2, 0.5, True)
+    tie = EpochSelection(patience=2)
+    assert [tie.add(x) for x in (0.0, 0.0, 0.0)] == [True, True, True]  # a tie goes to the more trained epoch
+    assert tie.best_epoch == 3 and not tie.stop
+    floor = EpochSelection(patience=1, min_epochs=4)  # the recipe's epochs come first
+    for x in (0.5, 0.1, 0.1):
+        floor.add(x)
+    assert floor.best_epoch == 1 and not floor.stop
+    floor.add(0.1)
+    assert floor.stop
+    resumed = EpochSelection(2, [0.2, 0.5, 0.4])  # from a checkpoint's history
     assert resumed.best_epoch == 2 and not resumed.stop and EpochSelection(1).best_epoch == 0
 
 

@@ -49,6 +49,7 @@ class RunPlan(Settings):
     tracking_uri: str = ""
     # train.select_on=heldout_recall: the rewordings each epoch is scored on (training.selection)
     selection: list[dict] = []
+    min_epochs: int = 1  # ... and the recipe's epochs, which it never stops before
 
 
 def lora_config(plan: RunPlan):
@@ -123,7 +124,7 @@ def train_loop_per_worker(config: dict) -> None:
         sd = get_model_state_dict(model, options=StateDictOptions(cpu_offload=True))
         return {k: v.detach().clone() for k, v in sd.items()}
 
-    chooser, best = EpochSelection(t.patience), None
+    chooser, best = EpochSelection(t.patience, min_epochs=plan.min_epochs), None
     step, epoch, skip = 0, 0, 0
     ckpt = ray.train.get_checkpoint()
     if ckpt:
@@ -135,7 +136,7 @@ def train_loop_per_worker(config: dict) -> None:
             # may have had another number of workers)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
             dcp.load(state, checkpoint_id=str(Path(d) / "shards"))
-            chooser = EpochSelection(t.patience, meta.get("selection"))
+            chooser = EpochSelection(t.patience, meta.get("selection"), plan.min_epochs)
             if (Path(d) / "best").exists():
                 best = {"model": snapshot()}
                 dcp.load(best, checkpoint_id=str(Path(d) / "best"))
@@ -238,13 +239,13 @@ def train_loop_per_worker(config: dict) -> None:
             if chooser.add(score):
                 best = None if epoch == plan.epochs else snapshot()  # the last epoch is the model itself
             if rank == 0:
-                print(f"[train] epoch {epoch}: held-out recall {score:.2f} on {len(plan.selection)} rewordings "
-                      f"(best {chooser.best:.2f}, epoch {chooser.best_epoch})", flush=True)
+                print(f"[train] epoch {epoch}: held-out score {score:.3f} on {len(plan.selection)} rewordings "
+                      f"(best {chooser.best:.3f}, epoch {chooser.best_epoch})", flush=True)
                 if mlflow_client:
                     mlflow_client.log_metric(plan.mlflow_run_id, "selection_recall", score, step=epoch)
             if chooser.stop:
                 if rank == 0:
-                    print(f"[train] stopping after epoch {epoch}: no better held-out recall in {t.patience} "
+                    print(f"[train] stopping after epoch {epoch}: no better held-out score in {t.patience} "
                           f"epoch(s)", flush=True)
                 break
     selected = {}
@@ -252,7 +253,7 @@ def train_loop_per_worker(config: dict) -> None:
         if chooser.best_epoch != len(chooser.history):
             set_model_state_dict(model, best)
             if rank == 0:
-                print(f"[train] keeping epoch {chooser.best_epoch} (held-out recall {chooser.best:.2f})", flush=True)
+                print(f"[train] keeping epoch {chooser.best_epoch} (held-out score {chooser.best:.3f})", flush=True)
         selected = {"best_epoch": chooser.best_epoch, "selection_recall": chooser.best, "epochs_trained": epoch}
     seconds = time.time() - t_start
     steady = time.time() - t_steady

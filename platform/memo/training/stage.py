@@ -127,7 +127,8 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.select_on == "heldout_recall":
         # its own split (same rule: one wording per fact whose other wordings stay in training), so the
         # gate's held-out number is not the one the epoch was chosen on
-        df, selection = split_heldout(df, cfg.select_ratio, cfg.seed + 1)
+        # at least 8 questions where the reflections allow (a handful scores in coarse steps), at most 20%
+        df, selection = split_heldout(df, min(0.2, max(cfg.select_ratio, 8 / max(len(df), 1))), cfg.seed + 1)
         if selection.empty:
             raise MemoError(f"select_on=heldout_recall: --reflections {cfg.reflections} has no fact asked in two or "
                             "more direct/indirect wordings to hold one out; raise synthesize.phrasings, or use "
@@ -149,8 +150,10 @@ def train(cfg: TrainConfig) -> dict:
     n_params = count_params(base_path)
     epochs, lr, why = default_schedule(n_params, len(data), cfg.recipe, cfg.finetune)
     epochs, lr = cfg.epochs or epochs, cfg.lr or lr
+    recipe_epochs = epochs
     if cfg.select_on == "heldout_recall":
-        # the most it may train: it stops earlier when the selection score stops improving
+        # the most it may train: it stops earlier when the selection score stops improving, never before
+        # the recipe's own epochs
         epochs = cfg.max_epochs or 2 * epochs
     rows_per_batch = cfg.batch_size
     if cfg.packing:
@@ -210,7 +213,7 @@ def train(cfg: TrainConfig) -> dict:
         threads=threads, pad_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
         export_dtype=export_dtype, rows_per_batch=rows_per_batch, mlflow_run_id=run_id,
         tracking_uri=registry.tracking_uri(),
-        selection=selection[["question", "answer"]].to_dict("records"))
+        selection=selection[["question", "answer"]].to_dict("records"), min_epochs=min(recipe_epochs, epochs))
     storage = memo_home() / "ray_results"
     # Bounds on what is left after the check (someone takes the resources before Ray Train places its
     # workers): each worker-group start waits startup_timeout_s, and one failed start is retried once.
