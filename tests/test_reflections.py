@@ -212,6 +212,19 @@ def test_an_option_added_later_keeps_earlier_outputs_reusable_at_its_default():
     assert ExecutiveConfig().output_fields()["grounding"] == "facts"
 
 
+def test_the_extra_wordings_carry_their_own_code_version_into_the_resume_key():
+    """phrasings >= 3 runs code that phrasings=2 never does: a change to it must re-synthesize those outputs
+    (unversioned, reflections made before the possessive relation questions were reused under the same key),
+    and must leave the default's outputs reusable."""
+    from memo.synthesis.rules import RULES_VERSION, WORDINGS_VERSION
+    from memo.synthesis.stage import make_generator
+
+    version = {k: make_generator(build_config(SynthesizeConfig, {"domain": "d", "corpus": "-", "phrasings": k})).version
+               for k in (2, 3, 5)}
+    assert version[2] == RULES_VERSION
+    assert version[3] == version[5] == f"{RULES_VERSION}+{WORDINGS_VERSION}"
+
+
 def test_phrasings_ask_every_fact_many_ways_and_from_both_sides():
     """synthesize.phrasings=5: each fact in up to 5 different questions (fronted, cloze, synonym verbs, other
     question words), the founder asked from the company's side and the company from the founder's, every

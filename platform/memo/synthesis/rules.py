@@ -41,6 +41,10 @@ from memo.text import find_spans
 log = logging.getLogger(__name__)
 # Part of the resume key: a change to the rules' questions re-synthesizes instead of reusing old output.
 RULES_VERSION = "rules-1"
+# The same for the extra wordings of synthesize.phrasings >= 3 (at 2 the output is rules-1's, byte for
+# byte): bump it with every change to them. Unbumped, the possessive relation questions (87908ed) reused
+# reflections made before them under the same key, and a lever measurement trained on the old wordings.
+WORDINGS_VERSION = "wordings-2"
 
 
 def _row(domain, step, question, answer, chunk_ids, verified=True):
@@ -216,7 +220,9 @@ def cross_doc_group(group: pd.DataFrame, per_entity: int = 4) -> pd.DataFrame:
 class RulesGenerator:
     """Per-chunk tasks on Ray Data, then cross-document groups by shared names (map_groups)."""
     name = "rules"
-    version = RULES_VERSION
+
+    def __init__(self, phrasings: int = 2):
+        self.version = RULES_VERSION + (f"+{WORDINGS_VERSION}" if phrasings > 2 else "")
 
     def run(self, cfg, chunks, out, key) -> GeneratorOutput:
         local = chunks.map_batches(synthesize_batch, batch_format="pandas", batch_size=16,
