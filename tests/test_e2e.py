@@ -1,5 +1,6 @@
 """The whole loop on a real local Ray cluster with a tiny model: synthesize (Ray Data) -> train
-(Ray Train, 2 FSDP2 workers on gloo) -> MLflow registry -> Ray Serve router over real HTTP on
+(Ray Train, 2 FSDP2 workers on gloo, one of them killed mid-run and restarted from the last sharded
+checkpoint; the epoch chosen on held-out rewordings) -> MLflow registry -> Ray Serve router over real HTTP on
 127.0.0.1 -> the official openai client and the executive, here and served (model memo/e2e, with
 Qwen2.5-Coder-0.5B on llama.cpp as the served executive when make install has put it there)."""
 
@@ -15,22 +16,32 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_model, tmp_path_factory):
+    """The demo corpus synthesized (Ray Data) and trained by 2 FSDP workers (Ray Train) that choose the
+    epoch on held-out rewordings (select_on=heldout_recall, at most 3 epochs); rank 0's process is killed
+    3 steps into epoch 2 (tests/faults.py) and Ray Train restarts both workers from the last checkpoint.
+    Trained before Serve holds any CPU."""
+    from faults import dies_once_in_epoch_two
     from memo.config import SynthesizeConfig, TrainConfig, build_config
     from memo.synthesis import synthesize
-    from memo.training import train
+    from memo.training import stage, train
 
     out = tmp_path_factory.mktemp("refl")
     synthesize(build_config(SynthesizeConfig, {"domain": "e2e", "corpus": str(DEMO_CORPUS), "out": str(out)}))
     cfg = build_config(TrainConfig, {"domain": "e2e", "reflections": str(out), "base_model": tiny_model,
-                                     "workers": 2, "epochs": 2, "lr": 3e-3, "eval_sample": 4})
-    return train(cfg), out
+                                     "workers": 2, "lr": 3e-3, "eval_sample": 4, "checkpoint_every": 4,
+                                     "select_on": "heldout_recall", "max_epochs": 3, "patience": 2})
+    marker = tmp_path_factory.mktemp("fault") / "died"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage, "train_loop_per_worker", dies_once_in_epoch_two(3, str(marker)))
+        result = train(cfg)
+    return result, out, marker
 
 
 def test_training_registers_a_candidate_with_lineage(trained):
     from memo import registry
     from memo.models import read_manifest
 
-    result, refl = trained
+    result, refl, _ = trained
     assert result["version"] == registry.resolve_version("e2e", "candidate")
     manifest = read_manifest(result["model_dir"])
     stats = json.loads((refl / "stats.json").read_text())
@@ -53,6 +64,64 @@ def test_training_registers_a_candidate_with_lineage(trained):
     assert run.data.metrics["synth.cross_doc.out"] == stats["steps"]["cross_doc"]["out"]
     assert history[-1].value < history[0].value  # it learned something
 
+
+def test_a_worker_killed_mid_run_resumed_from_the_last_checkpoint_and_kept_the_best_epoch(trained):
+    """2 FSDP workers, select_on=heldout_recall: a selection set of rewordings (apart from the gate's held-out
+    set) is asked after every epoch. Rank 0's process exits 3 steps into epoch 2; Ray Train restarts both
+    workers from the last checkpoint (model, optimizer, scheduler, data position, the scores so far and the
+    best epoch's weights). Training stops `patience` epochs after the best one, and the best epoch's
+    weights are what is exported."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from faults import SCORES
+    from memo import registry
+    from memo.config import memo_home
+    from memo.models import load_model, read_manifest
+    from memo.training.selection import EpochSelection
+
+    result, _, died = trained
+    assert died.exists()  # the fault happened
+    m = read_manifest(result["model_dir"])
+    assert m["selection_rows"] > 0 and m["heldout_rows"] > 0
+    steps = [x.step for x in registry.client().get_metric_history(result["run_id"], "loss")]
+    # every step ran once: the steps before the fault (the last checkpoint was the step before it), the rest
+    # after the restart
+    assert sorted(steps) == list(range(1, result["step"] + 1)) == list(range(1, m["training_config"]["total_steps"] + 1))
+
+    history = [x.value for x in sorted(registry.client().get_metric_history(result["run_id"], "selection_recall"),
+                                       key=lambda x: x.step)]
+    assert history == list(SCORES)
+    replay = EpochSelection(2, min_epochs=3)  # the recipe's 6 epochs, capped by max_epochs
+    for score in history:
+        replay.add(score)
+        if replay.stop:
+            break
+    assert len(history) == result["epochs_trained"] == len(replay.history)
+    assert result["best_epoch"] == replay.best_epoch and result["selection_recall"] == replay.best
+    assert result["best_epoch"] == 1 and result["epochs_trained"] == 3
+
+    # The checkpoints were sharded: each of the 2 ranks wrote its own part (torch.distributed.checkpoint), rank 0
+    # only the schedule, position and scores beside them; nothing was gathered whole before the export. The
+    # last one holds the current weights and the best epoch's beside them.
+    ckpts = sorted(memo_home().glob(f"ray_results/memo-e2e-{result['run_id'][:8]}/checkpoint_*"))
+    shards = [p.name for c in ckpts for p in (c / "shards").glob("*")]
+    assert shards.count(".metadata") >= 1 and {"__0_0.distcp", "__1_0.distcp"} <= set(shards), shards
+    with_best = [c for c in ckpts if (c / "best").exists()]
+    assert with_best, [sorted(p.name for p in c.iterdir()) for c in ckpts]
+    exported, _ = load_model(result["model_dir"])
+    saved = set(dcp.FileSystemReader(str(with_best[-1] / "best")).read_metadata().state_dict_metadata)
+
+    def read(folder):  # the "model" part of a DCP folder, as full tensors in this one process
+        state = {"model": {k: v.clone() for k, v in exported.state_dict().items() if f"model.{k}" in saved}}
+        dcp.load(state, checkpoint_id=str(folder))
+        return state["model"]
+
+    best, current = read(with_best[-1] / "best"), read(with_best[-1] / "shards")
+    assert best, saved
+    for name, w in best.items():
+        assert torch.allclose(w, exported.state_dict()[name], atol=1e-6), name  # the export is the best epoch
+    assert any(not torch.allclose(w, current[name]) for name, w in best.items())  # not the last one
+    assert result["peak_rss_mb"] > 0
 
 def real_executive() -> str | None:
     from memo.engines.llamacpp import available

@@ -137,22 +137,32 @@ def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
 
 
 @pytest.mark.slow
-def test_eval_builds_the_memory_runs_every_method_and_resumes(tmp_path, tiny_model):
-    """No --memory: synthesize + train + register the corpus' memory, then all seven methods with a tiny
-    model as executive, judge and base; results with intervals, the judge and its agreement with
-    `contains`, the three diagnostics, table, chart, predictions, traces, MLflow; a re-run resumes."""
+def test_eval_builds_a_memory_per_seed_runs_every_method_and_resumes(tmp_path, tiny_model):
+    """No --memory, --noise 1 --seeds 2: the noise records' paragraphs join the corpus; synthesize + train +
+    register the corpus' memory, then all seven methods with a tiny model as executive, judge and base
+    (results with intervals, the judge and its agreement with `contains`, the three diagnostics, table,
+    chart, predictions, traces, MLflow); a second memory from the first's reflections with another seed,
+    asked only the memo_* methods; one combined table. The same command again answers nothing twice;
+    other settings into the same folder are refused; a registered memory is evaluated by its alias.
+    (Several noise levels: the plan test above.)"""
     import mlflow
     from memo import registry
+    from memo.evaluation.benchmarks import load_benchmark
 
-    data, out = musique_file(tmp_path / "m.jsonl"), tmp_path / "out"
+    data, out = musique_file(tmp_path / "m.jsonl", noise_records=True), tmp_path / "out"
     methods = "closed_book,bm25,oracle,memo_single,memo_structured,memo_gold_decomp,memo_rag"
-    args = ["eval", "--benchmark", "musique", "--data", str(data), "--out", str(out), "--methods", methods,
+    memo_methods = [m for m in methods.split(",") if m.startswith("memo_")]
+    args = ["eval", "--benchmark", "musique", "--data", str(data), "--limit", "2", "--distractors", "1",
+            "--out", str(out), "--methods", methods, "--noise", "1", "--seeds", "2",
             "--domain", "evaltest", "--executive-local", tiny_model, "--set", f"base_model={tiny_model}",
             "--set", "epochs=1", "--set", "train.workers=1", "--set", "pinning_turns=2", "--set", "seeking_turns=2",
             "--set", "executive_max_tokens=24", "--set", "memory_max_tokens=12", "--set", "eval_sample=4"]
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
+
+    # seed 0: an ordinary `memo eval` run of every method
+    seed0 = out / "runs" / "noise-1" / "seed-0"
+    results = json.loads((seed0 / "results.json").read_text())
     assert results["benchmark"] == "musique" and results["n"] == 2 and results["errors"] == 0
     assert set(results["methods"]) == set(methods.split(","))
     for name, m in results["methods"].items():
@@ -161,44 +171,60 @@ def test_eval_builds_the_memory_runs_every_method_and_resumes(tmp_path, tiny_mod
         assert m["f1_ci"][0] <= m["f1"] <= m["f1_ci"][1] and 0 <= m["judge"] <= 1
         assert 0 <= m["judge_agrees_with_contains"] <= 1
     d = results["diagnostics"]
-    assert d["memory_recall"]["probes"] == sum(len(q["question_decomposition"]) for q in map(
-        json.loads, data.read_text().splitlines()))
+    asked = list(map(json.loads, data.read_text().splitlines()))[:2]
+    assert d["memory_recall"]["probes"] == sum(len(q["question_decomposition"]) for q in asked)
     assert 0 <= d["memory_recall"]["recall"] <= 1 and 0 <= d["reflections_recited"]["recited"] <= 1
     assert d["reflections_recited"]["asked"] > 0 and d["reflection_coverage"]["facts"] > 0
     assert results["methods"]["memo_gold_decomp"]["memory_calls_per_q"] >= 1
     assert results["memory"].startswith("models:/memo-evaltest/")
-    table = (out / "results.md").read_text()
+    table = (seed0 / "results.md").read_text()
     assert all(f"| {m} |" in table for m in methods.split(","))
-    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-    preds = (out / "predictions.jsonl").read_text().splitlines()
-    assert len(preds) == 14
-    structured = [json.loads(line) for line in (out / "traces" / "memo_structured.jsonl").read_text().splitlines()]
+    assert (seed0 / "results.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((seed0 / "predictions.jsonl").read_text().splitlines()) == 14
+    structured = [json.loads(line) for line in (seed0 / "traces" / "memo_structured.jsonl").read_text().splitlines()]
     assert len(structured) == 2 and all(t["protocol"] == "structured" for t in structured)
     assert any(s["role"] == "state" for s in structured[0]["steps"])
-    bm25 = json.loads((out / "traces" / "bm25.jsonl").read_text().splitlines()[0])
-    assert len(bm25["passages"]) == 9
+    bm25 = json.loads((seed0 / "traces" / "bm25.jsonl").read_text().splitlines()[0])
+    assert 0 < len(bm25["passages"]) <= results["documents"]
     # MLflow: the run and its metrics, and the memory registered for this corpus
     mlflow.set_tracking_uri(registry.tracking_uri())
     run = mlflow.get_run(results["mlflow_run_id"])
     assert run.data.metrics["memo_single.em"] == results["methods"]["memo_single"]["em"]
-    assert registry.resolve_version("evaltest", "candidate")
+
+    # seed 1: another memory, trained on seed 0's reflections with another seed, asked the memo_* methods
+    c = json.loads((out / "results.json").read_text())
+    assert c["documents"]["noise-1"] > len(load_benchmark("musique", str(data), 2, 0.0, 1)[0])
+    assert set(c["memories"]) == {"noise-1/seed-0", "noise-1/seed-1"}
+    assert c["memories"]["noise-1/seed-0"] == results["memory"] != c["memories"]["noise-1/seed-1"]
+    assert c["memories"]["noise-1/seed-1"].startswith("models:/memo-evaltest/")
+    memo = c["methods"]["memo_gold_decomp"]["levels"]["noise-1"]
+    assert memo["seeds"] == 2 and len(memo["f1_seeds"]) == 2 and "f1_sd" in memo
+    assert c["methods"]["bm25"]["levels"]["noise-1"]["seeds"] == 1  # BM25 does not depend on the memory
+    seed1 = json.loads((out / "runs" / "noise-1" / "seed-1" / "settings.json").read_text())["settings"]
+    assert seed1["train"]["seed"] == 1 and seed1["eval"]["methods"] == memo_methods
+    assert not (out / "runs" / "noise-1" / "seed-1" / "reflections").exists()
+    combined = (out / "results.md").read_text()
+    assert "| memo_gold_decomp | noise-1 |" in combined and "Per seed (F1)" in combined
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
 
     # the same command again: nothing is answered twice
     again = run_cli(*args)
-    assert again.returncode == 0 and "14 answers already in" in again.stdout and "0 to go" in again.stdout
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 14
-    resumed = json.loads((out / "results.json").read_text())
-    assert resumed["methods"] == results["methods"]
+    assert again.returncode == 0 and "14 answers already in" in again.stdout, again.stdout[-2000:]
+    assert again.stdout.count(" 0 to go") == 2, again.stdout[-2000:]
+    assert len((seed0 / "predictions.jsonl").read_text().splitlines()) == 14
+    assert json.loads((seed0 / "results.json").read_text())["methods"] == results["methods"]
     # other settings into the same folder: refused, nothing overwritten
-    other = run_cli(*args[:-2], "--limit", "1")
-    assert other.returncode == 2 and "other settings (eval.limit)" in other.stderr
-    assert json.loads((out / "results.json").read_text()) == resumed
-    # a registered memory by alias, as a platform team evaluates a candidate
-    by_alias = run_cli("eval", "--benchmark", "musique", "--data", str(data), "--out", str(tmp_path / "alias"),
-                       "--methods", "memo_gold_decomp", "--memory", "models:/memo-evaltest@candidate",
-                       "--executive-local", tiny_model, "--set", "memory_max_tokens=12")
+    resumed = (out / "results.json").read_text()
+    other = run_cli(*args, "--limit", "1")
+    assert other.returncode == 2 and "other settings (eval.limit)" in other.stderr, other.stderr[-2000:]
+    assert (out / "results.json").read_text() == resumed
+    # a registered memory by alias, as a platform team evaluates a candidate (the last trained: seed 1's)
+    by_alias = run_cli("eval", "--benchmark", "musique", "--data", str(data), "--limit", "2", "--out",
+                       str(tmp_path / "alias"), "--methods", "memo_gold_decomp", "--memory",
+                       "models:/memo-evaltest@candidate", "--executive-local", tiny_model,
+                       "--set", "memory_max_tokens=12")
     assert by_alias.returncode == 0, by_alias.stderr[-2000:]
-    assert json.loads((tmp_path / "alias" / "results.json").read_text())["memory"] == "models:/memo-evaltest/1"
+    assert json.loads((tmp_path / "alias" / "results.json").read_text())["memory"] == c["memories"]["noise-1/seed-1"]
 
 
 def test_presets_size_a_run_and_flags_given_beside_win(tmp_path):
@@ -278,7 +304,7 @@ def test_sweep_reports_the_paired_noise_drop_and_the_spread_over_seeds(tmp_path)
 def test_sweep_plans_a_memory_per_level_and_seed_and_the_others_once(tmp_path):
     """--noise 0,1 --seeds 2: each level is its own domain (a noisier corpus is another memory); seed k>0
     trains on seed 0's reflections with train.seed+k and runs only the memo_* methods; then one combined
-    result. The runs are recorded here, not executed (the end-to-end test below runs one level)."""
+    result. The runs are recorded here, not executed (the end-to-end test above runs one level)."""
     from memo.config import EvalConfig, ExecutiveConfig
     from memo.evaluation.sweep import run_sweep
 
@@ -300,40 +326,6 @@ def test_sweep_plans_a_memory_per_level_and_seed_and_the_others_once(tmp_path):
     assert c["methods"]["bm25"]["levels"]["noise-1"]["seeds"] == 1
     assert c["methods"]["memo_gold_decomp"]["levels"]["noise-1"]["seeds"] == 2
     assert json.loads((tmp_path / "o" / "results.json").read_text())["seeds"] == 2
-
-
-@pytest.mark.slow
-def test_eval_noise_sweep_with_seeds_builds_a_memory_per_seed_and_resumes(tmp_path, tiny_model):
-    """--noise 1 --seeds 2: the noise records' paragraphs join the corpus, two memories (the second from
-    the first's reflections, another seed), BM25 once, one combined table; the same command again answers
-    nothing twice. (Several levels: the plan test above.)"""
-    from memo.evaluation.benchmarks import load_benchmark
-
-    data, out = musique_file(tmp_path / "m.jsonl", noise_records=True), tmp_path / "out"
-    args = ["eval", "--benchmark", "musique", "--data", str(data), "--limit", "2", "--distractors", "1",
-            "--out", str(out), "--methods", "bm25,memo_gold_decomp", "--noise", "1", "--seeds", "2",
-            "--domain", "sweeptest", "--executive-local", tiny_model, "--judge-local", "",
-            "--set", f"base_model={tiny_model}", "--set", "epochs=1", "--set", "train.workers=1",
-            "--set", "memory_max_tokens=8", "--set", "eval_sample=4"]
-    res = run_cli(*args)
-    assert res.returncode == 0, res.stderr[-3000:]
-    c = json.loads((out / "results.json").read_text())
-    assert c["documents"]["noise-1"] > len(load_benchmark("musique", str(data), 2, 0.0, 1)[0])
-    assert set(c["memories"]) == {"noise-1/seed-0", "noise-1/seed-1"}
-    assert c["memories"]["noise-1/seed-0"] != c["memories"]["noise-1/seed-1"]
-    assert c["memories"]["noise-1/seed-1"].startswith("models:/memo-sweeptest/")
-    memo = c["methods"]["memo_gold_decomp"]["levels"]["noise-1"]
-    assert memo["seeds"] == 2 and len(memo["f1_seeds"]) == 2 and "f1_sd" in memo
-    assert c["methods"]["bm25"]["levels"]["noise-1"]["seeds"] == 1  # BM25 does not depend on the memory
-    # seed 1 trained on seed 0's reflections, with another seed
-    seed1 = json.loads((out / "runs" / "noise-1" / "seed-1" / "settings.json").read_text())["settings"]
-    assert seed1["train"]["seed"] == 1 and seed1["eval"]["methods"] == ["memo_gold_decomp"]
-    assert not (out / "runs" / "noise-1" / "seed-1" / "reflections").exists()
-    table = (out / "results.md").read_text()
-    assert "| memo_gold_decomp | noise-1 |" in table and "Per seed (F1)" in table
-    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-    again = run_cli(*args)
-    assert again.returncode == 0 and again.stdout.count(" 0 to go") == 2, again.stdout[-2000:]
 
 
 def test_memory_recall_tells_echoes_from_abstentions_and_wrong_answers():

@@ -73,7 +73,8 @@ def test_packed_rows_give_each_example_its_own_loss(tiny_model, tok):
 
 def test_decoder_layers_are_found_through_a_peft_wrapper(tiny_model):
     import torch
-    from memo.training.loop import decoder_layers, lora_adapter
+    from memo.training.loop import lora_adapter
+    from memo.training.sharding import decoder_layers
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -118,6 +119,66 @@ def test_epoch_selection_keeps_the_best_and_stops_after_patience_never_before_th
     assert floor.stop
     resumed = EpochSelection(2, [0.2, 0.5, 0.4])  # from a checkpoint's history
     assert resumed.best_epoch == 2 and not resumed.stop and EpochSelection(1).best_epoch == 0
+
+
+def _build_sharded(rank: int, world: int, init_file: str, base: str, lora: bool, out: str) -> None:
+    """One rank of test_a_sharded_model_...: build the model as the training loop does, save what it holds."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from memo.training.loop import lora_adapter
+    from memo.training.sharding import build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        if lora:
+            from peft import get_peft_model
+
+            model = build_model(base, torch.device("cpu"), world, lambda m: get_peft_model(m, lora_adapter(4, 8, 0.0)))
+        else:
+            model = build_model(base, torch.device("cpu"), world)
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[1, 5, 9, 14, 3, 7]])).logits
+        buffers = {n: b.clone() for n, b in model.named_buffers()}
+        if rank == 0:
+            torch.save({"state": full, "logits": logits, "buffers": buffers}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_model_is_built_on_meta_and_filled_from_rank_zero(tiny_model, tmp_path):
+    """2 ranks on gloo, as the training loop builds a LoRA run's model (the structure-changing case; full
+    SFT is the same without the adapters): the weights and the adapters' initial values are rank 0's, the
+    RoPE buffers that no state dict carries are right, and a forward pass gives the unsharded model's
+    logits."""
+    lora = True
+    import torch
+    import torch.multiprocessing as mp
+    from transformers import AutoModelForCausalLM
+
+    from memo.training.loop import lora_adapter
+
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_build_sharded, args=(2, str(tmp_path / "init"), tiny_model, lora, str(out)), nprocs=2,
+                       start_method="spawn")
+    got = torch.load(out, weights_only=False)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    if lora:
+        from peft import get_peft_model
+
+        ref = get_peft_model(ref, lora_adapter(4, 8, 0.0))
+    want = ref.state_dict()
+    assert set(got["state"]) <= set(want) and len(got["state"]) >= len(want) - 1  # a tied head may be named once
+    for name, w in got["state"].items():
+        assert torch.equal(w, want[name]), name
+    for name, b in ref.named_buffers():
+        assert torch.equal(got["buffers"][name], b), name  # RoPE's inv_freq: not in any state dict
+    with torch.no_grad():
+        assert torch.allclose(got["logits"], ref(input_ids=torch.tensor([[1, 5, 9, 14, 3, 7]])).logits, atol=1e-5)
 
 
 def test_paper_recipe_and_lora_rates():

@@ -9,21 +9,10 @@ from pathlib import Path
 from typing import Literal
 
 from memo.config import Settings, TrainConfig
-from memo.errors import MemoError
 from memo.training.data import collate, epoch_batches
 from memo.training.loss import accumulation_step
 from memo.training.selection import EpochSelection, selection_recall
-
-
-def decoder_layers(model) -> list:
-    """The repeated transformer blocks (the FSDP units), found by structure so peft-wrapped and other
-    architectures work too: the first non-empty ModuleList named `...layers`/`...h`/`...blocks`."""
-    import torch.nn as nn
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and len(mod) and name.split(".")[-1] in ("layers", "h", "blocks"):
-            return list(mod)
-    raise MemoError("cannot find the model's decoder layers (a ModuleList named layers, h or blocks) to shard")
+from memo.training.sharding import build_model
 
 
 class RunPlan(Settings):
@@ -82,8 +71,7 @@ def train_loop_per_worker(config: dict) -> None:
         set_model_state_dict,
         set_optimizer_state_dict,
     )
-    from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     plan = RunPlan.model_validate(config)
     t = plan.train
@@ -93,27 +81,26 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed)
     device = ray.train.torch.get_device() if t.device == "cuda" else torch.device("cpu")
 
-    model = AutoModelForCausalLM.from_pretrained(plan.base_path, dtype=torch.float32, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(plan.base_path, local_files_only=True) if plan.selection else None
-    model.config.use_cache = False
-    if t.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if t.finetune == "lora":
-        from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config(plan))
-        if rank == 0:
-            n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-            print(f"[train] LoRA r={t.lora_r}: {n_train / 1e6:.2f}M trainable parameters", flush=True)
-    model.to(device)
-    if world > 1:
-        # FSDP2: shard each decoder layer, then the root (embeddings, final norm, tied head). On CPU,
-        # prepare_model(parallel_strategy="fsdp") refuses and FSDP1 needs device_id; FSDP2 works on
-        # gloo. With one worker there is nothing to shard and the all-gather/reduce-scatter copies are
-        # pure overhead, so the model stays a plain module (the state-dict calls below handle both).
-        for layer in decoder_layers(model):
-            fully_shard(layer)
-        fully_shard(model)
+    def prepare(model):
+        """What changes the model's structure, applied the same on every rank (training.sharding)."""
+        model.config.use_cache = False
+        if t.activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if t.finetune == "lora":
+            from peft import get_peft_model
+
+            model = get_peft_model(model, lora_config(plan))
+        return model
+
+    # One worker: a plain module. Several: FSDP2 shards (each decoder layer, then the root; on CPU,
+    # prepare_model(parallel_strategy="fsdp") refuses and FSDP1 needs device_id; FSDP2 works on gloo),
+    # built on the meta device and filled from rank 0's one copy of the weights.
+    model = build_model(plan.base_path, device, world, prepare)
+    if t.finetune == "lora" and rank == 0:
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"[train] LoRA r={t.lora_r}: {n_train / 1e6:.2f}M trainable parameters", flush=True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=plan.lr,
                             weight_decay=t.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(plan.warmup_steps))
