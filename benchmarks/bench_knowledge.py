@@ -17,6 +17,8 @@ Levers (synthesize.* / train.* settings; README "Knowledge injection"):
     phrasings+fact_text  both
     phrasings+select     phrasings=5 and train.select_on=heldout_recall: up to twice the recipe's epochs, the
                          best epoch on held-out rewordings kept, stopped 2 epochs after it
+    phrasings+0.5b       phrasings=5 on the bigger memory: Qwen2.5-Coder-0.5B-Instruct (the pinned GGUF,
+                         dequantized) instead of SmolLM2-135M
 Each lever's result is kept in OUT/<lever>.json: an interrupted run resumes where it stopped.
 """
 
@@ -37,6 +39,7 @@ LEVERS = {
     "fact_text": ({}, {"fact_text": "mixed"}),
     "phrasings+fact_text": ({"phrasings": 5}, {"fact_text": "mixed"}),
     "phrasings+select": ({"phrasings": 5}, {"select_on": "heldout_recall"}),
+    "phrasings+0.5b": ({"phrasings": 5}, {"base_model": "qwen2.5-coder-0.5b"}),
 }
 
 
@@ -61,7 +64,8 @@ def build_and_score(lever: str, corpus: Path, questions, out: Path, seed: int, e
            "synth_min": round((t1 - t0) / 60, 2), "train_min": round((t2 - t1) / 60, 2),
            "heldout_contains": r.get("heldout_contains"), "abstain_threshold": r.get("abstain_threshold"),
            "calibration_auroc": r.get("confidence_auroc"), "epochs_trained": r.get("epochs_trained"),
-           "best_epoch": r.get("best_epoch"), "selection_recall": r.get("selection_recall")}
+           "best_epoch": r.get("best_epoch"), "selection_recall": r.get("selection_recall"),
+           "peak_rss_mb": r.get("peak_rss_mb"), "base_model": train_set.get("base_model", "smollm2-135m")}
     return {**res, **score(res, questions)}
 
 
@@ -151,7 +155,8 @@ def main() -> int:
               f"{r['tokens_per_s']:.0f} |")
     keys = ("recall", "recall_ci", "recall_unseen", "recall_unseen_ci", "seen_verbatim", "recited", "confident_wrong",
             "echo", "idk", "probe_auroc", "probe_selective_accuracy", "probe_coverage", "abstain_threshold",
-            "reflections", "synth_min", "train_min", "tokens_per_s", "best_epoch", "epochs_trained")
+            "reflections", "synth_min", "train_min", "tokens_per_s", "best_epoch", "epochs_trained", "peak_rss_mb",
+            "base_model")
     summary = {r["lever"]: {k: r.get(k) for k in keys} for r in results}
     print("RESULT " + json.dumps({"benchmark": args.benchmark, "questions": len(questions), "probes": base["probes"],
                                   "seed": args.seed, "cpu_flags": flags, "levers": summary}))

@@ -37,3 +37,16 @@ def test_the_converter_refusal_of_an_unknown_bpe_tokenizer_is_known_before_it_st
     assert gguf.unknown_pretokenizer(resolve_base_model("smollm2-135m")) == ""
     reason = gguf.unknown_pretokenizer(tiny_model)
     assert "BPE pre-tokenizer, hash" in reason and "not one llama.cpp's converter recognises" in reason
+
+
+def test_the_bigger_memory_base_is_the_pinned_gguf_and_names_its_install_command(tmp_path, monkeypatch):
+    """--base-model qwen2.5-coder-0.5b reads the GGUF `memo models install` checked; missing, the error says how
+    to install it (its conversion is the 135M's above, measured in RESULTS.md rather than run here)."""
+    from memo.errors import MemoError
+    from memo.models import resolve_base_model
+
+    monkeypatch.setenv("MEMO_MODELS", str(tmp_path))
+    with pytest.raises(MemoError, match="memo models install qwen2.5-coder-0.5b"):
+        resolve_base_model("qwen2.5-coder-0.5b")
+    with pytest.raises(MemoError, match="qwen2.5-coder-0.5b"):  # named among the aliases when one is misspelt
+        resolve_base_model("qwen2.5-coder-05b")

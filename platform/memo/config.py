@@ -194,7 +194,8 @@ class TrainConfig(Settings):
     reflections: str = F("", "folder written by `memo synthesize` (or one Parquet file)", run_only=True)
     corpus: str = F("", "synthesize this corpus first (the whole platform job; synthesize.<field> settings "
                     "apply), instead of reflections", run_only=True)
-    base_model: str = F(DEFAULT_BASE_MODEL, "alias, local HF folder, or HF id already in the local cache")
+    base_model: str = F(DEFAULT_BASE_MODEL, "smollm2-135m, qwen2.5-coder-0.5b (the pinned GGUF, dequantized once), "
+                        "a local HF folder, or an HF id already in the local cache")
     workers: int = F(1, "Ray Train workers; on 2 CPU cores one 2-thread worker is fastest", ge=1, run_only=True)
     cpus_per_worker: int = F(0, "torch threads per worker; 0 = this node's CPUs split evenly", ge=0,
                              run_only=True)

