@@ -292,3 +292,17 @@ def test_the_run_plan_crosses_the_ray_train_boundary_typed(tiny_model):
                    {**sent, "train": {**sent["train"], "lora_rank": 4}}):
         with pytest.raises(ValidationError):
             RunPlan.model_validate(broken)
+
+
+def test_checkpoints_that_cannot_fit_on_the_disk_are_an_error_before_training(tmp_path):
+    """A 0.5B full-SFT run filled the disk at its first checkpoint (then Ray Train retried it from scratch);
+    now the run is refused up front, naming the sizes and the way out. LoRA needs far less."""
+    from memo.training.placement import check_checkpoint_space
+
+    runs = tmp_path / "ray_results" / "not-yet-created"
+    with pytest.raises(MemoError, match=r"630M parameters \(full\) writes checkpoints of ~7.6 GB; .* need ~33 GB "
+                                        r".* has 20 GB free: .* --finetune lora"):
+        check_checkpoint_space(630e6, "full", runs, free_bytes=20 * 10**9)
+    check_checkpoint_space(630e6, "lora", runs, free_bytes=20 * 10**9)  # weights only: ~13 GB
+    check_checkpoint_space(135e6, "full", runs, free_bytes=20 * 10**9)  # the default memory: ~7 GB
+    check_checkpoint_space(135e6, "full", runs)  # this disk, asked through the nearest existing folder

@@ -33,7 +33,7 @@ from memo.training.data import (
     with_replay,
 )
 from memo.training.loop import RunPlan, train_loop_per_worker
-from memo.training.placement import check_placement, stop_training_runs
+from memo.training.placement import check_checkpoint_space, check_placement, stop_training_runs
 from memo.training.recipe import default_schedule, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,7 @@ def train(cfg: TrainConfig) -> dict:
     # Before anything is written: a cluster that cannot place the workers is an error now, not a silent wait.
     use_gpu = cfg.device == "cuda"
     check_placement(cfg.workers, use_gpu, cfg.startup_timeout_s, cfg.autoscaling)
+    check_checkpoint_space(n_params, cfg.finetune, memo_home() / "ray_results")
     run_id = registry.start_run(cfg.domain, "train", params)
     registry.log_reflections_input(run_id, dataset_df, cfg.reflections, data_hash, cfg.domain, synth)
     cpus = int(ray.cluster_resources().get("CPU", 1))
