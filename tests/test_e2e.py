@@ -17,11 +17,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(ray_local, tiny_model, tmp_path_factory):
     """The demo corpus synthesized (Ray Data) and trained by 2 FSDP workers (Ray Train) that choose the
-    epoch on held-out rewordings (select_on=heldout_recall, at most 3 epochs); rank 0's process is killed
-    3 steps into epoch 2 (tests/faults.py) and Ray Train restarts both workers from the last checkpoint.
-    Trained before Serve holds any CPU."""
-    from faults import dies_once_in_epoch_two
-    from memo.config import SynthesizeConfig, TrainConfig, build_config
+    epoch on held-out rewordings (select_on=heldout_recall, at most 3 epochs). Rank 0's process is killed
+    two steps past the first checkpoint of epoch 2 (tests/faults.py) with no restarts left, so the run
+    fails; the same settings on 1 worker then continue it from that checkpoint. Trained before Serve holds
+    any CPU. Returns the second run's result, the reflections, the fault's marker, the first run's MLflow
+    run id and the shard files of its last checkpoint."""
+    from faults import dies_after_a_checkpoint_in_epoch_two
+    from memo.config import SynthesizeConfig, TrainConfig, build_config, memo_home
     from memo.synthesis import synthesize
     from memo.training import stage, train
 
@@ -29,33 +31,51 @@ def trained(ray_local, tiny_model, tmp_path_factory):
     synthesize(build_config(SynthesizeConfig, {"domain": "e2e", "corpus": str(DEMO_CORPUS), "out": str(out)}))
     cfg = build_config(TrainConfig, {"domain": "e2e", "reflections": str(out), "base_model": tiny_model,
                                      "workers": 2, "lr": 3e-3, "eval_sample": 4, "checkpoint_every": 4,
-                                     "select_on": "heldout_recall", "max_epochs": 3, "patience": 2})
+                                     "select_on": "heldout_recall", "max_epochs": 3, "patience": 2,
+                                     "max_failures": 0})
     marker = tmp_path_factory.mktemp("fault") / "died"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(stage, "train_loop_per_worker", dies_once_in_epoch_two(3, str(marker)))
-        result = train(cfg)
-    return result, out, marker
+        mp.setattr(stage, "train_loop_per_worker", dies_after_a_checkpoint_in_epoch_two(str(marker)))
+        started = set(registry_runs())
+        with pytest.raises(Exception):  # rank 0 died, no restart left: the run fails, its checkpoints stay
+            train(cfg)
+        (first_run,) = set(registry_runs()) - started
+        (run_dir,) = memo_home().glob("ray_results/memo-e2e-*")
+        last = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())[-1]
+        shards = sorted(p.name for p in (last / "shards").iterdir())
+        result = train(cfg.model_copy(update={"workers": 1}))
+    return result, out, marker, first_run, shards
+
+
+def registry_runs() -> list[str]:
+    """The MLflow run ids of the e2e domain's experiment."""
+    from memo import registry
+
+    c = registry.client()
+    exp = c.get_experiment_by_name("memo-e2e")
+    return [r.info.run_id for r in c.search_runs([exp.experiment_id])] if exp else []
 
 
 def test_training_registers_a_candidate_with_lineage(trained):
     from memo import registry
     from memo.models import read_manifest
 
-    result, refl, _ = trained
+    result, refl, *_ = trained
     assert result["version"] == registry.resolve_version("e2e", "candidate")
     manifest = read_manifest(result["model_dir"])
     stats = json.loads((refl / "stats.json").read_text())
     assert manifest["corpus_hash"] == stats["corpus_hash"]
     assert manifest["reflections_hash"] == stats["dataset_hash"]
     assert manifest["reflection_rows"] == stats["rows"]
-    assert manifest["training_config"]["workers"] == 2
-    # 2 workers x length-grouped micro-batches: the planned number of optimizer steps ran
+    # the run that finished it: 1 worker, from the step the interrupted 2-worker run had checkpointed
+    assert manifest["training_config"]["workers"] == 1 and manifest["resumed_from_step"] == result["resumed_from_step"] > 0
+    # the planned number of optimizer steps ran
     assert result["step"] == manifest["training_config"]["total_steps"]
     c = registry.client()
     mv = c.get_model_version("memo-e2e", result["version"])
     assert mv.tags["memo.corpus_hash"] == stats["corpus_hash"]
     history = c.get_metric_history(result["run_id"], "loss")
-    assert len(history) == result["step"]
+    assert len(history) == result["step"] - result["resumed_from_step"]
     # the reflections are the run's MLflow dataset input, with the synthesize stage's counts beside them
     run = c.get_run(result["run_id"])
     (inp,) = run.inputs.dataset_inputs
@@ -65,31 +85,41 @@ def test_training_registers_a_candidate_with_lineage(trained):
     assert history[-1].value < history[0].value  # it learned something
 
 
-def test_a_worker_killed_mid_run_resumed_from_the_last_checkpoint_and_kept_the_best_epoch(trained):
+def test_a_run_killed_on_two_workers_goes_on_on_one_with_the_same_steps_and_keeps_the_best_epoch(trained):
     """2 FSDP workers, select_on=heldout_recall: a selection set of rewordings (apart from the gate's held-out
-    set) is asked after every epoch. Rank 0's process exits 3 steps into epoch 2; Ray Train restarts both
-    workers from the last checkpoint (model, optimizer, scheduler, data position, the scores so far and the
-    best epoch's weights). Training stops `patience` epochs after the best one, and the best epoch's
-    weights are what is exported."""
+    set) is asked after every epoch. Rank 0's process exits two steps past a checkpoint of epoch 2 with no
+    restart left; `memo train` with the same settings on 1 worker continues the run from that checkpoint
+    (model and optimizer shards read for 1 worker, scheduler, data position, the scores so far and the best
+    epoch's weights) and trains the same steps the 2 workers would have: the two steps trained twice have the
+    same loss. Training stops `patience` epochs after the best one, and the best epoch's weights are what
+    is exported."""
     import torch
     import torch.distributed.checkpoint as dcp
-    from faults import SCORES
+    from faults import SCORES, STEPS_AFTER_CHECKPOINT
     from memo import registry
     from memo.config import memo_home
     from memo.models import load_model, read_manifest
     from memo.training.selection import EpochSelection
 
-    result, _, died = trained
+    result, _, died, first_run, first_shards = trained
     assert died.exists()  # the fault happened
     m = read_manifest(result["model_dir"])
     assert m["selection_rows"] > 0 and m["heldout_rows"] > 0
-    steps = [x.step for x in registry.client().get_metric_history(result["run_id"], "loss")]
-    # every step ran once: the steps before the fault (the last checkpoint was the step before it), the rest
-    # after the restart
-    assert sorted(steps) == list(range(1, result["step"] + 1)) == list(range(1, m["training_config"]["total_steps"] + 1))
+    c = registry.client()
+    first = {x.step: x.value for x in c.get_metric_history(first_run, "loss")}
+    second = {x.step: x.value for x in c.get_metric_history(result["run_id"], "loss")}
+    at = result["resumed_from_step"]
+    # every step ran: up to the fault on 2 workers, from the checkpoint to the end on 1
+    assert sorted(first) == list(range(1, at + STEPS_AFTER_CHECKPOINT + 1))
+    assert sorted(second) == list(range(at + 1, m["training_config"]["total_steps"] + 1))
+    # resuming on 1 worker trains what continuing on 2 did: the same loss for the steps both ran
+    again = [at + k for k in range(1, STEPS_AFTER_CHECKPOINT + 1)]
+    assert [second[s] for s in again] == pytest.approx([first[s] for s in again], rel=1e-4), (first, second)
+    # the interrupted run's checkpoint was sharded: each of the 2 ranks wrote its own part
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(first_shards), first_shards
 
-    history = [x.value for x in sorted(registry.client().get_metric_history(result["run_id"], "selection_recall"),
-                                       key=lambda x: x.step)]
+    history = [x.value for run in (first_run, result["run_id"])
+               for x in sorted(c.get_metric_history(run, "selection_recall"), key=lambda x: x.step)]
     assert history == list(SCORES)
     replay = EpochSelection(2, min_epochs=3)  # the recipe's 6 epochs, capped by max_epochs
     for score in history:
@@ -100,12 +130,9 @@ def test_a_worker_killed_mid_run_resumed_from_the_last_checkpoint_and_kept_the_b
     assert result["best_epoch"] == replay.best_epoch and result["selection_recall"] == replay.best
     assert result["best_epoch"] == 1 and result["epochs_trained"] == 3
 
-    # The checkpoints were sharded: each of the 2 ranks wrote its own part (torch.distributed.checkpoint), rank 0
-    # only the schedule, position and scores beside them; nothing was gathered whole before the export. The
-    # last one holds the current weights and the best epoch's beside them.
-    ckpts = sorted(memo_home().glob(f"ray_results/memo-e2e-{result['run_id'][:8]}/checkpoint_*"))
-    shards = [p.name for c in ckpts for p in (c / "shards").glob("*")]
-    assert shards.count(".metadata") >= 1 and {"__0_0.distcp", "__1_0.distcp"} <= set(shards), shards
+    # Nothing was gathered whole before the export; the last checkpoint holds the current weights and the
+    # best epoch's beside them.
+    ckpts = sorted(memo_home().glob(f"ray_results/{result['ray_run']}/checkpoint_*"))
     with_best = [c for c in ckpts if (c / "best").exists()]
     assert with_best, [sorted(p.name for p in c.iterdir()) for c in ckpts]
     exported, _ = load_model(result["model_dir"])

@@ -37,11 +37,36 @@ def test_accumulated_micro_batches_give_the_gradient_of_one_big_batch(tiny_model
     accumulation_step(model, [collate(*zip(*enc), pad)])
     big = _grads(model)
     model.zero_grad(set_to_none=True)
-    accumulation_step(model, [collate(*zip(*enc[:2]), pad), collate(*zip(*enc[2:]), pad)])
+    model.zero_grad(set_to_none=True)
+    loss_big = accumulation_step(model, [collate(*zip(*enc), pad)])[0]
+    model.zero_grad(set_to_none=True)
+    halves = [collate(*zip(*enc[:2]), pad), collate(*zip(*enc[2:]), pad)]
+    loss_acc, tokens = accumulation_step(model, halves)
     acc = _grads(model)
     assert big.keys() == acc.keys() and big
     for n in big:
         torch.testing.assert_close(acc[n], big[n], rtol=1e-4, atol=1e-6, msg=n)
+    # a micro-batch repeated with weight zero (an FSDP rank's filler in an epoch's last step) changes nothing
+    model.zero_grad(set_to_none=True)
+    loss_fill, tokens_fill = accumulation_step(model, halves + [halves[0]], live=2)
+    for n, g in _grads(model).items():
+        torch.testing.assert_close(g, big[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert loss_fill == pytest.approx(loss_acc) == pytest.approx(loss_big, rel=1e-5) and tokens_fill == tokens
+
+
+def test_a_step_trains_the_same_examples_on_any_number_of_workers():
+    """The epoch's micro-batches are dealt step by step: for 1, 2 or 4 workers, step s trains the same
+    micro-batches (what lets a run resume on another number of workers), every rank runs as many forwards,
+    and only fillers beyond `live` repeat one."""
+    from memo.training.data import deal
+
+    order = [[i, i + 100] for i in range(10)]  # 10 micro-batches, 4 per step: the last step has 2
+    for world in (1, 2, 4):
+        for step in range(3):
+            dealt = [deal(order, step, 4, rank, world) for rank in range(world)]
+            assert sorted(mb for mine, live in dealt for mb in mine[:live]) == order[step * 4:(step + 1) * 4]
+            assert len({len(mine) for mine, _ in dealt}) == 1  # FSDP: the same number of forwards on every rank
+    assert deal(order, 2, 4, 3, 4) == ([order[8]], 0)  # the 4th rank has nothing left in the last step
 
 
 def test_packed_rows_give_each_example_its_own_loss(tiny_model, tok):
@@ -284,7 +309,7 @@ def test_the_run_plan_crosses_the_ray_train_boundary_typed(tiny_model):
     from pydantic import ValidationError
 
     plan = RunPlan(train=TrainConfig(domain="p", reflections="/r", lora_r=4), base_path=tiny_model, lr=1e-3,
-                   epochs=2, precision="fp32", warmup_steps=0, steps_per_epoch=3, total_steps=6, accum=1,
+                   epochs=2, precision="fp32", warmup_steps=0, steps_per_epoch=3, total_steps=6, micro_per_step=1, accum=1,
                    lora_alpha=8, checkpoint_every=3, threads=1, pad_id=0, export_dtype="float32", rows_per_batch=8)
     sent = plan.model_dump()
     assert RunPlan.model_validate(sent) == plan and RunPlan.model_validate(sent).train.lora_r == 4
@@ -306,3 +331,42 @@ def test_checkpoints_that_cannot_fit_on_the_disk_are_an_error_before_training(tm
     check_checkpoint_space(630e6, "lora", runs, free_bytes=20 * 10**9)  # weights only: ~13 GB
     check_checkpoint_space(135e6, "full", runs, free_bytes=20 * 10**9)  # the default memory: ~7 GB
     check_checkpoint_space(135e6, "full", runs)  # this disk, asked through the nearest existing folder
+
+
+def test_an_interrupted_run_is_found_held_and_shared_by_any_divisor_of_its_micro_batches(tmp_path):
+    """memo.training.resume: the newest run of the settings whose last checkpoint is a training state is
+    continued (not a finished one, not one another driver holds); its micro-batches per step decide which
+    numbers of workers can go on with it."""
+    import os
+
+    import torch
+    from memo.training.resume import find_interrupted, hold
+
+    def run(name, *checkpoints, age=0):
+        d = tmp_path / name
+        for ck, state in checkpoints:
+            (d / ck).mkdir(parents=True)
+            if state:
+                torch.save(state, d / ck / "train_state.pt")
+            else:
+                (d / ck / "model").mkdir()  # the export: a finished run
+        os.utime(d, (1e9 - age, 1e9 - age))
+        return d
+
+    state = {"step": 8, "world": 2, "micro_per_step": 4}
+    run("memo-d-k-aaaa", ("checkpoint_2026-01-01_00-00-01", state), ("checkpoint_2026-01-01_00-00-02", None), age=0)
+    run("memo-d-k-bbbb", ("checkpoint_2026-01-01_00-00-01", {**state, "step": 4}),
+        ("checkpoint_2026-01-01_00-00-02", state), age=10)
+    run("memo-d-other-cccc", ("checkpoint_2026-01-01_00-00-01", state), age=-10)  # other settings
+    found = find_interrupted(tmp_path, "memo-d-k", workers=1)
+    assert (found.name, found.step, found.world, found.micro_per_step, found.accum) == ("memo-d-k-bbbb", 8, 2, 4, 4)
+    assert find_interrupted(tmp_path, "memo-d-k", workers=2) is None  # the first caller holds it
+    found.lock.close()
+    found = find_interrupted(tmp_path, "memo-d-k", workers=4)
+    assert found.accum == 1
+    found.lock.close()
+    with pytest.raises(MemoError, match=r"--workers 3: the interrupted run memo-d-k-bbbb trains 4 micro-batch"):
+        find_interrupted(tmp_path, "memo-d-k", workers=3)
+    lock = hold(tmp_path / "memo-d-k-bbbb")  # another driver runs it: nothing to continue, nothing locked
+    assert find_interrupted(tmp_path, "memo-d-k", workers=1) is None
+    lock.close()

@@ -46,6 +46,7 @@ from memo.config import (
     parse_overrides,
 )
 from memo.errors import GateRefused, MemoError
+from memo.models import BUILTIN_MODELS, GGUF_BASE_MODELS, resolve_base_model
 from memo.runtime import init_ray, quiet
 
 
@@ -288,6 +289,8 @@ def cmd_train(cfg: TrainConfig, sections, args) -> dict:
         raise MemoError("synthesize.* settings apply only with --corpus (synthesize first); drop them or give --corpus")
     if cfg.parent and not cfg.parent.isdigit():  # a missing parent fails before synthesis or any worker
         registry.resolve_version(cfg.domain, cfg.parent)
+    elif not cfg.parent and cfg.base_model not in (*BUILTIN_MODELS, *GGUF_BASE_MODELS):
+        resolve_base_model(cfg.base_model)  # a folder or a cached HF id: an unknown one fails before Ray starts
     if cfg.corpus:
         read_corpus_first(cfg.corpus)
     init_ray()

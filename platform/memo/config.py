@@ -206,7 +206,8 @@ class TrainConfig(Settings):
     lr: float | None = F(None, "None: from recipe (see training.recipe.default_schedule)", gt=0, lt=1)
     batch_size: int = F(8, "examples per micro-batch per worker", ge=1)
     effective_batch_size: int = F(0, "examples per optimizer step over all workers (gradient accumulation); "
-                                  "0 = batch_size x workers; the paper uses 256-512", ge=0)
+                                  "0 = batch_size x the workers the run starts with (kept when it is resumed on "
+                                  "another number); the paper uses 256-512", ge=0)
     finetune: Literal["full", "lora"] = F("full", "full SFT, or lora (peft adapters on every attention and "
                                           "MLP projection)")
     lora_r: int = F(16, "LoRA rank", ge=1)
@@ -237,6 +238,9 @@ class TrainConfig(Settings):
                               ge=0, run_only=True)
     max_failures: int = F(2, "Ray Train restarts the workers from the last checkpoint this often", ge=0,
                           run_only=True)
+    resume: bool = F(True, "continue an interrupted run of the same settings (the job stopped, the cluster lost, "
+                     "max_failures used up) from its last checkpoint, on any number of workers that divides its "
+                     "micro-batches per step (memo.training.resume); false: start over", run_only=True)
     startup_timeout_s: float = F(120.0, "how long training waits for its workers' CPUs/GPUs when the cluster has "
                                  "them but they are taken (e.g. by a Serve app); then it fails naming what holds "
                                  "them. Raise it on an autoscaling cluster (node start-up)", gt=0, run_only=True)

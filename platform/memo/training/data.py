@@ -45,6 +45,23 @@ def fact_key(answer: str) -> str:
     return " ".join(str(answer).lower().split())
 
 
+def deal(order: list[list[int]], step: int, per_step: int, rank: int, world: int) -> tuple[list[list[int]], int]:
+    """This rank's micro-batches of optimizer step `step` of an epoch (`order` from epoch_batches), and how
+    many of them count.
+
+    The step trains micro-batches [step*per_step, (step+1)*per_step) of the epoch, dealt round-robin: the
+    same examples for any number of workers, so a run resumed on another number of workers goes on with
+    the same steps. Under FSDP every rank must run as many forwards (each gathers the shards): where the
+    last step of an epoch leaves a rank fewer, it repeats one with weight zero (the count says so).
+    """
+    in_step = order[step * per_step:(step + 1) * per_step]
+    mine = in_step[rank::world]
+    live = len(mine)
+    if world > 1:
+        mine = mine + [in_step[0]] * (-(-len(in_step) // world) - live)
+    return mine, live
+
+
 def epoch_batches(lengths: list[int], facts: list, batch_size: int, seed: int, window: int = 16) -> list[list[int]]:
     """One epoch's micro-batches, as lists of row indices: every row exactly once, in
     ceil(len / batch_size) micro-batches of batch_size (the last one smaller).

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from memo.config import Settings, TrainConfig
-from memo.training.data import collate, epoch_batches
+from memo.training.data import collate, deal, epoch_batches
 from memo.training.loss import accumulation_step
 from memo.training.selection import EpochSelection, selection_recall
 from memo.training.sharding import build_model
@@ -25,8 +25,11 @@ class RunPlan(Settings):
     epochs: int
     precision: Literal["bf16", "fp32"]
     warmup_steps: int
-    steps_per_epoch: int
+    steps_per_epoch: int  # optimizer steps
     total_steps: int
+    # micro-batches per optimizer step over all workers: fixed when a run starts, kept when it is resumed on
+    # another number of workers (each then accumulates micro_per_step / workers of them)
+    micro_per_step: int
     accum: int
     lora_alpha: int
     checkpoint_every: int
@@ -119,6 +122,9 @@ def train_loop_per_worker(config: dict) -> None:
             if not (Path(d) / "train_state.pt").exists():
                 return  # the latest checkpoint is the exported final model: this run already finished
             meta = torch.load(Path(d) / "train_state.pt", map_location="cpu", weights_only=False)
+            if meta.get("micro_per_step") != plan.micro_per_step:  # the driver plans with the checkpoint's
+                raise RuntimeError(f"the checkpoint was written with {meta.get('micro_per_step')} micro-batches per "
+                                   f"step, this run plans {plan.micro_per_step}: the steps would differ")
             # each rank reads the slices of the shards it holds now (DCP reshards: the run that wrote them
             # may have had another number of workers)
             state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
@@ -155,7 +161,8 @@ def train_loop_per_worker(config: dict) -> None:
                     dcp.save({"model": best}, checkpoint_id=str(Path(d) / "best"))
                 if rank == 0:
                     torch.save({"sched": sched.state_dict(), "step": step, "epoch": epoch,
-                                "step_in_epoch": step_in_epoch, "world": world, "selection": chooser.history},
+                                "step_in_epoch": step_in_epoch, "world": world, "selection": chooser.history,
+                                "micro_per_step": plan.micro_per_step},
                                Path(d) / "train_state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)
@@ -170,29 +177,26 @@ def train_loop_per_worker(config: dict) -> None:
     first_step_s, t_steady, tokens_at_steady = 0.0, t_start, 0
     start_step = step
     autocast = plan.precision == "bf16"
-    accum = plan.accum
     rows = None
     while epoch < plan.epochs:
-        if rows is None:  # this worker's share, read once (small: reflections, not a pretraining corpus)
-            rows = sorted(shard.iter_rows(), key=lambda r: r["idx"])  # the split's order varies; the seed's must not
-        # The micro-batches are drawn anew every epoch from a seeded global shuffle (epoch_batches), so a
-        # resumed run replays the same order, and the wordings of one fact never train in one step.
+        if rows is None:  # every row, on every worker (small: reflections, not a pretraining corpus)
+            rows = sorted(shard.iter_rows(), key=lambda r: r["idx"])  # the read order varies; the seed's must not
+        # One epoch's micro-batches, drawn anew every epoch from a seeded global shuffle (epoch_batches): the
+        # same list on every worker and for any number of workers, dealt step by step (deal), so a resumed
+        # run replays the same order, on any number of workers; the wordings of one fact never train in one
+        # micro-batch.
         order = epoch_batches([len(r["input_ids"]) for r in rows], [list(r["facts"]) for r in rows],
                               plan.rows_per_batch, t.seed + epoch)
-        group = []
-        for i, members in enumerate(order):
-            if i < skip:  # resuming mid-epoch: skip what was done
-                continue
-            if i >= plan.steps_per_epoch:
-                break
-            pos = [rows[j]["position_ids"] for j in members] if "position_ids" in rows[0] else None
-            group.append(tuple(x.to(device) for x in collate([rows[j]["input_ids"] for j in members],
-                                                             [rows[j]["labels"] for j in members], plan.pad_id, pos)))
-            if len(group) < accum and i + 1 < plan.steps_per_epoch:
-                continue
-            t0 = time.time()
-            loss_val, n_local = accumulation_step(model, group, autocast, world)
+        for s in range(skip, plan.steps_per_epoch):
+            mine, live = deal(order, s, plan.micro_per_step, rank, world)
             group = []
+            for members in mine:
+                pos = [rows[j]["position_ids"] for j in members] if "position_ids" in rows[0] else None
+                group.append(tuple(x.to(device) for x in collate([rows[j]["input_ids"] for j in members],
+                                                                 [rows[j]["labels"] for j in members], plan.pad_id,
+                                                                 pos)))
+            t0 = time.time()
+            loss_val, n_local = accumulation_step(model, group, autocast, world, live)
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             opt.step()
             sched.step()
@@ -218,7 +222,7 @@ def train_loop_per_worker(config: dict) -> None:
                         me.Metric("loss", loss_val, ts, step), me.Metric("tokens_per_s", int(n_tok) / dt, ts, step),
                         me.Metric("grad_norm", float(gnorm), ts, step), me.Metric("lr", sched.get_last_lr()[0], ts, step)])
             if step % plan.checkpoint_every == 0 and step < total:
-                save(i + 1, {"step": step, "loss": loss_val})
+                save(s + 1, {"step": step, "loss": loss_val})
         skip = 0
         epoch += 1
         if plan.selection and len(chooser.history) < epoch:

@@ -52,30 +52,40 @@ def target_count(labels) -> int:
     return int((labels[:, 1:] != IGNORE).sum())
 
 
-def accumulation_step(model, micro_batches: list, autocast: bool = False, world: int = 1) -> tuple[float, int]:
-    """Forward and backward over the micro-batches of one optimizer step (gradient accumulation).
+def accumulation_step(model, micro_batches: list, autocast: bool = False, world: int = 1,
+                      live: int | None = None) -> tuple[float, int]:
+    """Forward and backward over this worker's micro-batches of one optimizer step (gradient accumulation).
 
     Each micro-batch's summed loss is divided by the answer-token count of the whole step over all
     workers, so the gradient equals the one of a single big batch however the examples were split;
     data-parallel gradient averaging divides by `world`, hence the factor. With FSDP, gradients are
-    reduce-scattered once, after the last micro-batch. Returns (mean loss over this worker's tokens,
-    this worker's tokens processed).
+    reduce-scattered once, after the last micro-batch.
+
+    Only the first `live` micro-batches count (default: all): in the last step of an epoch a worker may
+    hold fewer micro-batches than another, yet every FSDP rank must run as many forwards and backwards
+    (each one gathers and reduce-scatters the shards), so the others are repeated with weight zero.
+    Returns (mean loss over the step's answer tokens on all workers, the tokens this worker trained on).
     """
     import torch
     import torch.distributed as dist
 
-    counts = torch.tensor([float(sum(target_count(mb[1]) for mb in micro_batches))], device=micro_batches[0][0].device)
+    live = len(micro_batches) if live is None else live
+    device = micro_batches[0][0].device
+    counts = torch.tensor([float(sum(target_count(mb[1]) for mb in micro_batches[:live]))], device=device)
     if world > 1:
         dist.all_reduce(counts)
     scale = world / max(float(counts[0]), 1.0)
-    total, local_targets, tokens = 0.0, 0, 0
+    total, tokens = 0.0, 0
     for k, (ids, labels, mask, *pos) in enumerate(micro_batches):
         if world > 1 and hasattr(model, "set_requires_gradient_sync"):
             model.set_requires_gradient_sync(k == len(micro_batches) - 1)
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = answer_loss(model, ids, labels, mask, reduction="sum", position_ids=pos[0] if pos else None)
-        (loss * scale).backward()
-        total += float(loss.detach())
-        local_targets += target_count(labels)
-        tokens += int(mask.sum())
-    return total / max(local_targets, 1), tokens
+        (loss * (scale if k < live else 0.0)).backward()
+        if k < live:
+            total += float(loss.detach())
+            tokens += int(mask.sum())
+    summed = torch.tensor([total], device=device)
+    if world > 1:  # the step's loss, the same number whatever the number of workers
+        dist.all_reduce(summed)
+    return float(summed[0]) / max(float(counts[0]), 1.0), tokens

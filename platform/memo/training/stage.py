@@ -34,11 +34,12 @@ from memo.training.data import (
 )
 from memo.training.loop import RunPlan, train_loop_per_worker
 from memo.training.placement import check_checkpoint_space, check_placement, stop_training_runs
+from memo.training.resume import find_interrupted, hold, run_prefix
 from memo.training.recipe import default_schedule, resolve_precision
 
 log = logging.getLogger(__name__)
 # Part of the resume key: a change to what training does with the same inputs makes a new key.
-TRAIN_VERSION = "train-2"  # 2: micro-batches re-drawn every epoch, wordings of a fact apart
+TRAIN_VERSION = "train-3"  # 2: micro-batches re-drawn every epoch, wordings of a fact apart; 3: dealt per step
 # Ray Train's default (-1) retries a worker group that cannot start forever: once more, then fail.
 CONTROLLER_FAILURE_LIMIT = 1
 
@@ -92,7 +93,7 @@ def train(cfg: TrainConfig) -> dict:
     Everything that can be wrong with the input is checked before a worker starts.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from transformers import AutoTokenizer
 
@@ -166,14 +167,22 @@ def train(cfg: TrainConfig) -> dict:
             raise MemoError(f"packing=true leaves {len(data)} row(s) for {cfg.workers} workers; turn packing off")
         log.info(f"[train] packing: {n_examples} examples in {len(data)} rows of <= {cfg.max_seq_len} tokens, "
                  f"{rows_per_batch} rows per micro-batch")
-    # Each worker draws its micro-batches anew every epoch (training.data.epoch_batches) from an equal share
-    # of the rows: a few rows are repeated so that the share is equal and no row is dropped by the split.
-    short = -len(data) % cfg.workers
-    data = pd.concat([data, data.head(short)], ignore_index=True) if short else data
+    # Every worker reads every row and draws the epoch's micro-batches from the same seeded shuffle
+    # (training.data.epoch_batches); an optimizer step trains micro_per_step of them over all workers.
     data = data.assign(idx=range(len(data)))
-    spe = math.ceil(len(data) // cfg.workers / rows_per_batch)  # micro-batches per worker per epoch
-    accum = max(1, cfg.effective_batch_size // (cfg.batch_size * cfg.workers)) if cfg.effective_batch_size else 1
-    opt_steps_per_epoch = math.ceil(spe / accum)
+    # Before anything is written: a cluster that cannot place the workers is an error now, not a silent wait.
+    use_gpu = cfg.device == "cuda"
+    check_placement(cfg.workers, use_gpu, cfg.startup_timeout_s, cfg.autoscaling)
+    check_checkpoint_space(n_params, cfg.finetune, memo_home() / "ray_results")
+    key = resume_key(cfg, version=TRAIN_VERSION, reflections=data_hash, base=base_model)
+    storage = memo_home() / "ray_results"
+    interrupted = find_interrupted(storage, run_prefix(cfg.domain, key), cfg.workers) if cfg.resume else None
+    if interrupted:
+        micro_per_step, accum = interrupted.micro_per_step, interrupted.accum
+    else:
+        accum = max(1, cfg.effective_batch_size // (cfg.batch_size * cfg.workers)) if cfg.effective_batch_size else 1
+        micro_per_step = accum * cfg.workers
+    opt_steps_per_epoch = math.ceil(math.ceil(len(data) / rows_per_batch) / micro_per_step)
     total = opt_steps_per_epoch * epochs
     precision = resolve_precision(cfg.precision, cfg.device)
     export_dtype = cfg.export_dtype if cfg.export_dtype != "auto" else ("bfloat16" if precision == "bf16" else "float32")
@@ -185,19 +194,14 @@ def train(cfg: TrainConfig) -> dict:
              + (f", {len(selection)} to choose the epoch on" if len(selection) else "") + "), "
              f"{n_params / 1e6:.1f}M params, {cfg.finetune}, {cfg.workers} worker(s), "
              f"{'at most ' if len(selection) else ''}{epochs} epochs x "
-             f"{opt_steps_per_epoch} steps = {total} steps of {cfg.batch_size * cfg.workers * accum} examples"
+             f"{opt_steps_per_epoch} steps = {total} steps of {micro_per_step * rows_per_batch} rows"
              f"{f' ({accum} accumulated micro-batches)' if accum > 1 else ''}, lr {lr:g}, {precision}"
              + ("" if cfg.epochs and cfg.lr else f" ({why})"))
 
-    key = resume_key(cfg, version=TRAIN_VERSION, reflections=data_hash, base=base_model)
     params = {**cfg.model_dump(), "resume_key": key, "epochs": epochs, "lr": lr, "precision": precision, "base_path": base_path,
               "examples": len(data), "dropped_too_long": dropped, "total_steps": total, "n_params": n_params,
               "accumulation": accum, "export_dtype": export_dtype, "replay_rows": replay,
               "fact_statements": statements}
-    # Before anything is written: a cluster that cannot place the workers is an error now, not a silent wait.
-    use_gpu = cfg.device == "cuda"
-    check_placement(cfg.workers, use_gpu, cfg.startup_timeout_s, cfg.autoscaling)
-    check_checkpoint_space(n_params, cfg.finetune, memo_home() / "ray_results")
     run_id = registry.start_run(cfg.domain, "train", params)
     registry.log_reflections_input(run_id, dataset_df, cfg.reflections, data_hash, cfg.domain, synth)
     cpus = int(ray.cluster_resources().get("CPU", 1))
@@ -206,8 +210,8 @@ def train(cfg: TrainConfig) -> dict:
         # eval_questions is read here, on the driver; cleared so the worker's validation never looks for
         # a file that lives on another node
         train=cfg.model_copy(update={"eval_questions": ""}), base_path=base_path, lr=lr, epochs=epochs,
-        precision=precision, warmup_steps=int(cfg.warmup_ratio * total), steps_per_epoch=spe, total_steps=total,
-        accum=accum, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+        precision=precision, warmup_steps=int(cfg.warmup_ratio * total), steps_per_epoch=opt_steps_per_epoch,
+        total_steps=total, micro_per_step=micro_per_step, accum=accum, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
         # A full checkpoint of a 135M model with AdamW state is ~1.6 GB written twice (worker, then
         # storage): ~15 s on this CPU, so by default only ~3 per run, at epoch boundaries.
         checkpoint_every=cfg.checkpoint_every or opt_steps_per_epoch * max(1, math.ceil(epochs / 3)),
@@ -215,7 +219,14 @@ def train(cfg: TrainConfig) -> dict:
         export_dtype=export_dtype, rows_per_batch=rows_per_batch, mlflow_run_id=run_id,
         tracking_uri=registry.tracking_uri(),
         selection=selection[["question", "answer"]].to_dict("records"), min_epochs=min(recipe_epochs, epochs))
-    storage = memo_home() / "ray_results"
+    if interrupted:
+        name, lock = interrupted.name, interrupted.lock
+        log.info(f"[train] continuing the interrupted run {name} from its checkpoint at step {interrupted.step} "
+                 f"(written by {interrupted.world} worker(s); now {cfg.workers} worker(s) x {accum} micro-batch(es) "
+                 f"per step; --set train.resume=false starts over)")
+    else:
+        name = f"{run_prefix(cfg.domain, key)}-{run_id[:8]}"
+        lock = hold(storage / name)
     # Bounds on what is left after the check (someone takes the resources before Ray Train places its
     # workers): each worker-group start waits startup_timeout_s, and one failed start is retried once.
     # Ray Train reads this from the driver's environment and passes it to its controller.
@@ -226,16 +237,21 @@ def train(cfg: TrainConfig) -> dict:
         # `threads` torch threads (Ray Train would otherwise pin it to 1).
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": 1}),  # as placement.worker_bundle
-        run_config=RunConfig(name=f"memo-{cfg.domain}-{run_id[:8]}", storage_path=str(storage),
+        run_config=RunConfig(name=name, storage_path=str(storage),
                              failure_config=FailureConfig(max_failures=cfg.max_failures,
                                                           controller_failure_limit=CONTROLLER_FAILURE_LIMIT),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": ray.data.from_pandas(data)},
+        # every worker reads every row (training.loop deals the micro-batches), whatever their number
+        datasets={"train": ray.data.from_pandas(data)}, dataset_config=DataConfig(datasets_to_split=[]),
     )
     # Interrupted (Ctrl-C, SIGTERM, a time limit), the run's controller is stopped: it would otherwise go
     # on and keep its workers' CPUs. fit() runs in a thread so that the interruption reaches us at all.
-    result = interruptible(trainer.fit, stop_training_runs)
-    stop_training_runs(interrupted=False)  # the finished run's controller process
+    try:
+        result = interruptible(trainer.fit, stop_training_runs)
+        stop_training_runs(interrupted=False)  # the finished run's controller process
+    finally:
+        if lock:
+            lock.close()
     if result.error:
         raise result.error
     out = memo_home() / "memories" / cfg.domain / run_id
@@ -276,7 +292,8 @@ def train(cfg: TrainConfig) -> dict:
         "heldout_rows": len(heldout), "selection_rows": len(selection),
         "generator": synth.get("generator", ""), "finetune": cfg.finetune,
         "lora_export": cfg.lora_export if cfg.finetune == "lora" else None,
-        "parent_version": parent_version, "run_id": run_id, "resume_key": key, "gguf": gguf_note, "training_config": params, "metrics": {**metrics, **check},
+        "parent_version": parent_version, "run_id": run_id, "resume_key": key, "ray_run": name,
+        "resumed_from_step": interrupted.step if interrupted else 0, "gguf": gguf_note, "training_config": params, "metrics": {**metrics, **check},
     }
     write_text(out / "memo_manifest.json", json.dumps(manifest, indent=2, default=str))
     from mlflow.entities import Metric
@@ -297,4 +314,4 @@ def train(cfg: TrainConfig) -> dict:
                  f"with alias {cfg.alias!r}")
     c.set_terminated(run_id)
     return {"run_id": run_id, "model_dir": str(out), "version": version, "alias": cfg.alias if version else None,
-            "seconds": round(train_seconds, 1), **metrics, **check}
+            "ray_run": name, "resumed_from_step": interrupted.step if interrupted else 0, "seconds": round(train_seconds, 1), **metrics, **check}
