@@ -6,7 +6,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.memo-installed
 export MEMO_HOME ?= $(CURDIR)/.memo
 
-.PHONY: demo test test-fast lint install bench clean
+.PHONY: demo test test-fast lint install install-parts bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,17 +22,28 @@ $(STAMP): $(BIN)/python pyproject.toml
 	touch $(STAMP)
 
 # llama.cpp's llama-server, built for this CPU from the llama.cpp tree inside the llama-cpp-python sdist
-# (~5 min once), and the pinned Qwen2.5-Coder GGUFs (executive, generator, judge), sha256-checked.
+# (~5-10 min once), and the pinned Qwen2.5-Coder GGUFs (executive, generator, judge), sha256-checked.
+# The compile needs only pip, cmake and a compiler, so it runs beside the pip installs (--build-only);
+# the install step then smoke-tests the staged binary, which needs memo and the SmolLM2 GGUF.
 LLAMA   := $(BIN)/llama-server
+BUILT   := $(VENV)/.memo-llamacpp-built
 MODELS  := $(VENV)/.memo-models
-$(LLAMA): $(STAMP) cluster/install_llamacpp.sh
+$(BUILT): $(BIN)/python cluster/install_llamacpp.sh
+	bash cluster/install_llamacpp.sh --build-only $(VENV)
+	touch $(BUILT)
+
+$(LLAMA): $(STAMP) $(BUILT) cluster/install_llamacpp.sh
 	bash cluster/install_llamacpp.sh $(VENV)
 
 $(MODELS): $(STAMP)
 	$(BIN)/memo models install qwen2.5-coder-1.5b qwen2.5-coder-0.5b
 	touch $(MODELS)
 
-install: $(STAMP) $(LLAMA) $(MODELS)
+# The parts in parallel: the compile beside pip, the model downloads beside the smoke test.
+install:
+	@$(MAKE) --no-print-directory -j3 install-parts
+
+install-parts: $(STAMP) $(LLAMA) $(MODELS)
 
 # The demo is a commented script of memo commands: read it to see the whole loop.
 demo: install

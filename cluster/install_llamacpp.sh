@@ -3,9 +3,13 @@
 # llama.cpp's converter scripts into a Python environment (make install, the Dockerfile and the KubeRay
 # image all run this script).
 #
-#   cluster/install_llamacpp.sh PREFIX [LLAMA_CPP_PYTHON_VERSION]
+#   cluster/install_llamacpp.sh [--build-only] PREFIX [LLAMA_CPP_PYTHON_VERSION]
 #
 #   PREFIX                 a Python environment with memo installed (.venv; /home/ray/anaconda3 in images)
+#   --build-only           download and compile only (needs pip, cmake and a C/C++ compiler, not memo):
+#                          the build is staged in PREFIX/share/memo, and the next run without the flag
+#                          smoke-tests and installs it instead of compiling. `make install` runs this
+#                          beside the pip installs, so the ~5-10 min compile overlaps them.
 #   MEMO_LLAMACPP_CPU      native (default): every feature of this CPU (GGML_NATIVE); build where you serve.
 #                          portable: AVX2/FMA/F16C only, no AVX-512 or AMX, for images that run on other
 #                          machines (any x86-64 server CPU since 2015)
@@ -27,7 +31,9 @@
 # new environment on the same machine (rm -rf .venv, a CI run after a session) reuses it after its own
 # smoke test instead of compiling for ~5-10 min again.
 set -euo pipefail
-prefix="${1:?usage: $0 PREFIX [LLAMA_CPP_PYTHON_VERSION]}"
+build_only=0
+if [ "${1:-}" = --build-only ]; then build_only=1; shift; fi
+prefix="${1:?usage: $0 [--build-only] PREFIX [LLAMA_CPP_PYTHON_VERSION]}"
 version="${2:-0.3.36}"
 cpu="${MEMO_LLAMACPP_CPU:-native}"
 amx="${MEMO_LLAMACPP_AMX:-auto}"
@@ -44,12 +50,14 @@ smoke() {  # one line on stdout; exit status 0 when the binary loads a model and
 }
 
 if [ -x "$bin" ] && [ -f "$share/convert_hf_to_gguf.py" ] && [ -d "$share/gguf-py" ] && [ -f "$record" ]; then
+  [ "$build_only" = 1 ] && exit 0  # the run without the flag smoke-tests it
   if line="$(smoke "$bin")"; then echo "[install] $bin in place; $line"; exit 0; fi
   echo "[install] the installed $bin fails on this machine ($line); rebuilding"
 fi
 
 work="$(mktemp -d /tmp/memo-llamacpp-XXXXXX)"
 trap 'rm -rf "$work"' EXIT
+mkdir -p "$share"
 
 # AMX: usable here, or not (and why).
 noamx="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
@@ -79,6 +87,7 @@ key="$(printf '%s\n' "$version" "$cpu" "$amx" "$amx_verdict" "$(cc --version 2>&
         "$(grep -m1 '^model name' /proc/cpuinfo)" "$(grep -m1 '^flags' /proc/cpuinfo)" | sha256sum | cut -c1-16)"
 cache="${MEMO_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/memo}/llama.cpp-$version-$key"
 if [ -x "$cache/llama-server" ] && [ -f "$cache/build.json" ]; then
+  [ "$build_only" = 1 ] && exit 0  # the run without the flag smoke-tests the cached build
   if line="$(smoke "$cache/llama-server")"; then
     echo "[install] reusing the build in $cache; $line"
     install_from "$cache"
@@ -86,12 +95,6 @@ if [ -x "$cache/llama-server" ] && [ -f "$cache/build.json" ]; then
   fi
   echo "[install] the cached build in $cache fails here ($line); building again"
 fi
-
-echo "[install] llama.cpp from llama-cpp-python==$version (sdist): download, then build llama-server (~5-10 min)"
-"$prefix/bin/pip" download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$work" \
-  2> >(grep -v "^WARNING: Location" >&2)
-tar xzf "$work"/llama_cpp_python-"$version".tar.gz -C "$work"
-src="$work/llama_cpp_python-$version/vendor/llama.cpp"
 
 build() {  # build DIR EXTRA_C_FLAGS: llama-server into DIR/bin; compiler output to a log shown on failure
   local dir="$1" flags="$2" target
@@ -108,9 +111,25 @@ build() {  # build DIR EXTRA_C_FLAGS: llama-server into DIR/bin; compiler output
     || { tail -40 "$dir.log"; echo "[install] llama.cpp build failed (last lines above; flags: '$flags')"; exit 1; }
 }
 
+# A build staged by --build-only for this key: the source and the compiled tree, smoke-tested below.
+staged="$share/staged-$key"
+src="$staged/llama_cpp_python-$version/vendor/llama.cpp"
 case "$amx_verdict" in "amx: usable") flags="" ;; *) flags="$amx_off_flags" ;; esac
-build "$work/build" "$flags"
-if ! line="$(smoke "$work/build/bin/llama-server")"; then
+built="$staged/build"
+if [ ! -f "$staged/done" ] || [ ! -x "$built/bin/llama-server" ]; then
+  echo "[install] llama.cpp from llama-cpp-python==$version (sdist): download, then build llama-server (~5-10 min)"
+  rm -rf "$staged" && mkdir -p "$staged"
+  "$prefix/bin/pip" download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$staged" \
+    2> >(grep -v "^WARNING: Location" >&2)
+  tar xzf "$staged"/llama_cpp_python-"$version".tar.gz -C "$staged"
+  build "$built" "$flags"
+  touch "$staged/done"
+  if [ "$build_only" = 1 ]; then echo "[install] llama-server compiled in $built; the install smoke-tests it"; exit 0; fi
+else
+  [ "$build_only" = 1 ] && exit 0
+  echo "[install] taking the llama-server compiled in $built"
+fi
+if ! line="$(smoke "$built/bin/llama-server")"; then
   if [ -n "$flags" ] || [ -z "$amx_off_flags" ]; then
     echo "[install] llama-server fails its smoke test on this machine: ${line#smoke test failed: }" >&2
     exit 1
@@ -118,16 +137,16 @@ if ! line="$(smoke "$work/build/bin/llama-server")"; then
   echo "[install] the AMX build fails its smoke test ($line); rebuilding without AMX"
   amx_verdict="amx: unusable: the AMX build failed its smoke test"
   flags="$amx_off_flags"
-  build "$work/build-noamx" "$flags"
-  mv "$work/build" "$work/build-amx" && mv "$work/build-noamx" "$work/build"
-  line="$(smoke "$work/build/bin/llama-server")" \
+  built="$work/build-noamx"
+  build "$built" "$flags"
+  line="$(smoke "$built/bin/llama-server")" \
     || { echo "[install] llama-server fails its smoke test on this machine: ${line#smoke test failed: }" >&2; exit 1; }
 fi
 echo "[install] $line"
 
 out="$work/out"
 mkdir -p "$out"
-cp "$src/convert_hf_to_gguf.py" "$work/build/bin/llama-server" "$out/"
+cp "$src/convert_hf_to_gguf.py" "$built/bin/llama-server" "$out/"
 cp -r "$src/conversion" "$src/gguf-py" "$out/"
 # What was built, for the README's "which CPU features" and for whoever debugs a crash later.
 "$py" - "$out/build.json" "$version" "$cpu" "$amx_verdict" "$flags" "$line" <<'PY'
@@ -142,3 +161,4 @@ if mkdir -p "$(dirname "$cache")" 2>/dev/null && cp -r "$out" "$cache.tmp.$$" 2>
   rm -rf "$cache" && mv "$cache.tmp.$$" "$cache" || rm -rf "$cache.tmp.$$"
 fi
 install_from "$out"
+rm -rf "$staged"  # installed and cached: the source and build tree (~300 MB) are not needed
