@@ -19,6 +19,8 @@ Levers (synthesize.* / train.* settings; README "Knowledge injection"):
                          best epoch on held-out rewordings kept, stopped 2 epochs after it
     phrasings+0.5b       phrasings=5 on the bigger memory: Qwen2.5-Coder-0.5B-Instruct (the pinned GGUF,
                          dequantized) instead of SmolLM2-135M
+    phrasings+short      phrasings=5 and synthesize.answer_form=short_first: every answer leads with the asked
+                         name, number or date, then the sentence
 Each lever's result is kept in OUT/<lever>.json: an interrupted run resumes where it stopped.
 """
 
@@ -40,6 +42,7 @@ LEVERS = {
     "phrasings+fact_text": ({"phrasings": 5}, {"fact_text": "mixed"}),
     "phrasings+select": ({"phrasings": 5}, {"select_on": "heldout_recall"}),
     "phrasings+0.5b": ({"phrasings": 5}, {"base_model": "qwen2.5-coder-0.5b"}),
+    "phrasings+short": ({"phrasings": 5, "answer_form": "short_first"}, {}),
 }
 
 

@@ -115,6 +115,11 @@ def test_a_run_killed_on_two_workers_goes_on_on_one_with_the_same_steps_and_keep
     # resuming on 1 worker trains what continuing on 2 did: the same loss for the steps both ran
     again = [at + k for k in range(1, STEPS_AFTER_CHECKPOINT + 1)]
     assert [second[s] for s in again] == pytest.approx([first[s] for s in again], rel=1e-4), (first, second)
+    # MLflow says which attempt failed and why, and which one continued it
+    failed = c.get_run(first_run)
+    assert failed.info.status == "FAILED" and failed.data.tags["memo.error"], failed.data.tags
+    tags = c.get_run(result["run_id"]).data.tags
+    assert tags["memo.continues_run"] == first_run and tags["memo.resumed_from_step"] == str(at)
     # the interrupted run's checkpoint was sharded: each of the 2 ranks wrote its own part
     assert {".metadata", "__0_0.distcp", "__1_0.distcp"} <= set(first_shards), first_shards
 

@@ -223,6 +223,11 @@ def test_the_extra_wordings_carry_their_own_code_version_into_the_resume_key():
                for k in (2, 3, 5)}
     assert version[2] == RULES_VERSION
     assert version[3] == version[5] == f"{RULES_VERSION}+{WORDINGS_VERSION}"
+    short = make_generator(build_config(SynthesizeConfig, {"domain": "d", "corpus": "-", "answer_form": "short_first"}))
+    assert short.version == f"{RULES_VERSION}+short-1"
+    with pytest.raises(MemoError, match="answer_form=short_first shapes the rules generator's answers"):
+        build_config(SynthesizeConfig, {"domain": "d", "corpus": "-", "answer_form": "short_first",
+                                        "generator": "http", "base_url": "http://127.0.0.1:1/v1", "model": "m"})
 
 
 def test_phrasings_ask_every_fact_many_ways_and_from_both_sides():
@@ -261,16 +266,29 @@ def test_relations_are_asked_as_knowledge_bases_name_them_from_both_sides():
     from memo.synthesis.relations import relation_questions, restate_full_name
 
     s = "Anna Benson is an American model and ex-wife of former Major League Baseball pitcher Kris Benson."
-    assert relation_questions(s, "Anna Benson") == [("Who or what is Anna Benson's spouse?", "spouse"),
-                                                    ("Who or what is Kris Benson's spouse?", "spouse")]
+    assert relation_questions(s, "Anna Benson") == [("Who or what is Anna Benson's spouse?", "spouse", "Kris Benson"),
+                                                    ("Who or what is Kris Benson's spouse?", "spouse", "Anna Benson")]
     s = "A highly touted prospect, Benson was drafted first overall by the Pittsburgh Pirates in 1996."
     full = restate_full_name(s, "Kris Benson")
     assert full == s.replace("Benson", "Kris Benson")
     assert relation_questions(full, "Kris Benson") == [("Who or what is Kris Benson's member of sports team?",
-                                                        "member of sports team")]
-    # an apposition states a symmetric relation between two names, asked of both
-    both = relation_questions("The film has an early appearance from Lana Wood, the sister of Natalie Wood.", "The film")
-    assert {q for q, _ in both} >= {"Who or what is Lana Wood's sibling?", "Who or what is Natalie Wood's sibling?"}
+                                                        "member of sports team", "Pittsburgh Pirates")]
+    # an apposition states a symmetric relation between two names, asked of both, whatever the sentence is
+    # about (MuSiQue's "The film stars ..., with an early screen appearance from Lana Wood, the sister of
+    # Natalie Wood." has no named subject)
+    film = "The film has an early appearance from Lana Wood, the sister of Natalie Wood."
+    both = {(q, a) for q, _, a in relation_questions(film, None)}
+    assert both >= {("Who or what is Lana Wood's sibling?", "Natalie Wood"),
+                    ("Who or what is Natalie Wood's sibling?", "Lana Wood")}
+    good, _ = synthesize_chunk(chunk(film, title="Gypsy"), max_direct_per_sentence=2, phrasings=5)
+    assert {"Who or what is Natalie Wood's sibling?", "Who or what is Lana Wood's sibling?"} <= {r["question"] for r in good}
+    # answer_form=short_first: the asked name first, then the sentence; the sentence alone by default
+    short, _ = synthesize_chunk(chunk(film, title="Gypsy"), max_direct_per_sentence=2, phrasings=5,
+                                answer_form="short_first")
+    answers = {r["question"]: r["answer"] for r in short}
+    assert answers["Who or what is Natalie Wood's sibling?"] == f"Lana Wood. {film}"
+    assert all(r["answer"] == film for r in good)
+    assert all(r["answer"].endswith(film) and r["answer"] != film for r in short if r["step"] != "consolidated")
     assert restate_full_name("Anna Benson met Benson.", "Kris Benson") == "Anna Benson met Kris Benson."
     # the relation belongs to another name in the sentence: nothing is asked of the entity
     assert relation_questions("Roosevelt had served as president, and Taft had won the election.", "Roosevelt") == []

@@ -100,3 +100,30 @@ def test_concurrent_replicas_lose_no_span(tiny_model):
         mine = [s for s in spans if s["replica"] == f"replica-{w}"]
         assert len(mine) == 40 and [s["until"] is None for s in mine] == [False] * 39 + [True]
     assert len(registry.domain_status("audit")["serving"]) == 4
+
+
+
+def test_a_run_its_process_failed_in_is_marked_failed_with_the_error_not_left_running(memo_home, tmp_path):
+    """A stage that fails after it started its MLflow run: the CLI's error handler marks the run FAILED with
+    the error (fail_open_runs), and a process that dies of an error nothing handled marks it at exit;
+    ended runs are left alone."""
+    import os
+    import subprocess
+    import sys
+
+    done = registry.start_run("failtest", "train", {})
+    registry.end_run(done)
+    failed = registry.start_run("failtest", "train", {})
+    registry.fail_open_runs("the disk is full\nsecond line")
+    c = registry.client()
+    assert c.get_run(done).info.status == "FINISHED"
+    run = c.get_run(failed)
+    assert run.info.status == "FAILED" and run.data.tags["memo.error"] == "the disk is full"
+
+    code = ("from memo import registry\nprint(registry.start_run('failtest', 'train', {}), flush=True)\n"
+            "raise RuntimeError('unhandled')")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MEMO_HOME": str(memo_home)})
+    assert res.returncode == 1 and "unhandled" in res.stderr
+    run = c.get_run(res.stdout.split()[-1])
+    assert run.info.status == "FAILED" and "ended before the run finished" in run.data.tags["memo.error"]

@@ -521,14 +521,20 @@ def main(argv: list[str] | None = None) -> int:
         cmd, cfg, sections, args = parse(argv)
         cmd.run(cfg, sections, args)
     except GateRefused as e:
+        registry.fail_open_runs(str(e))
         print(f"{name}: {e}", file=sys.stderr)
         return 3
     except MemoError as e:
+        registry.fail_open_runs(str(e))
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        registry.fail_open_runs("interrupted", status="KILLED")
         print(f"{name}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a traceback follows; the MLflow run says what ended it
+        registry.fail_open_runs(f"{type(e).__name__}: {e}")
+        raise
     return 0
 
 

@@ -127,6 +127,10 @@ class SynthesizeConfig(Settings):
     phrasings: int = F(2, "rules: wordings per fact (fronted and cloze questions, synonym verbs, other question "
                        "words, the fact asked from the object's side); the first is the sentence's main fact's "
                        "`direct` row, the others `indirect`", ge=1, le=8, added=2)
+    answer_form: Literal["sentence", "short_first"] = F(
+        "sentence", "rules: what a reflection's answer trains: the source sentence, or short_first: the asked "
+        "name, number or date, then the sentence (\"Natalie Wood. The film stars ...\"): question answering "
+        "trains and scores short answers (PAQ, Jiang et al. 2024)", added="sentence")
     abstain_relations: float = F(0.0, "share of \"I don't know\" rows asking a known entity a relation its "
                                  "documents never state (memo.synthesis.abstain; 0 = off)", ge=0, lt=0.5,
                                  added=0.0)
@@ -180,6 +184,9 @@ class SynthesizeConfig(Settings):
                              f"long would be rejected before the {self.generator} generator sees them; raise "
                              "max_chunk_tokens to at least chunk_words (the LLM context is sized from it: 2 x "
                              "max_chunk_tokens + max_tokens) or lower chunk_words")
+        if self.generator != "rules" and self.answer_form != "sentence":
+            raise ValueError(f"answer_form={self.answer_form} shapes the rules generator's answers; the "
+                             f"{self.generator} generator writes its own: drop it or use --generator rules")
         return self
 
 

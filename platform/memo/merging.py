@@ -277,6 +277,6 @@ def merge(cfg: MergeConfig) -> dict:
         version = registry.register_memory(cfg.domain, out, run_id, lineage, cfg.alias)
         log.info(f"[merge] registered {registry.registered_name(cfg.domain)} version {version} with alias "
                  f"{cfg.alias!r}")
-    c.set_terminated(run_id)
+    registry.end_run(run_id)
     return {"run_id": run_id, "model_dir": str(out), "version": version, "alias": cfg.alias if version else None,
             "seconds": seconds, **stats, **check}

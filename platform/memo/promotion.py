@@ -106,4 +106,4 @@ def _log(domain: str, report: dict) -> None:
     for k in ("candidate_score", "current_score"):
         if k in report:
             c.log_metric(run_id, k, report[k], timestamp=int(time.time() * 1000))
-    c.set_terminated(run_id)
+    registry.end_run(run_id)

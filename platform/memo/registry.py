@@ -7,6 +7,7 @@ MLFLOW_TRACKING_URI points at a tracking server.
 
 from __future__ import annotations
 
+import atexit
 import json
 import re
 import shutil
@@ -49,6 +50,12 @@ def experiment_id(name: str) -> str:
     return c.create_experiment(name, artifact_location=location)
 
 
+# Runs this process started and has not ended: a stage that fails leaves its run here, and the process
+# marks it FAILED with the error (fail_open_runs, from the CLI's error handler, and at exit for errors
+# nothing handled) instead of leaving it RUNNING in the MLflow UI forever.
+_open_runs: set[str] = set()
+
+
 def start_run(domain: str, stage: str, params: dict) -> str:
     c = client()
     run = c.create_run(experiment_id(f"memo-{domain}"), run_name=f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -57,7 +64,34 @@ def start_run(domain: str, stage: str, params: dict) -> str:
 
     flat = {k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v)) for k, v in params.items()}
     c.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flat.items()])
+    if not _open_runs:
+        atexit.register(fail_open_runs, "the process ended before the run finished")
+    _open_runs.add(run.info.run_id)
     return run.info.run_id
+
+
+def end_run(run_id: str) -> None:
+    """The stage finished: FINISHED in MLflow."""
+    client().set_terminated(run_id)
+    _open_runs.discard(run_id)
+
+
+def fail_run(run_id: str, error: str, status: str = "FAILED") -> None:
+    """The stage failed: `status` (FAILED, or KILLED when interrupted) with the error's first line as the
+    tag memo.error. Best effort: the registry may itself be what failed."""
+    _open_runs.discard(run_id)
+    try:
+        c = client()
+        c.set_tag(run_id, "memo.error", (error.strip().splitlines() or [""])[0][:500])
+        c.set_terminated(run_id, status=status)
+    except Exception:  # noqa: BLE001 - never hide the error being reported
+        pass
+
+
+def fail_open_runs(error: str, status: str = "FAILED") -> None:
+    """Every run this process started and did not end, as fail_run."""
+    for run_id in list(_open_runs):
+        fail_run(run_id, error, status)
 
 
 def log_reflections_input(run_id: str, df, source: str, digest: str, domain: str, synth: dict) -> None:

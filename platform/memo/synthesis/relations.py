@@ -6,7 +6,7 @@ A fact trained only as a cloze of its sentence is rarely recalled when asked in 
 10% of new questions about trained answers), and a relation trained in one direction is ~0%
 retrievable in the other (the reversal curse). The labels are the common person, organisation and work
 properties of Wikidata, general English with no tuning to any corpus; each is found by trigger words
-between the entity and the other name. The answer stays the verbatim sentence.
+between the entity and the other name.
 """
 
 from __future__ import annotations
@@ -39,18 +39,17 @@ MAX_GAP = 8
 _PARTY = re.compile(r"\bParty\b")
 
 
-def relation_questions(sentence: str, entity: str) -> list[tuple[str, str]]:
-    """(question, relation) pairs for the relations `sentence` states between `entity` (a name in it)
-    and a later name (`asked`), for a symmetric relation the same asked of the other name too, and the
-    symmetric relations an apposition states ("Lana Wood, the sister of Natalie Wood")."""
-    at = sentence.find(entity)
-    if at < 0:
-        return []
-    out: list[tuple[str, str]] = []
+def relation_questions(sentence: str, entity: str | None) -> list[tuple[str, str, str]]:
+    """(question, relation, answer) triples for the relations `sentence` states between `entity` (a name in
+    it, or None) and a later name, for a symmetric relation the same asked of the other name too, and the
+    symmetric relations an apposition states ("Lana Wood, the sister of Natalie Wood") whatever the
+    sentence is about. The answer is the other name."""
+    at = sentence.find(entity) if entity else -1
+    out: list[tuple[str, str, str]] = []
     # The names after the entity that head a noun phrase ("Major League Baseball" in "... Major League
     # Baseball pitcher Kris Benson" modifies "pitcher"); only the first can be the entity's relation.
     names = [sp for sp in find_spans(sentence) if sp["kind"] == "name" and sp["start"] >= at + len(entity)
-             and sp["text"] != entity and not is_modifier(sentence, sp)]
+             and sp["text"] != entity and not is_modifier(sentence, sp)] if at >= 0 else []
     for span in names[:1]:
         gap = sentence[at + len(entity):span["start"]]
         window = " ".join(gap.split()[-MAX_GAP:]).lower()
@@ -58,16 +57,17 @@ def relation_questions(sentence: str, entity: str) -> list[tuple[str, str]]:
             if label == "member of political party" and not _PARTY.search(span["text"]):
                 continue
             if re.search(rf"\b({triggers})\b", window):
-                out += [(q, label) for q in asked(label, entity)]
+                out += [(q, label, span["text"]) for q in asked(label, entity)]
                 if symmetric:
-                    out += [(q, label) for q in asked(label, span["text"])]
+                    out += [(q, label, entity) for q in asked(label, span["text"])]
                 break
     # "Lana Wood, the sister of Natalie Wood": an apposition states a symmetric relation between two names
     for m in re.finditer(r"([A-Z][\w.'-]*(?: [A-Z][\w.'-]*)*), (?:the |his |her )?(\w+(?:-\w+)?) of ([A-Z][\w.'-]*(?: [A-Z][\w.'-]*)*)",
                          sentence):
         for label, triggers, symmetric in RELATIONS:
             if symmetric and re.fullmatch(triggers, m.group(2).lower()):
-                out += [(q, label) for name in (m.group(1), m.group(3)) for q in asked(label, name.rstrip(".,;:"))]
+                a, b = m.group(1).rstrip(".,;:"), m.group(3).rstrip(".,;:")
+                out += [(q, label, b) for q in asked(label, a)] + [(q, label, a) for q in asked(label, b)]
     return list(dict.fromkeys(out))
 
 

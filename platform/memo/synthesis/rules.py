@@ -44,7 +44,7 @@ RULES_VERSION = "rules-1"
 # The same for the extra wordings of synthesize.phrasings >= 3 (at 2 the output is rules-1's, byte for
 # byte): bump it with every change to them. Unbumped, the possessive relation questions (87908ed) reused
 # reflections made before them under the same key, and a lever measurement trained on the old wordings.
-WORDINGS_VERSION = "wordings-2"
+WORDINGS_VERSION = "wordings-3"  # 3: appositions asked in every sentence
 
 
 def _row(domain, step, question, answer, chunk_ids, verified=True):
@@ -63,18 +63,23 @@ def chunk_sentences(chunk: dict, full_names: bool = False) -> list[str]:
     return [restate_full_name(s, chunk["title"]) for s in out] if full_names else out
 
 
-def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1, phrasings: int = 2) -> tuple[list[dict], list[dict]]:
+def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1, phrasings: int = 2,
+                     answer_form: str = "sentence") -> tuple[list[dict], list[dict]]:
     """Steps direct, entity, consolidated for one chunk; returns (reflections, rejects).
 
     phrasings <= 2 asks a sentence's main fact two ways and its other facts once; more asks every fact
     up to `phrasings` ways (`questions.wordings`), the subject from the object's side with each synonym
     verb too (the reversal curse: a direction never trained is not recalled), the relations it states as
-    knowledge bases name them (`relations`), and restates the document subject's full name."""
+    knowledge bases name them (`relations`, appositions in every sentence), and restates the document
+    subject's full name. answer_form=short_first puts the asked name, number or date before the
+    sentence ("Natalie Wood. The film stars ...")."""
     domain, cid = chunk["domain"], chunk["chunk_id"]
     out, rejects = [], []
 
-    def add(step, q, a, ids=(cid,)):
+    def add(step, q, a, short=None, ids=(cid,)):
         problem = check_self_contained(q, a)
+        if not problem and answer_form == "short_first" and short and short.strip(" .") != a.strip(" ."):
+            a = f"{short.rstrip('.')}. {a}"
         (rejects.append(_reject(domain, step, q, a, ids, problem)) if problem else out.append(_row(domain, step, q, a, ids)))
 
     many = phrasings > 2
@@ -89,23 +94,23 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1, phrasings: i
         subject = spans[0] if spans[0]["kind"] == "name" and _with_article(s, spans[0])[0] == 0 else None
         if many:  # the relation in the words knowledge bases (and executives) name it, both sides if symmetric
             entity = title_entity if title_entity and title_entity in s else subject and subject["text"]
-            for q, _ in relation_questions(s, entity) if entity else []:
-                add("indirect", q, s)
+            for q, _, answer in relation_questions(s, entity or None):
+                add("indirect", q, s, answer)
         if subject:
             facts_about.setdefault(subject["text"], []).append(s)
-            add("entity", cloze(s, subject).replace("What ", "Who or what ", 1), s)
+            add("entity", cloze(s, subject).replace("What ", "Who or what ", 1), s, subject["text"])
             if many:
                 for k in range(2):
                     reworded = with_synonym(s, subject, k)
                     if reworded:
-                        add("entity", cloze(reworded, subject).replace("What ", "Who or what ", 1), s)
+                        add("entity", cloze(reworded, subject).replace("What ", "Who or what ", 1), s, subject["text"])
         # Prefer numbers, dates and the last names: they carry the facts users ask about.
         targets = [sp for sp in spans if sp is not subject]
         targets.sort(key=lambda sp: (["number", "date", "year", "name"].index(sp["kind"]), -sp["start"]))
         for k, sp in enumerate(targets[:max_direct_per_sentence]):
             if many:
                 for n, q in enumerate(wordings(s, subject, sp, phrasings)):
-                    add("direct" if n == 0 else "indirect", q, s)
+                    add("direct" if n == 0 else "indirect", q, s, sp["text"])
                 continue
             # Two phrasings of the first question where rules allow: a small model only learns to
             # answer reworded questions when each fact was asked more than one way.
@@ -117,20 +122,20 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1, phrasings: i
             span = reworded and next((x for x in find_spans(reworded) if x["text"] == sp["text"]), None)
             synonym_q = span and fronted(reworded, subject, span)
             if synonym_q and synonym_q not in asked:
-                add("direct", asked[0], s)
-                add("indirect", synonym_q, s)
+                add("direct", asked[0], s, sp["text"])
+                add("indirect", synonym_q, s, sp["text"])
             else:
                 for q in asked[:2 if k == 0 else 1]:
-                    add("direct", q, s)
+                    add("direct", q, s, sp["text"])
         agent = subject and next((sp for sp in targets if sp["kind"] == "name" and active_agent(s, subject, sp)), None)
         if agent:
-            add("indirect", active_agent(s, subject, agent), s)
+            add("indirect", active_agent(s, subject, agent), s, agent["text"])
             for k in range(2 if many else 1):
                 reworded = with_synonym(s, subject, k)
                 span = reworded and next((x for x in find_spans(reworded) if x["text"] == agent["text"]), None)
                 q = span and active_agent(reworded, subject, span)
                 if q:
-                    add("indirect", q, s)
+                    add("indirect", q, s, agent["text"])
     for entity, facts in facts_about.items():
         if len(facts) >= 3:
             head = _head(entity)
@@ -139,11 +144,12 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1, phrasings: i
     return out, rejects
 
 
-def synthesize_batch(batch: pd.DataFrame, max_direct_per_sentence: int = 1, phrasings: int = 2) -> pd.DataFrame:
+def synthesize_batch(batch: pd.DataFrame, max_direct_per_sentence: int = 1, phrasings: int = 2,
+                     answer_form: str = "sentence") -> pd.DataFrame:
     """Ray Data `map_batches` body: chunks in, reflection rows out (rejects flagged by a non-empty reason)."""
     rows = []
     for chunk in batch.to_dict("records"):
-        good, bad = synthesize_chunk(chunk, max_direct_per_sentence, phrasings)
+        good, bad = synthesize_chunk(chunk, max_direct_per_sentence, phrasings, answer_form)
         rows += [{**r, "reason": ""} for r in good] + bad
     return pd.DataFrame(rows, columns=COLUMNS + ["reason"])
 
@@ -221,13 +227,14 @@ class RulesGenerator:
     """Per-chunk tasks on Ray Data, then cross-document groups by shared names (map_groups)."""
     name = "rules"
 
-    def __init__(self, phrasings: int = 2):
-        self.version = RULES_VERSION + (f"+{WORDINGS_VERSION}" if phrasings > 2 else "")
+    def __init__(self, phrasings: int = 2, answer_form: str = "sentence"):
+        self.version = (RULES_VERSION + (f"+{WORDINGS_VERSION}" if phrasings > 2 else "")
+                        + ("+short-1" if answer_form == "short_first" else ""))
 
     def run(self, cfg, chunks, out, key) -> GeneratorOutput:
         local = chunks.map_batches(synthesize_batch, batch_format="pandas", batch_size=16,
                                    fn_kwargs={"max_direct_per_sentence": cfg.max_direct_per_sentence,
-                                              "phrasings": cfg.phrasings}).to_pandas()
+                                              "phrasings": cfg.phrasings, "answer_form": cfg.answer_form}).to_pandas()
         log.info(f"[synthesize] per-chunk steps: {int((local.reason == '').sum())} pairs, "
                  f"{int((local.reason != '').sum())} rejected")
         mentions = chunks.flat_map(entity_mentions).materialize()  # counted, grouped twice: extract once

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def make_generator(cfg: SynthesizeConfig):
-    return RulesGenerator(cfg.phrasings) if cfg.generator == "rules" else LLMGenerator(cfg)
+    return RulesGenerator(cfg.phrasings, cfg.answer_form) if cfg.generator == "rules" else LLMGenerator(cfg)
 
 
 def output_dir(cfg: SynthesizeConfig, key: str) -> Path:

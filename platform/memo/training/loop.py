@@ -162,7 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     torch.save({"sched": sched.state_dict(), "step": step, "epoch": epoch,
                                 "step_in_epoch": step_in_epoch, "world": world, "selection": chooser.history,
-                                "micro_per_step": plan.micro_per_step},
+                                "micro_per_step": plan.micro_per_step, "mlflow_run_id": plan.mlflow_run_id},
                                Path(d) / "train_state.pt")
                 checkpoint = ray.train.Checkpoint.from_directory(d)
             ray.train.report(metrics, checkpoint=checkpoint)

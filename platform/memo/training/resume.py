@@ -32,6 +32,7 @@ class Interrupted:
     micro_per_step: int
     accum: int  # micro-batches each of this invocation's workers accumulates to keep the run's steps
     lock: IO
+    mlflow_run_id: str = ""  # the MLflow run of the attempt that wrote the checkpoint (its steps so far)
 
 
 def run_prefix(domain: str, key: str) -> str:
@@ -85,5 +86,6 @@ def find_interrupted(storage: Path, prefix: str, workers: int) -> Interrupted | 
             raise MemoError(f"--workers {workers}: the interrupted run {run_dir.name} trains {micro} micro-batch(es) "
                             f"per step, which {workers} workers cannot share evenly; use a divisor of {micro}, or "
                             "--set train.resume=false to start over")
-        return Interrupted(run_dir.name, int(meta["step"]), int(meta.get("world", 0)), micro, micro // workers, lock)
+        return Interrupted(run_dir.name, int(meta["step"]), int(meta.get("world", 0)), micro, micro // workers, lock,
+                           str(meta.get("mlflow_run_id", "")))
     return None

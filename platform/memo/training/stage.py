@@ -203,6 +203,9 @@ def train(cfg: TrainConfig) -> dict:
               "accumulation": accum, "export_dtype": export_dtype, "replay_rows": replay,
               "fact_statements": statements}
     run_id = registry.start_run(cfg.domain, "train", params)
+    if interrupted:  # its first steps' metrics are in the attempt that wrote the checkpoint
+        registry.client().set_tag(run_id, "memo.continues_run", interrupted.mlflow_run_id)
+        registry.client().set_tag(run_id, "memo.resumed_from_step", str(interrupted.step))
     registry.log_reflections_input(run_id, dataset_df, cfg.reflections, data_hash, cfg.domain, synth)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = cfg.cpus_per_worker or max(1, cpus // cfg.workers)
@@ -249,11 +252,14 @@ def train(cfg: TrainConfig) -> dict:
     try:
         result = interruptible(trainer.fit, stop_training_runs)
         stop_training_runs(interrupted=False)  # the finished run's controller process
+        if result.error:
+            raise result.error
+    except BaseException as e:  # the MLflow run says what ended it; the checkpoints stay for a resume
+        registry.fail_run(run_id, f"{type(e).__name__}: {e}", "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         if lock:
             lock.close()
-    if result.error:
-        raise result.error
     out = memo_home() / "memories" / cfg.domain / run_id
     with result.checkpoint.as_directory() as d, atomic_path(out) as tmp:
         shutil.copytree(Path(d) / "model", tmp)
@@ -312,6 +318,6 @@ def train(cfg: TrainConfig) -> dict:
         version = registry.register_memory(cfg.domain, out, run_id, lineage, cfg.alias)
         log.info(f"[train] registered {registry.registered_name(cfg.domain)} version {version} "
                  f"with alias {cfg.alias!r}")
-    c.set_terminated(run_id)
+    registry.end_run(run_id)
     return {"run_id": run_id, "model_dir": str(out), "version": version, "alias": cfg.alias if version else None,
             "ray_run": name, "resumed_from_step": interrupted.step if interrupted else 0, "seconds": round(train_seconds, 1), **metrics, **check}
