@@ -309,7 +309,7 @@ def test_the_run_plan_crosses_the_ray_train_boundary_typed(tiny_model):
     from pydantic import ValidationError
 
     plan = RunPlan(train=TrainConfig(domain="p", reflections="/r", lora_r=4), base_path=tiny_model, lr=1e-3,
-                   epochs=2, precision="fp32", warmup_steps=0, steps_per_epoch=3, total_steps=6, micro_per_step=1, accum=1,
+                   epochs=2, precision="fp32", warmup_steps=0, steps_per_epoch=3, total_steps=6, micro_per_step=1,
                    lora_alpha=8, checkpoint_every=3, threads=1, pad_id=0, export_dtype="float32", rows_per_batch=8)
     sent = plan.model_dump()
     assert RunPlan.model_validate(sent) == plan and RunPlan.model_validate(sent).train.lora_r == 4

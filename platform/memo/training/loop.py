@@ -30,7 +30,6 @@ class RunPlan(Settings):
     # micro-batches per optimizer step over all workers: fixed when a run starts, kept when it is resumed on
     # another number of workers (each then accumulates micro_per_step / workers of them)
     micro_per_step: int
-    accum: int
     lora_alpha: int
     checkpoint_every: int
     threads: int

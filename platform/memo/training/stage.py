@@ -173,9 +173,9 @@ def train(cfg: TrainConfig) -> dict:
     # Before anything is written: a cluster that cannot place the workers is an error now, not a silent wait.
     use_gpu = cfg.device == "cuda"
     check_placement(cfg.workers, use_gpu, cfg.startup_timeout_s, cfg.autoscaling)
-    check_checkpoint_space(n_params, cfg.finetune, memo_home() / "ray_results")
-    key = resume_key(cfg, version=TRAIN_VERSION, reflections=data_hash, base=base_model)
     storage = memo_home() / "ray_results"
+    check_checkpoint_space(n_params, cfg.finetune, storage)
+    key = resume_key(cfg, version=TRAIN_VERSION, reflections=data_hash, base=base_model)
     interrupted = find_interrupted(storage, run_prefix(cfg.domain, key), cfg.workers) if cfg.resume else None
     if interrupted:
         micro_per_step, accum = interrupted.micro_per_step, interrupted.accum
@@ -214,7 +214,7 @@ def train(cfg: TrainConfig) -> dict:
         # a file that lives on another node
         train=cfg.model_copy(update={"eval_questions": ""}), base_path=base_path, lr=lr, epochs=epochs,
         precision=precision, warmup_steps=int(cfg.warmup_ratio * total), steps_per_epoch=opt_steps_per_epoch,
-        total_steps=total, micro_per_step=micro_per_step, accum=accum, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
+        total_steps=total, micro_per_step=micro_per_step, lora_alpha=cfg.lora_alpha or 2 * cfg.lora_r,
         # A full checkpoint of a 135M model with AdamW state is ~1.6 GB written twice (worker, then
         # storage): ~15 s on this CPU, so by default only ~3 per run, at epoch boundaries.
         checkpoint_every=cfg.checkpoint_every or opt_steps_per_epoch * max(1, math.ceil(epochs / 3)),
