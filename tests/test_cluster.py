@@ -1,0 +1,142 @@
+"""The cluster manifests a platform team applies: one image everywhere, and the MLflow server they ship working
+as the registry of every Ray pod (started here with the manifest's own arguments, on loopback)."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import yaml
+from conftest import REPO, free_port
+
+KUBERAY = sorted((REPO / "cluster" / "kuberay").glob("*.yaml"))
+LAUNCHER = REPO / "cluster" / "launcher" / "gpu-cluster.yaml"
+
+
+def docs(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def walk(node, key):
+    """Every value under `key`, at any depth."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from walk(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from walk(v, key)
+
+
+def containers(path):
+    for doc in docs(path):
+        for group in walk(doc, "containers"):
+            yield from group
+
+
+def mlflow_manifest():
+    [pvc, deployment, service] = docs(REPO / "cluster" / "kuberay" / "mlflow.yaml")
+    assert (pvc["kind"], deployment["kind"], service["kind"]) == ("PersistentVolumeClaim", "Deployment", "Service")
+    [c] = deployment["spec"]["template"]["spec"]["containers"]
+    return deployment, service, c
+
+
+def test_every_manifest_runs_the_one_project_image_on_the_ray_version_installed():
+    import ray
+
+    images = {c["image"] for path in KUBERAY for c in containers(path)}
+    images.add(yaml.safe_load(LAUNCHER.read_text())["docker"]["image"])
+    assert images == {f"memo-platform:{ray.__version__}-py311-gpu"}, images
+    versions = {v for path in KUBERAY for doc in docs(path) for v in walk(doc, "rayVersion")}
+    assert versions == {ray.__version__}, versions
+    dockerfile = (REPO / "cluster" / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in dockerfile
+    assert "-t memo-platform:" in (REPO / "cluster" / "README.md").read_text()
+
+
+def test_every_ray_pod_uses_the_mlflow_server_the_manifests_ship():
+    _, service, c = mlflow_manifest()
+    url = f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+    uris = [e["value"] for path in KUBERAY if path.name != "mlflow.yaml" for ct in containers(path)
+            for e in ct.get("env", []) if e["name"] == "MLFLOW_TRACKING_URI"]
+    assert uris and set(uris) == {url}, uris
+    # every Ray container of every manifest has it (a pod without it would keep a registry of its own)
+    ray_containers = [ct for path in KUBERAY if path.name != "mlflow.yaml" for ct in containers(path)]
+    assert len(uris) == len(ray_containers)
+
+
+@pytest.mark.slow
+def test_the_manifests_mlflow_server_is_the_registry_of_memo_and_refuses_foreign_hosts(tmp_path):
+    """The Deployment's own command and arguments, with its two volumes mapped into tmp_path and the port and
+    host made local: in-cluster clients (Host: memo-mlflow:5000) are served, another Host header gets 403, and
+    memo's registry registers and downloads a version through it with the weights written straight to the
+    shared volume, never through the server."""
+    import httpx
+
+    _, service, c = mlflow_manifest()
+    volumes = {m["mountPath"]: tmp_path / m["name"] for m in c["volumeMounts"]}
+    for d in volumes.values():
+        d.mkdir()
+    port = free_port()
+    args = []
+    for a in c["args"]:
+        for mount, local in volumes.items():
+            a = a.replace(mount + "/", f"{local}/")
+        a = {"--host=0.0.0.0": "--host=127.0.0.1", "--port=5000": f"--port={port}"}.get(a, a)
+        args.append(a)
+    assert args != c["args"] and f"--port={port}" in args
+    exe = os.path.join(os.path.dirname(sys.executable), c["command"][0])
+    server = subprocess.Popen([exe, *c["command"][1:], *args], stdout=subprocess.DEVNULL,
+                              stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
+            time.sleep(0.5)
+        api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        in_cluster = f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
+        assert httpx.get(api, headers={"Host": in_cluster}, timeout=60).status_code == 200
+        assert httpx.get(api, headers={"Host": "attacker.example.com"}, timeout=60).status_code == 403
+
+        shared = volumes["/mnt/memo"]
+        script = textwrap.dedent("""
+            import pathlib, sys
+            from memo import registry
+            folder = pathlib.Path(sys.argv[1]); folder.mkdir()
+            (folder / "model.safetensors").write_bytes(b"weights" * 1000)
+            run = registry.start_run("clusterreg", "train", {"base_model": "tiny"})
+            v = registry.register_memory("clusterreg", folder, run, {"base_model": "tiny"}, "candidate")
+            registry.end_run(run)
+            assert registry.resolve_version("clusterreg", "candidate") == v
+            size = (registry.download_version("clusterreg", v) / "model.safetensors").stat().st_size
+            print("REGISTERED", v, registry.client().get_model_version("memo-clusterreg", v).source, size)
+        """)
+        env = {**os.environ, "MLFLOW_TRACKING_URI": url, "MEMO_HOME": str(shared)}
+        res = subprocess.run([sys.executable, "-c", script, str(tmp_path / "memory")], capture_output=True,
+                             text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        [line] = [x for x in res.stdout.splitlines() if x.startswith("REGISTERED ")]
+        _, version, source, size = line.split(" ")
+        assert version == "1" and size == "7000"
+        assert source.startswith((shared / "mlartifacts").as_uri()), source  # the shared volume, not the server
+        assert list((shared / "mlartifacts").rglob("model.safetensors"))
+        assert not (shared / "mlflow.db").exists()  # the registry lives in the server's database only
+        assert (volumes["/mlflow"] / "mlflow.db").exists()
+    finally:  # the server and its gunicorn workers: one process group
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
