@@ -140,3 +140,20 @@ def test_the_manifests_mlflow_server_is_the_registry_of_memo_and_refuses_foreign
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
+
+
+def test_the_rayservice_serves_memories_on_the_gpus_its_pods_request_and_fits_them_at_most_replicas():
+    """The RayService's GPU worker pods are for the memories: engine vllm with a GPU share per replica, and
+    the GPUs its deployments ask for at their largest (the shared memory deployment's one replica plus each
+    dedicated domain's max_replicas) fit the worker group at maxReplicas, so no replica waits forever."""
+    from memo.config import ServeConfig, build_config
+
+    [svc] = docs(REPO / "cluster" / "kuberay" / "rayservice.yaml")
+    [app] = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    cfg = build_config(ServeConfig, {**app["args"], "host": "0.0.0.0"})
+    assert cfg.engine == "vllm" and cfg.replica_gpus > 0
+    demand = cfg.replica_gpus * (1 + len(cfg.dedicated_domains) * cfg.dedicated_max_replicas)
+    supply = sum(g["maxReplicas"] * sum(int(c["resources"]["limits"].get("nvidia.com/gpu", 0))
+                                        for c in g["template"]["spec"]["containers"])
+                 for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+    assert 0 < demand <= supply, (demand, supply)
