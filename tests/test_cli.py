@@ -44,7 +44,8 @@ def test_bad_domain_and_unknown_base_model(tmp_path):
 
     pd.DataFrame({"question": ["q?"], "answer": ["a"], "step": ["direct"]}).to_parquet(refl / "reflections.parquet")
     res = run_cli("train", "--domain", "d", "--reflections", str(refl), "--base-model", "no/such-model")
-    assert "--base-model 'no/such-model'" in one_error_line(res)
+    line = one_error_line(res)
+    assert "--base-model 'no/such-model'" in line and "`hf download no/such-model`" in line and "HF_HOME=" in line
 
 
 def test_config_errors_name_the_field(tmp_path):

@@ -67,6 +67,11 @@ def test_every_ray_pod_uses_the_mlflow_server_the_manifests_ship():
     # every Ray container of every manifest has it (a pod without it would keep a registry of its own)
     ray_containers = [ct for path in KUBERAY if path.name != "mlflow.yaml" for ct in containers(path)]
     assert len(uris) == len(ray_containers)
+    # and one Hugging Face cache on the shared volume: a base model given as an HF id is found by every worker
+    for ct in ray_containers:
+        env = {e["name"]: e.get("value") for e in ct["env"]}
+        assert env["HF_HOME"] == env["MEMO_HOME"] + "/hf", ct["name"]
+    assert "--env HF_HOME=/mnt/memo/hf" in yaml.safe_load(LAUNCHER.read_text())["docker"]["run_options"]
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import fcntl
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -115,7 +116,9 @@ def resolve_base_model(spec: str) -> str:
         return spec
     raise MemoError(f"--base-model {spec!r}: not a built-in alias ({', '.join([*BUILTIN_MODELS, *GGUF_BASE_MODELS])}), "
                     "not a local folder, "
-                    "and not in the Hugging Face cache (nothing is downloaded at run time; download it beforehand)")
+                    "and not in the Hugging Face cache at HF_HOME="
+                    f"{os.environ.get('HF_HOME', '~/.cache/huggingface')} (nothing is downloaded at run time: "
+                    f"`hf download {spec}` there beforehand, on a cluster into the shared volume every worker sees)")
 
 
 def load_model(spec_or_path: str, dtype: str = "float32"):
