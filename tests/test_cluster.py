@@ -162,3 +162,20 @@ def test_the_rayservice_serves_memories_on_the_gpus_its_pods_request_and_fits_th
                                         for c in g["template"]["spec"]["containers"])
                  for g in svc["spec"]["rayClusterConfig"]["workerGroupSpecs"])
     assert 0 < demand <= supply, (demand, supply)
+
+
+def test_the_launcher_yaml_follows_the_schema_of_the_installed_ray():
+    """`ray up` validates its YAML against this schema (ray/autoscaler/ray-schema.json, shipped in the wheel):
+    a misspelt or misplaced key fails here, not on the first `ray up` of a platform team."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+    import ray
+
+    schema = json.loads((Path(ray.__file__).parent / "autoscaler" / "ray-schema.json").read_text())
+    config = yaml.safe_load(LAUNCHER.read_text())
+    jsonschema.validate(config, schema)
+    broken = {**config, "docker": {**config["docker"], "imagee": config["docker"]["image"]}}
+    with pytest.raises(jsonschema.ValidationError):  # the schema does refuse unknown keys
+        jsonschema.validate(broken, schema)
