@@ -18,7 +18,7 @@ Levers (synthesize.* / train.* settings; README "Knowledge injection"):
     phrasings+select     phrasings=5 and train.select_on=heldout_recall: up to twice the recipe's epochs, the
                          best epoch on held-out rewordings kept, stopped 2 epochs after it
     phrasings+0.5b       phrasings=5 on the bigger memory: Qwen2.5-Coder-0.5B-Instruct (the pinned GGUF,
-                         dequantized) instead of SmolLM2-135M, at the recipe's rate (3e-4, as the 135M)
+                         dequantized) instead of SmolLM2-135M, at the recipe's rate (1e-4 at this size)
     phrasings+0.5b-lr1e-4  the same at lr 1e-4
     phrasings+short      phrasings=5 and synthesize.answer_form=short_first: every answer leads with the asked
                          name, number or date, then the sentence
@@ -43,8 +43,8 @@ LEVERS = {
     "phrasings+fact_text": ({"phrasings": 5}, {"fact_text": "mixed"}),
     "phrasings+select": ({"phrasings": 5}, {"select_on": "heldout_recall"}),
     "phrasings+0.5b": ({"phrasings": 5}, {"base_model": "qwen2.5-coder-0.5b"}),
-    # The recipe gives every model under 1B the 135M's lr 3e-4; on the 0.5B (630M as dequantized) that
-    # spiked the loss to ~4 in epoch 1 (RESULTS.md), so the bigger memory is also measured at 1e-4.
+    # Both 0.5B levers now train at 1e-4 (training.recipe); the explicit one keeps the rate fixed whatever
+    # the recipe says later (the recipe's 3e-4 of the 135M spiked the 0.5B's loss to ~4: RESULTS.md).
     "phrasings+0.5b-lr1e-4": ({"phrasings": 5}, {"base_model": "qwen2.5-coder-0.5b", "lr": 1e-4}),
     "phrasings+short": ({"phrasings": 5, "answer_form": "short_first"}, {}),
 }

@@ -83,6 +83,7 @@ def test_missing_chat_template_is_a_clear_error(tmp_path):
 
 def test_defaults_follow_model_and_data_size():
     assert default_schedule(135e6, 300)[:2] == (6, 3e-4)
+    assert default_schedule(630e6, 300)[:2] == (6, 1e-4)  # the dequantized 0.5B: 3e-4 spiked its loss
     assert default_schedule(14e9, 600_000)[:2] == (3, 2e-5)  # the paper's recipe at the paper's scale
     assert resolve_precision("fp32", "cpu") == "fp32"
     assert resolve_precision("auto", "cuda") == "bf16"
