@@ -19,7 +19,7 @@ Levers (synthesize.* / train.* settings; README "Knowledge injection"):
                          best epoch on held-out rewordings kept, stopped 2 epochs after it
     phrasings+0.5b       phrasings=5 on the bigger memory: Qwen2.5-Coder-0.5B-Instruct (the pinned GGUF,
                          dequantized) instead of SmolLM2-135M, at the recipe's rate (1e-4 at this size)
-    phrasings+0.5b-lr1e-4  the same at lr 1e-4
+    phrasings+0.5b-lr1e-4  the same with lr pinned at 1e-4, whatever the recipe says (RESULTS.md's 0.5B rows)
     phrasings+short      phrasings=5 and synthesize.answer_form=short_first: every answer leads with the asked
                          name, number or date, then the sentence
 Each lever's result is kept in OUT/<lever>.json: an interrupted run resumes where it stopped.
@@ -43,8 +43,7 @@ LEVERS = {
     "phrasings+fact_text": ({"phrasings": 5}, {"fact_text": "mixed"}),
     "phrasings+select": ({"phrasings": 5}, {"select_on": "heldout_recall"}),
     "phrasings+0.5b": ({"phrasings": 5}, {"base_model": "qwen2.5-coder-0.5b"}),
-    # Both 0.5B levers now train at 1e-4 (training.recipe); the explicit one keeps the rate fixed whatever
-    # the recipe says later (the recipe's 3e-4 of the 135M spiked the 0.5B's loss to ~4: RESULTS.md).
+    # The rate pinned: the measurement that set the recipe's 1e-4 for this size stays reproducible.
     "phrasings+0.5b-lr1e-4": ({"phrasings": 5}, {"base_model": "qwen2.5-coder-0.5b", "lr": 1e-4}),
     "phrasings+short": ({"phrasings": 5, "answer_form": "short_first"}, {}),
 }

@@ -61,11 +61,10 @@ def test_every_manifest_runs_the_one_project_image_on_the_ray_version_installed(
 def test_every_ray_pod_uses_the_mlflow_server_the_manifests_ship():
     _, service, c = mlflow_manifest()
     url = f"http://{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
-    uris = [e["value"] for path in KUBERAY if path.name != "mlflow.yaml" for ct in containers(path)
-            for e in ct.get("env", []) if e["name"] == "MLFLOW_TRACKING_URI"]
+    ray_containers = [ct for path in KUBERAY if path.name != "mlflow.yaml" for ct in containers(path)]
+    uris = [e["value"] for ct in ray_containers for e in ct.get("env", []) if e["name"] == "MLFLOW_TRACKING_URI"]
     assert uris and set(uris) == {url}, uris
     # every Ray container of every manifest has it (a pod without it would keep a registry of its own)
-    ray_containers = [ct for path in KUBERAY if path.name != "mlflow.yaml" for ct in containers(path)]
     assert len(uris) == len(ray_containers)
     # and one Hugging Face cache on the shared volume: a base model given as an HF id is found by every worker
     for ct in ray_containers:

@@ -12,7 +12,6 @@ import fcntl
 import importlib.util
 import json
 import logging
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -114,11 +113,13 @@ def resolve_base_model(spec: str) -> str:
         cached = None
     if isinstance(cached, str):
         return spec
+    from huggingface_hub.constants import HF_HUB_CACHE  # the cache the lookup above read (HF_HOME, HF_HUB_CACHE)
+
     raise MemoError(f"--base-model {spec!r}: not a built-in alias ({', '.join([*BUILTIN_MODELS, *GGUF_BASE_MODELS])}), "
                     "not a local folder, "
-                    "and not in the Hugging Face cache at HF_HOME="
-                    f"{os.environ.get('HF_HOME', '~/.cache/huggingface')} (nothing is downloaded at run time: "
-                    f"`hf download {spec}` there beforehand, on a cluster into the shared volume every worker sees)")
+                    f"and not in the Hugging Face cache {HF_HUB_CACHE} (nothing is downloaded at run time: "
+                    f"`hf download {spec}` there beforehand; set HF_HOME=<dir> to move the cache, on a cluster to the "
+                    "shared volume every worker sees)")
 
 
 def load_model(spec_or_path: str, dtype: str = "float32"):
