@@ -63,6 +63,8 @@ def stop_training_runs(interrupted: bool = True) -> int:
             core.kill_actor(ActorID.from_hex(c.actor_id), True)
         except Exception as e:  # noqa: BLE001
             log.warning("[train] could not stop training controller %s: %s", c.actor_id, e)
+    if controllers:
+        wait_until_dead({c.actor_id for c in controllers} | {w.actor_id for w in workers}, job)
     if interrupted and controllers:
         # An interrupted run's placement group outlives its controller (Ray Train's detached cleaner was
         # seen to leave it for minutes), holding the workers' CPUs: remove this job's unnamed groups
@@ -80,6 +82,33 @@ def stop_training_runs(interrupted: bool = True) -> int:
             log.warning("[train] could not remove the stopped run's placement group: %s", e)
         log.info(f"[train] stopped the interrupted training run ({len(workers)} worker(s) were running)")
     return len(controllers)
+
+
+def wait_until_dead(actor_ids: set[str], job: str, timeout_s: float = 15.0) -> None:
+    """Return once Ray reports every one of `actor_ids` dead, or after `timeout_s` (with a warning).
+
+    A kill is asynchronous: the GCS lists a killed controller ALIVE for a moment (seen under CI's load), so
+    a caller that goes on at once, such as the next job or the next test module, would find the run still
+    there and its CPUs still held."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    alive = set(actor_ids)
+    while alive:
+        try:
+            listed = list_actors(filters=[("state", "=", "ALIVE"), ("job_id", "=", job)], limit=1000,
+                                 address=state_address(), raise_on_missing_output=False)
+        except Exception as e:  # noqa: BLE001 - best effort: the kill itself was sent
+            log.warning("[train] could not check that the stopped run's actors exited: %s", e)
+            return
+        alive = {a.actor_id for a in listed} & alive
+        if not alive:
+            return
+        if time.monotonic() > deadline:
+            log.warning(f"[train] {len(alive)} actor(s) of the stopped run still alive after {timeout_s:g} s: "
+                        f"{sorted(alive)}")
+            return
+        time.sleep(0.25)
 
 
 def worker_bundle(use_gpu: bool, cpus_per_worker: float = 1.0) -> dict[str, float]:
