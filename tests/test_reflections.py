@@ -5,7 +5,7 @@ import pytest
 from memo.config import SynthesizeConfig, build_config
 from memo.errors import MemoError
 from memo.synthesis import load_reflections, synthesize
-from memo.synthesis.questions import check_self_contained, cloze, rewrite_sentence
+from memo.synthesis.questions import check_self_contained, cloze, resolved_sentences, rewrite_sentence
 from memo.synthesis.rules import cross_doc_group, entity_mentions, synthesize_chunk
 from memo.synthesis.schema import COLUMNS, stable_id
 from memo.text import IDK_ANSWER, find_spans
@@ -81,6 +81,32 @@ def test_verification_rewrites_pronouns_and_relative_dates_then_rejects_the_rest
     good, bad = synthesize_chunk(chunk("He said the document describes 5 ideas.", title="Orrin Vale"))
     assert not good and len(bad) >= 1
     assert all(b["reason"] for b in bad)
+
+
+def test_a_story_without_a_title_resolves_pronouns_only_to_the_character_the_sentence_before_opened_with():
+    """A story summary (NarrativeQA's documents have no title): "He" is the character the sentence before
+    opened with, "They" a pair; an apposition makes it ambiguous, "It turns out" is no pronoun at all,
+    and a capitalised common word opening a sentence is no name to ask about."""
+    text = ("Station producer Farrell argued with Rita at the station. He asks Frankie to keep quiet. "
+            "Police detectives Marty Phillips and Delaney suspect a singer, Tex Barton, who slipped out. "
+            "He was in the audience. Frankie finds the weapon in a ventilator duct. "
+            "It turns out the gun belongs to Tex. Landon and Jamie rehearse at the station. "
+            "They get to know each other. Later, Tex is found dead and the police arrest Farrell. "
+            "It was raining in Hollywood. Landon visits Farrell.")
+    s = resolved_sentences(text, "", "")
+    assert s[1] == "Farrell asks Frankie to keep quiet."
+    assert s[3] == "He was in the audience."  # Tex Barton in apposition: either could be meant
+    assert s[5] == "The gun belongs to Tex."
+    assert s[7] == "Landon and Jamie get to know each other."
+    assert s[9] == "It was raining in Hollywood."  # "it" in a story: a thing, the weather, not a character
+    good, bad = synthesize_chunk(chunk(text, title=""))
+    qs = [r["question"] for r in good]
+    assert "Who or what asks Frankie to keep quiet?" in qs
+    assert not [q for q in qs if q.startswith(("Who or what producer", "Who or what detectives", "What, Tex"))], qs
+    assert not {r["answer"] for r in good} & {s[3], s[9]}  # never asked with a guessed subject
+    assert [b["reason"] for b in bad if b["answer"] == s[9]] == ["unresolved pronoun"]
+    # a titled document keeps resolving to its subject
+    assert rewrite_sentence("He asks Frankie.", "Orrin Vale", "") == "Orrin Vale asks Frankie."
 
 
 def test_cross_doc_groups_by_shared_entity_and_bridges_documents():

@@ -59,7 +59,12 @@ def item_score(answer: str, refs: list[str]) -> float:
 # Capitalised words that start sentences without being names.
 NOT_NAMES = {"The", "A", "An", "In", "On", "At", "By", "For", "From", "After", "Before", "During", "Since",
              "When", "While", "Each", "Every", "All", "Both", "Most", "Some", "Many", "Its", "It", "He", "She",
-             "They", "This", "That", "These", "Those", "His", "Her", "Their", "There", "Today", "However", "I"}
+             "They", "This", "That", "These", "Those", "His", "Her", "Their", "There", "Today", "However", "I",
+             # openers of narrative sentences (a story summary's "As a sign of gratitude, ...")
+             "As", "Later", "Then", "Soon", "Meanwhile", "Although", "Though", "Because", "If", "Once", "Until",
+             "Unfortunately", "Fortunately", "Eventually", "Finally", "Suddenly", "Instead", "Now", "So", "But",
+             "And", "Yet", "Despite", "Upon", "With", "Without", "Meanwhile", "Afterwards", "Next", "Still",
+             "We", "You", "Our", "Your", "My", "Him", "Them", "Not", "No"}
 MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
 _DATE = re.compile(rf"\b(?:{MONTHS}) \d{{1,2}}, \d{{4}}\b|\b\d{{1,2}} (?:{MONTHS}) \d{{4}}\b")
 _YEAR = re.compile(r"\b(1[5-9]\d\d|20\d\d)\b")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import re
 
-from memo.text import find_spans
+from memo.corpus import split_sentences
+from memo.text import NOT_NAMES, find_spans
 
 _PRONOUN_START = re.compile(r"^(It|He|She|They|This|These|Those|His|Her|Its|Their)\b")
 _VAGUE = re.compile(r"\b(the (document|article|text|passage|author)|this (document|article|text|passage))\b", re.I)
@@ -318,11 +319,79 @@ def check_self_contained(question: str, answer: str) -> str | None:
     return None
 
 
-def rewrite_sentence(sentence: str, title: str, doc_date: str) -> str:
-    """One rewrite attempt: resolve a leading pronoun to the document's subject, relative years to absolute."""
+def common_opener(sentence: str, span: dict, common: set[str]) -> bool:
+    """A capitalised first word that is no name: one word the text also uses in lower case ("Police
+    detectives Marty Phillips ..." beside "the police"; "Later, Tex ..." beside "a while later")."""
+    return span["kind"] == "name" and span["start"] == 0 and " " not in span["text"] and span["text"].lower() in common
+
+
+def lower_words(text: str) -> set[str]:
+    """The words a text uses in lower case (what `common_opener` checks a capitalised opener against)."""
+    return set(re.findall(r"\b[a-z][a-z'-]*\b", text))
+
+
+def opening_name(sentence: str, common: set[str] = frozenset()) -> str:
+    """The name (or "A and B") a sentence opens with, after at most two lower-case descriptor words
+    ("Station producer Farrell is afraid ..." -> "Farrell"); '' when it opens otherwise ("After taking
+    Grace ...", "When they ..."), or introduces another name in apposition (", Tex Barton, who ..."): a
+    pronoun in the next sentence could then mean either."""
+    spans = [sp for sp in find_spans(sentence) if sp["kind"] == "name" and not common_opener(sentence, sp, common)
+             and sp["text"] not in NOT_NAMES]
+    if not spans:
+        return ""
+    before = sentence[:spans[0]["start"]].split()
+    if len(before) > 2 or any(w[:1].isupper() and w not in ("The", "A", "An") and w.lower() not in common
+                              or w in NOT_NAMES - {"The", "A", "An"} for w in before):
+        return ""
+    if any(sentence[:sp["start"]].rstrip().endswith(",") and sentence[sp["end"]:].lstrip().startswith(",")
+           for sp in spans[1:]):
+        return ""
+    names = [re.sub(r"'s$", "", sp["text"]) for sp in spans[:2]]
+    if len(spans) > 1 and sentence[spans[0]["end"]:spans[1]["start"]] == " and ":
+        return " and ".join(names)
+    return names[0]
+
+
+# The pronouns a story's antecedent resolves ("it", "this" there are mostly things or the story itself).
+_SINGULAR, _PLURAL = ("He", "She", "His", "Her"), ("They", "Their")
+# "It turns out (that) the gun belongs to Tex": no pronoun to resolve, the clause after it states the fact.
+_EXPLETIVE = re.compile(r"^It (?:turns out|turned out|seems|seemed|appears|appeared|is revealed|was revealed)"
+                        r"(?: that)? ")
+
+
+def resolved_sentences(text: str, title: str, doc_date: str) -> list[str]:
+    """A document's sentences, each rewritten (`rewrite_sentence`) with the name the sentence before
+    opened with as the antecedent of a leading pronoun where the document has no title."""
+    common, out, antecedent = lower_words(text), [], ""
+    for raw in split_sentences(text):
+        s = rewrite_sentence(raw, title, doc_date, antecedent)
+        # The sentence before only (further back, guesses go wrong), and a name the story uses again
+        # ("En route, Aura ..." opens with no character).
+        antecedent = opening_name(s, common)
+        if antecedent and len(re.findall(rf"\b{re.escape(antecedent.split()[0])}\b", text)) < 2:
+            antecedent = ""
+        out.append(s)
+    return out
+
+
+def rewrite_sentence(sentence: str, title: str, doc_date: str, antecedent: str = "") -> str:
+    """One rewrite attempt: resolve a leading pronoun to the document's subject (its title) or, in a
+    document without a title (a story), to `antecedent`, the name the sentence before opened with; relative
+    years to absolute. A pronoun is left (and the sentence rejected later) when there is no subject, or
+    when the antecedent is named in the sentence itself ("He asks Frankie" after a sentence about Frankie)."""
+    if _VAGUE.search(sentence):  # "This article ..." is about the document: no rewrite turns it into a fact
+        return sentence
+    s = _EXPLETIVE.sub("", sentence, count=1)
+    if s is not sentence and s:
+        s = s[0].upper() + s[1:]
     subject = re.sub(r"^(The|A|An) ", "", title).strip()
-    s = _PRONOUN_START.sub(lambda m: subject if m.group(1) in ("It", "He", "She", "They", "This") else subject + "'s",
-                           sentence, count=1)
+    m = _PRONOUN_START.search(s)
+    if m and not subject and antecedent and antecedent.split()[0] not in s and \
+            m.group(1) in (_PLURAL if " and " in antecedent else _SINGULAR):
+        subject = antecedent  # a story's character: he/she/his/her for one, they/their for "A and B"
+    if subject and m:
+        s = _PRONOUN_START.sub(lambda m: subject if m.group(1) in ("It", "He", "She", "They", "This") else
+                               subject + "'s", s, count=1)
     year = doc_date[:4] if re.match(r"\d{4}", doc_date or "") else None
     if year:
         s = _RELATIVE.sub(lambda m: f"in {int(year) + {'last': -1, 'this': 0, 'next': 1}[m.group(1).lower()]}", s)

@@ -20,7 +20,6 @@ import re
 
 import pandas as pd
 
-from memo.corpus import split_sentences
 from memo.synthesis.questions import (
     _head,
     _with_article,
@@ -30,7 +29,9 @@ from memo.synthesis.questions import (
     describe,
     fronted,
     is_modifier,
-    rewrite_sentence,
+    common_opener,
+    lower_words,
+    resolved_sentences,
     with_synonym,
     wordings,
 )
@@ -40,7 +41,7 @@ from memo.text import find_spans
 
 log = logging.getLogger(__name__)
 # Part of the resume key: a change to the rules' questions re-synthesizes instead of reusing old output.
-RULES_VERSION = "rules-1"
+RULES_VERSION = "rules-2"  # 2: pronouns resolved in untitled documents, common words opening a sentence
 # The same for the extra wordings of synthesize.phrasings >= 3 (at 2 the output is rules-1's, byte for
 # byte): bump it with every change to them. Unbumped, the possessive relation questions (87908ed) reused
 # reflections made before them under the same key, and a lever measurement trained on the old wordings.
@@ -59,8 +60,17 @@ def _reject(domain, step, question, answer, chunk_ids, reason):
 def chunk_sentences(chunk: dict, full_names: bool = False) -> list[str]:
     """A chunk's sentences after the rewrite step; sentences that still fail are returned as-is and rejected
     later. full_names: the document subject's last name alone becomes the full name."""
-    out = [rewrite_sentence(s, chunk["title"], chunk["doc_date"]) for s in split_sentences(chunk["text"])]
+    out = resolved_sentences(chunk["text"], chunk["title"], chunk["doc_date"])
     return [restate_full_name(s, chunk["title"]) for s in out] if full_names else out
+
+
+def subject_question(sentence: str, subject: dict) -> str:
+    """The sentence asked about its subject: "Who or what leads the Ketterline Lab?"; a possessive subject
+    is asked with "whose" ("Frankie Ryan's friend Jeff works ..." -> "Whose friend Jeff works ...?")."""
+    q = cloze(sentence, subject)
+    if subject["text"].endswith("'s"):
+        return re.sub(r"^What(?:'s)? ", "Whose ", q, count=1)
+    return q.replace("What ", "Who or what ", 1)
 
 
 def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1, phrasings: int = 2,
@@ -86,8 +96,9 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1, phrasings: i
     sentences = chunk_sentences(chunk, full_names=many)
     facts_about: dict[str, list[str]] = {}
     title_entity = main_entity(chunk["title"])
+    common = lower_words(chunk["text"])
     for s in sentences:
-        spans = find_spans(s)
+        spans = [sp for sp in find_spans(s) if not common_opener(s, sp, common)]
         if not spans:
             rejects.append(_reject(domain, "direct", "", s, [cid], "no name, number or date to ask about"))
             continue
@@ -98,12 +109,12 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1, phrasings: i
                 add("indirect", q, s, answer)
         if subject:
             facts_about.setdefault(subject["text"], []).append(s)
-            add("entity", cloze(s, subject).replace("What ", "Who or what ", 1), s, subject["text"])
+            add("entity", subject_question(s, subject), s, subject["text"])
             if many:
                 for k in range(2):
                     reworded = with_synonym(s, subject, k)
                     if reworded:
-                        add("entity", cloze(reworded, subject).replace("What ", "Who or what ", 1), s, subject["text"])
+                        add("entity", subject_question(reworded, subject), s, subject["text"])
         # Prefer numbers, dates and the last names: they carry the facts users ask about.
         targets = [sp for sp in spans if sp is not subject]
         targets.sort(key=lambda sp: (["number", "date", "year", "name"].index(sp["kind"]), -sp["start"]))
@@ -156,10 +167,10 @@ def synthesize_batch(batch: pd.DataFrame, max_direct_per_sentence: int = 1, phra
 
 def entity_mentions(chunk: dict) -> list[dict]:
     """Ray Data `flat_map` body: one row per (name, sentence), the input of cross-document grouping."""
-    rows = []
+    rows, common = [], lower_words(chunk["text"])
     for i, s in enumerate(chunk_sentences(chunk)):
         for sp in find_spans(s):
-            if sp["kind"] == "name":
+            if sp["kind"] == "name" and not common_opener(s, sp, common):
                 rows.append({"entity": sp["text"], "doc_id": chunk["doc_id"], "chunk_id": chunk["chunk_id"],
                              "domain": chunk["domain"], "sentence": s, "sent_index": i})
     return rows

@@ -17,23 +17,18 @@ from pathlib import Path
 import pandas as pd
 
 from memo.errors import MemoError
-from memo.corpus import split_sentences
-from memo.synthesis.questions import _VAGUE, check_self_contained, rewrite_sentence
-from memo.synthesis.relations import restate_full_name
+from memo.synthesis.questions import check_self_contained
+from memo.synthesis.rules import chunk_sentences
 from memo.text import find_spans
 from memo.training.data import IGNORE
 
 
 def fact_statements(chunks: pd.DataFrame) -> list[str]:
     """The chunks' sentences that state something (a name, number or date, 4 words or more) and stand
-    alone once rewritten, once each. A sentence about the document itself ("This article ...") is left
-    out before the rewrite could turn it into a false statement about the subject."""
+    alone once rewritten (the rules generator's sentences: pronouns resolved, full names), once each."""
     out: dict[str, None] = {}
     for chunk in chunks.to_dict("records"):
-        for raw in split_sentences(chunk["text"]):
-            if _VAGUE.search(raw):
-                continue
-            s = restate_full_name(rewrite_sentence(raw, chunk["title"], chunk["doc_date"]), chunk["title"])
+        for s in chunk_sentences(chunk, full_names=True):
             if len(s.split()) >= 4 and find_spans(s) and not check_self_contained(s, s):
                 out[s] = None
     return list(out)
