@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -43,6 +44,22 @@ def mlflow_manifest():
     assert (pvc["kind"], deployment["kind"], service["kind"]) == ("PersistentVolumeClaim", "Deployment", "Service")
     [c] = deployment["spec"]["template"]["spec"]["containers"]
     return deployment, service, c
+
+
+def job_runners(tag: str) -> list[str]:
+    """MLflow job-runner and Huey consumer processes started by a server whose environment carries
+    MEMO_TEST_SERVER=tag (MLflow 3 starts 4-5 unless MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false; in their
+    own session, so killing the server's group left them running here, ~50% of a core)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if ("huey" in cmd or "_job_runner" in cmd) and f"MEMO_TEST_SERVER={tag}".encode() in \
+                    (proc / "environ").read_bytes():
+                found.append(cmd)
+        except OSError:
+            continue
+    return found
 
 
 def test_every_manifest_runs_the_one_project_image_on_the_ray_version_installed():
@@ -94,7 +111,8 @@ def test_the_manifests_mlflow_server_is_the_registry_of_memo_and_refuses_foreign
         args.append(a)
     assert args != c["args"] and f"--port={port}" in args
     exe = os.path.join(os.path.dirname(sys.executable), c["command"][0])
-    server = subprocess.Popen([exe, *c["command"][1:], *args], stdout=subprocess.DEVNULL,
+    env = {**os.environ, **{e["name"]: e["value"] for e in c.get("env", [])}, "MEMO_TEST_SERVER": str(port)}
+    server = subprocess.Popen([exe, *c["command"][1:], *args], stdout=subprocess.DEVNULL, env=env,
                               stderr=open(tmp_path / "server.log", "w"), start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -108,6 +126,7 @@ def test_the_manifests_mlflow_server_is_the_registry_of_memo_and_refuses_foreign
                 pass
             assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()[-2000:]
             time.sleep(0.5)
+        assert not job_runners(str(port))  # the manifest's env turns MLflow's job execution off
         api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
         in_cluster = f"{service['metadata']['name']}:{service['spec']['ports'][0]['port']}"
         assert httpx.get(api, headers={"Host": in_cluster}, timeout=60).status_code == 200
@@ -144,6 +163,64 @@ def test_the_manifests_mlflow_server_is_the_registry_of_memo_and_refuses_foreign
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_the_launchers_head_starts_the_mlflow_server_every_node_uses(tmp_path):
+    """cluster/launcher/start_mlflow.sh as the head runs it, its shared-volume paths and address made local:
+    it prints the tracking URI once the server answers, a second run (`ray up` again) finds it and starts
+    nothing, its Host check refuses other names, and a port it cannot have is one clear error. The head's
+    and the workers' `ray start` export that server's URI, so every Ray process inherits it."""
+    import httpx
+
+    cfg = yaml.safe_load(LAUNCHER.read_text())
+    head, workers = cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]
+    script = REPO / "cluster" / "launcher" / "start_mlflow.sh"
+    assert head.index(f"bash /home/ray/memo/{script.relative_to(REPO)}") < next(
+        i for i, c in enumerate(head) if "ray start --head" in c)
+    starts = [c for c in head + workers if "ray start" in c]
+    assert len(starts) == 2 and all(c.startswith("export MLFLOW_TRACKING_URI=http://") and ":5000; " in c
+                                    for c in starts), starts
+    assert "MLFLOW_HOST:-" in script.read_text() and "MLFLOW_PORT:-5000" in script.read_text()
+
+    port, srv, shared = free_port(), tmp_path / "srv", tmp_path / "shared"
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "MLFLOW_HOST": "127.0.0.1",
+           "MEMO_TEST_SERVER": str(port),
+           "MLFLOW_PORT": str(port), "MLFLOW_DB": str(srv / "mlflow.db"), "MLFLOW_ARTIFACTS": str(shared / "mlartifacts")}
+
+    def start(**extra):
+        return subprocess.run(["bash", str(script)], env={**env, **extra}, capture_output=True, text=True, timeout=180)
+
+    try:
+        res = start()
+        url = f"http://127.0.0.1:{port}"
+        assert res.returncode == 0 and res.stdout.strip() == url, res.stderr[-2000:]
+        pid = int((srv / "server.pid").read_text())
+        again = start()
+        assert again.returncode == 0 and again.stdout.strip() == url and int((srv / "server.pid").read_text()) == pid
+        assert not job_runners(str(port))  # the script turns MLflow's job execution off
+        api = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert httpx.get(api, timeout=60).status_code == 200
+        assert httpx.get(api, headers={"Host": "attacker.example.com"}, timeout=60).status_code == 403
+        assert (srv / "mlflow.db").exists() and (shared / "mlartifacts").is_dir()
+        # a port another process holds: one line naming it, before any server starts
+        import socket
+
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            taken = other.getsockname()[1]
+            busy = start(MLFLOW_PORT=str(taken), MLFLOW_DB=str(tmp_path / "busy" / "mlflow.db"))
+        assert busy.returncode == 1 and busy.stderr.startswith(f"error: cannot serve MLflow on 127.0.0.1:{taken} "), \
+            busy.stderr
+        assert len(busy.stderr.strip().splitlines()) == 1 and not (tmp_path / "busy" / "server.pid").exists()
+    finally:  # the server and uvicorn's worker: one session, one process group
+        for pidfile in (srv / "server.pid", tmp_path / "busy" / "server.pid"):
+            if pidfile.exists():
+                try:
+                    os.killpg(int(pidfile.read_text()), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
 
 def test_the_rayservice_serves_memories_on_the_gpus_its_pods_request_and_fits_them_at_most_replicas():
