@@ -44,10 +44,13 @@ def stop_training_runs(interrupted: bool = True) -> int:
 
     job = ray.get_runtime_context().get_job_id()
     try:
-        controllers = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE"),
+        # Not only ALIVE: a run cut off within its first seconds has a controller still being created
+        # (PENDING_CREATION: its process starting, ~5-10 s on a busy 2-core box), which would come up
+        # after this and start its workers (seen in CI: the next module found it).
+        controllers = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "!=", "DEAD"),
                                            ("job_id", "=", job)], address=state_address(),
                                   raise_on_missing_output=False)
-        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
+        workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "!=", "DEAD"),
                                        ("job_id", "=", job)], address=state_address(),
                                   raise_on_missing_output=False)
     except Exception as e:  # noqa: BLE001 - best effort while an error is already on its way up
@@ -87,16 +90,16 @@ def stop_training_runs(interrupted: bool = True) -> int:
 def wait_until_dead(actor_ids: set[str], job: str, timeout_s: float = 15.0) -> None:
     """Return once Ray reports every one of `actor_ids` dead, or after `timeout_s` (with a warning).
 
-    A kill is asynchronous: the GCS lists a killed controller ALIVE for a moment (seen under CI's load), so
-    a caller that goes on at once, such as the next job or the next test module, would find the run still
-    there and its CPUs still held."""
+    A kill is asynchronous: the GCS lists a killed controller as not yet dead for a moment, so a caller
+    that goes on at once, such as the next job or the next test module, could find the run still there
+    and its CPUs still held."""
     from ray.util.state import list_actors
 
     deadline = time.monotonic() + timeout_s
     alive = set(actor_ids)
     while alive:
         try:
-            listed = list_actors(filters=[("state", "=", "ALIVE"), ("job_id", "=", job)], limit=1000,
+            listed = list_actors(filters=[("state", "!=", "DEAD"), ("job_id", "=", job)], limit=1000,
                                  address=state_address(), raise_on_missing_output=False)
         except Exception as e:  # noqa: BLE001 - best effort: the kill itself was sent
             log.warning("[train] could not check that the stopped run's actors exited: %s", e)
