@@ -4,16 +4,15 @@ For one benchmark sample (the corpus of its questions' paragraphs), each lever b
 with the platform's stages (rules synthesis, then `memo train` with the default recipe) and is scored
 by the diagnostics `memo eval` reports: memory recall on the gold sub-questions (never trained on: the
 benchmark's own wording), the share of misses that are confident wrong answers, recital of its own
-training questions, and the minutes synthesis and training took. The first lever, `baseline` (the
-defaults before phrasings=5 became one), is measured in the same run; the table reports every lever against it.
+training questions, and the minutes synthesis and training took. The first lever, `baseline` (today's
+defaults, pinned), is measured in the same run; the table reports every lever against it.
 
     python benchmarks/bench_knowledge.py --limit 8 --distractors 1                       # all levers
     python benchmarks/bench_knowledge.py --limit 4 --levers baseline,phrasings --seed 1  # a quick pair
 
 Levers (synthesize.* / train.* settings; README "Knowledge injection"):
-    baseline             synthesize.phrasings=2 (every fact asked ~2 ways; the default until 2026-12-07),
-                         train.fact_text=off
-    phrasings            synthesize.phrasings=5 (the default since): every fact in up to 5 wordings, both directions
+    baseline             synthesize.phrasings=2 (every fact asked ~2 ways), train.fact_text=off
+    phrasings            synthesize.phrasings=5: every fact in up to 5 wordings, both directions
     fact_text            train.fact_text=mixed: the corpus' sentences mixed into training
     phrasings+fact_text  both
     phrasings+select     phrasings=5 and train.select_on=heldout_recall: up to twice the recipe's epochs, the

@@ -156,8 +156,7 @@ def test_eval_builds_a_memory_per_seed_runs_every_method_and_resumes(tmp_path, t
             "--out", str(out), "--methods", methods, "--noise", "1", "--seeds", "2",
             "--domain", "evaltest", "--executive-local", tiny_model, "--set", f"base_model={tiny_model}",
             "--set", "epochs=1", "--set", "train.workers=1", "--set", "pinning_turns=2", "--set", "seeking_turns=2",
-            "--set", "executive_max_tokens=24", "--set", "memory_max_tokens=12", "--set", "eval_sample=4",
-            "--set", "phrasings=2"]  # the harness is tested, not the wordings: the smaller set trains faster
+            "--set", "executive_max_tokens=24", "--set", "memory_max_tokens=12", "--set", "eval_sample=4"]
     res = run_cli(*args)
     assert res.returncode == 0, res.stderr[-3000:]
 

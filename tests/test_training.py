@@ -221,10 +221,7 @@ def demo_reflections(ray_local, tmp_path_factory):
     from memo.synthesis import synthesize
 
     out = tmp_path_factory.mktemp("refl")
-    # phrasings=2: these tests check lineage, replay and resume, not what more wordings teach; the smaller
-    # set keeps their trainings ~30 s shorter (the default's own tests: test_reflections, test_e2e)
-    synthesize(build_config(SynthesizeConfig, {"domain": "cont", "corpus": str(DEMO_CORPUS), "out": str(out),
-                                               "phrasings": 2}))
+    synthesize(build_config(SynthesizeConfig, {"domain": "cont", "corpus": str(DEMO_CORPUS), "out": str(out)}))
     return out
 
 

@@ -124,11 +124,9 @@ class SynthesizeConfig(Settings):
     cross_doc_per_entity: int = F(4, "rules: bridge/converging questions per entity shared by 2+ documents", ge=0)
     max_direct_per_sentence: int = F(2, "rules: facts asked per sentence (numbers first, then dates, years, "
                                      "names)", ge=1)
-    phrasings: int = F(5, "rules: wordings per fact (fronted and cloze questions, synonym verbs, other question "
-                       "words, the fact asked from the object's side, relations and appositions both ways); the "
-                       "first is the sentence's main fact's `direct` row, the others `indirect`. 5 since it "
-                       "measured 7 of 24 gold probes against 2's 1 of 24 over 3 seeds (RESULTS.md)", ge=1, le=8,
-                       added=2)
+    phrasings: int = F(2, "rules: wordings per fact (fronted and cloze questions, synonym verbs, other question "
+                       "words, the fact asked from the object's side); the first is the sentence's main fact's "
+                       "`direct` row, the others `indirect`", ge=1, le=8, added=2)
     answer_form: Literal["sentence", "short_first"] = F(
         "sentence", "rules: what a reflection's answer trains: the source sentence, or short_first: the asked "
         "name, number or date, then the sentence (\"Natalie Wood. The film stars ...\"): question answering "
