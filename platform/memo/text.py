@@ -63,7 +63,7 @@ NOT_NAMES = {"The", "A", "An", "In", "On", "At", "By", "For", "From", "After", "
              # openers of narrative sentences (a story summary's "As a sign of gratitude, ...")
              "As", "Later", "Then", "Soon", "Meanwhile", "Although", "Though", "Because", "If", "Once", "Until",
              "Unfortunately", "Fortunately", "Eventually", "Finally", "Suddenly", "Instead", "Now", "So", "But",
-             "And", "Yet", "Despite", "Upon", "With", "Without", "Meanwhile", "Afterwards", "Next", "Still",
+             "And", "Yet", "Despite", "Upon", "With", "Without", "Afterwards", "Next", "Still",
              "We", "You", "Our", "Your", "My", "Him", "Them", "Not", "No"}
 MONTHS = "January|February|March|April|May|June|July|August|September|October|November|December"
 _DATE = re.compile(rf"\b(?:{MONTHS}) \d{{1,2}}, \d{{4}}\b|\b\d{{1,2}} (?:{MONTHS}) \d{{4}}\b")
@@ -72,8 +72,15 @@ _NUMBER = re.compile(r"\b\d[\d,]*(?:\.\d+)?\b(?:\s+([a-z][a-z-]+))?")
 _NAME = re.compile(r"\b[A-Z][\w'-]*(?:\s+(?:of\s+|de\s+|the\s+)?[A-Z][\w'-]*)*")
 
 
-def find_spans(sentence: str) -> list[dict]:
-    """Maskable spans in a sentence: dates, years, counts and names; non-overlapping, in order."""
+def lower_words(text: str) -> set[str]:
+    """The words a text uses in lower case (`find_spans`' `common`)."""
+    return set(re.findall(r"\b[a-z][a-z'-]*\b", text))
+
+
+def find_spans(sentence: str, common: set[str] = frozenset()) -> list[dict]:
+    """Maskable spans in a sentence: dates, years, counts and names; non-overlapping, in order. `common`:
+    the words the surrounding text uses in lower case (`lower_words`); a one-word capitalised opener among
+    them is no name ("Police detectives Marty Phillips ..." beside "the police")."""
     spans: list[dict] = []
 
     def free(a, b):
@@ -98,6 +105,8 @@ def find_spans(sentence: str) -> list[dict]:
                 continue
             start, text = m.end() - len(rest), rest
         if text.split()[0] in MONTHS.split("|") or not free(start, start + len(text)):
+            continue
+        if start == 0 and " " not in text and text.lower() in common:
             continue
         spans.append({"start": start, "end": start + len(text), "kind": "name", "text": text})
     return sorted(spans, key=lambda s: s["start"])

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from memo.corpus import split_sentences
-from memo.text import NOT_NAMES, find_spans
+from memo.text import NOT_NAMES, find_spans, lower_words
 
 _PRONOUN_START = re.compile(r"^(It|He|She|They|This|These|Those|His|Her|Its|Their)\b")
 _VAGUE = re.compile(r"\b(the (document|article|text|passage|author)|this (document|article|text|passage))\b", re.I)
@@ -319,24 +319,12 @@ def check_self_contained(question: str, answer: str) -> str | None:
     return None
 
 
-def common_opener(sentence: str, span: dict, common: set[str]) -> bool:
-    """A capitalised first word that is no name: one word the text also uses in lower case ("Police
-    detectives Marty Phillips ..." beside "the police"; "Later, Tex ..." beside "a while later")."""
-    return span["kind"] == "name" and span["start"] == 0 and " " not in span["text"] and span["text"].lower() in common
-
-
-def lower_words(text: str) -> set[str]:
-    """The words a text uses in lower case (what `common_opener` checks a capitalised opener against)."""
-    return set(re.findall(r"\b[a-z][a-z'-]*\b", text))
-
-
 def opening_name(sentence: str, common: set[str] = frozenset()) -> str:
     """The name (or "A and B") a sentence opens with, after at most two lower-case descriptor words
     ("Station producer Farrell is afraid ..." -> "Farrell"); '' when it opens otherwise ("After taking
     Grace ...", "When they ..."), or introduces another name in apposition (", Tex Barton, who ..."): a
     pronoun in the next sentence could then mean either."""
-    spans = [sp for sp in find_spans(sentence) if sp["kind"] == "name" and not common_opener(sentence, sp, common)
-             and sp["text"] not in NOT_NAMES]
+    spans = [sp for sp in find_spans(sentence, common) if sp["kind"] == "name" and sp["text"] not in NOT_NAMES]
     if not spans:
         return ""
     before = sentence[:spans[0]["start"]].split()
@@ -381,8 +369,8 @@ def rewrite_sentence(sentence: str, title: str, doc_date: str, antecedent: str =
     when the antecedent is named in the sentence itself ("He asks Frankie" after a sentence about Frankie)."""
     if _VAGUE.search(sentence):  # "This article ..." is about the document: no rewrite turns it into a fact
         return sentence
-    s = _EXPLETIVE.sub("", sentence, count=1)
-    if s is not sentence and s:
+    s, expletive = _EXPLETIVE.subn("", sentence, count=1)
+    if expletive and s:
         s = s[0].upper() + s[1:]
     subject = re.sub(r"^(The|A|An) ", "", title).strip()
     m = _PRONOUN_START.search(s)

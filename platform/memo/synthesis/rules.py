@@ -29,15 +29,13 @@ from memo.synthesis.questions import (
     describe,
     fronted,
     is_modifier,
-    common_opener,
-    lower_words,
     resolved_sentences,
     with_synonym,
     wordings,
 )
 from memo.synthesis.relations import main_entity, relation_questions, restate_full_name
 from memo.synthesis.schema import COLUMNS, GeneratorOutput, reject_frame, stable_id
-from memo.text import find_spans
+from memo.text import find_spans, lower_words
 
 log = logging.getLogger(__name__)
 # Part of the resume key: a change to the rules' questions re-synthesizes instead of reusing old output.
@@ -98,7 +96,7 @@ def synthesize_chunk(chunk: dict, max_direct_per_sentence: int = 1, phrasings: i
     title_entity = main_entity(chunk["title"])
     common = lower_words(chunk["text"])
     for s in sentences:
-        spans = [sp for sp in find_spans(s) if not common_opener(s, sp, common)]
+        spans = find_spans(s, common)
         if not spans:
             rejects.append(_reject(domain, "direct", "", s, [cid], "no name, number or date to ask about"))
             continue
@@ -169,8 +167,8 @@ def entity_mentions(chunk: dict) -> list[dict]:
     """Ray Data `flat_map` body: one row per (name, sentence), the input of cross-document grouping."""
     rows, common = [], lower_words(chunk["text"])
     for i, s in enumerate(chunk_sentences(chunk)):
-        for sp in find_spans(s):
-            if sp["kind"] == "name" and not common_opener(s, sp, common):
+        for sp in find_spans(s, common):
+            if sp["kind"] == "name":
                 rows.append({"entity": sp["text"], "doc_id": chunk["doc_id"], "chunk_id": chunk["chunk_id"],
                              "domain": chunk["domain"], "sentence": s, "sent_index": i})
     return rows
