@@ -54,11 +54,22 @@ demo: install
 lint: install
 	$(BIN)/lint-imports
 
+# Two pytest-xdist workers, each taking a whole test module at a time (--dist loadfile: a module's
+# fixtures, a trained memory or a Serve app, are built once) on a local Ray cluster of its own; then the
+# `timed` modules (a documented recovery or error time) alone, so the other worker's load cannot make
+# them late. Run one at a time, the suite left a quarter of the two cores idle while processes started
+# (Ray, Serve, llama-server, the CLI). Both parts run even if the first fails, so one run shows every
+# failure. TEST_WORKERS=0 runs the first part in one process too.
+TEST_WORKERS ?= 2
+PYTEST  := $(BIN)/python -m pytest -q
 test: lint
-	$(BIN)/python -m pytest -q --durations=15
+	@rc=0; \
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "not timed" --durations=15 || rc=$$?; \
+	$(PYTEST) -m timed --durations=8 || rc=$$?; \
+	exit $$rc
 
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 bench: install
 	for b in benchmarks/bench_*.py; do $(BIN)/python -u $$b || exit 1; done

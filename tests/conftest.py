@@ -14,6 +14,12 @@ DEMO_CORPUS = REPO / "examples" / "demo" / "corpus.jsonl"
 def memo_home(tmp_path_factory):
     """Every test session gets its own project home: nothing touches the user's .memo."""
     home = tmp_path_factory.mktemp("memo_home")
+    # The built-in models, dequantized once per run (~30 s of CPU each) into a folder the pytest-xdist
+    # workers share: memo.models converts under a file lock, so the first worker to need one writes it.
+    root = tmp_path_factory.getbasetemp()
+    shared = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "converted-models"
+    shared.mkdir(exist_ok=True)
+    (home / "models").symlink_to(shared, target_is_directory=True)
     os.environ["MEMO_HOME"] = str(home)
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.environ.pop("RAY_ADDRESS", None)

@@ -7,7 +7,10 @@ from conftest import free_port
 
 from memo.engines.llamacpp import available
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not available(), reason="llama-server is not installed")]
+# timed: an engine killed under load is back within RECOVERY_S, which make test checks on an otherwise
+# idle machine (beside another test worker a restart took longer: RESULTS.md)
+pytestmark = [pytest.mark.slow, pytest.mark.timed,
+              pytest.mark.skipif(not available(), reason="llama-server is not installed")]
 
 FACTS = [("Who keeps the Orrin Light?", "Mara Quill keeps the Orrin Light."),
          ("When was the Orrin Light built?", "The Orrin Light was built in 1881."),
@@ -146,14 +149,21 @@ def test_the_router_serves_a_registered_version_on_llamacpp(served_cpp, trained_
 
 
 def llama_servers(name_part: str) -> list:
-    """The llama-server processes serving a GGUF whose path contains `name_part`."""
+    """This test session's llama-server processes serving a GGUF whose path contains `name_part` (its own:
+    they carry its MEMO_HOME; another session, e.g. a parallel pytest worker, may serve the same GGUF)."""
+    import os
+
     import psutil
 
     procs = []
     for p in psutil.process_iter(["name", "cmdline"]):
         cmd = p.info["cmdline"] or []
         if cmd and cmd[0].endswith("llama-server") and any(name_part in c for c in cmd):
-            procs.append(p)
+            try:
+                if p.environ().get("MEMO_HOME") == os.environ["MEMO_HOME"]:
+                    procs.append(p)
+            except psutil.Error:  # gone meanwhile, or not ours to read
+                continue
     return procs
 
 

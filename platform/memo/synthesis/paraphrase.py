@@ -94,7 +94,8 @@ def paraphrase(pairs: pd.DataFrame, domain: str, model: str, per_pair: int, max_
     if direct.empty:
         return reflection_frame([], domain, ""), stats
     try:
-        engine = LlamaCppEngine(resolve_gguf(model), threads=1, parallel=parallel)
+        # seeded: the same settings give the same rewrites on a rerun (sampled at 0.7 for variety)
+        engine = LlamaCppEngine(resolve_gguf(model), threads=1, parallel=parallel, seed=0)
     except MemoError as e:
         raise MemoError(f"paraphrase_model={model}: {e} (make install installs the pinned GGUFs)") from None
     t0, rows, rejected = time.time(), [], []
