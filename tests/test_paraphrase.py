@@ -35,8 +35,8 @@ def test_a_rewrite_must_be_a_new_question_about_the_same_fact():
 def test_a_real_model_rewrites_direct_rows_into_indirect_ones():
     """The pinned 0.5B model (the paraphrase option a CPU affords; the 1.5B default writes the same JSON at
     ~3x the time), sampled with a fixed seed: the same rewrites on every run of one build, but which ones
-    varies by CPU (the build's kernels), so this asserts what holds everywhere: the model answers every
-    pair in parseable JSON, and each rewrite kept is a usable question under its own answer. How many it
+    varies by CPU (the build's kernels), so this asserts what holds everywhere: the model's questions come
+    back kept or rejected, and each rewrite kept is a usable question under its own answer. How many it
     keeps is the model's yield, not a property of the code: 1 of 9 on a 2-core AVX2 EPYC (seed 0); an
     unseeded run once kept none of 9."""
     from memo.engines.llamacpp import available
@@ -57,8 +57,9 @@ def test_a_real_model_rewrites_direct_rows_into_indirect_ones():
                          + [{"step": "abstain", "question": "Who founded Zorbex?", "answer": "I don't know.",
                              "source_chunk_ids": []}])
     rows, stats = paraphrase(pairs, "lh", model, 3, 10)
-    assert stats["in"] == 3 and stats["calls"] == 3 and stats["out"] == len(rows) and stats["failed"] == 0, stats
-    # every pair got questions back, each one kept or rejected with a reason a user can read
+    assert stats["in"] == 3 and stats["calls"] == 3 and stats["out"] == len(rows), stats
+    # questions came back, each one kept or rejected (a reply without JSON counts as rejected too), and a
+    # user who sees few rewrites gets examples of the rejected ones
     assert stats["out"] + stats["rejected"] >= 3 and len(stats["unusable_examples"]) == min(5, stats["unusable"])
     originals = dict([(A, Q), built[::-1], founded[::-1]])
     assert set(rows.step) <= {"indirect"} and set(rows.answer) <= set(originals)
