@@ -242,6 +242,8 @@ class LlamaCppEngine:
         # -1 for a request sent while a restart was under way (it may reach the new process too early)
         generation = -1 if self._restarting else self._generation
         sent_to, url = self.server.proc, self.server.url
+        if self.seed is not None:  # both generation endpoints take it
+            body = {**body, "seed": self.seed}
         try:
             r = self.http.post(url + path, json=body)
             if r.status_code != 200:
@@ -252,12 +254,9 @@ class LlamaCppEngine:
 
     def _complete_one(self, ids: list[int], max_tokens: int, temperature: float) -> Reply:
         # n_probs 1: each generated token's log-probability comes back (the reply's confidence)
-        body = {"prompt": ids, "n_predict": max_tokens, "temperature": temperature,
-                "top_k": 0 if temperature == 0 else 40, "cache_prompt": True,
-                "return_tokens": True, "repeat_penalty": 1.0, "n_probs": 1}
-        if self.seed is not None:
-            body["seed"] = self.seed
-        out = self._post("/completion", body)
+        out = self._post("/completion", {"prompt": ids, "n_predict": max_tokens, "temperature": temperature,
+                                         "top_k": 0 if temperature == 0 else 40, "cache_prompt": True,
+                                         "return_tokens": True, "repeat_penalty": 1.0, "n_probs": 1})
         if isinstance(out, Reply):
             return out
         sure = confidence([p["logprob"] for p in out.get("completion_probabilities") or [] if "logprob" in p])
@@ -276,8 +275,6 @@ class LlamaCppEngine:
 
     def _chat_one(self, messages: list[dict], max_tokens: int, temperature: float, json_mode: bool) -> Reply:
         body = {"messages": messages, "max_tokens": max_tokens, "temperature": temperature}
-        if self.seed is not None:
-            body["seed"] = self.seed
         if json_mode:  # a grammar: the reply is a JSON object (a small model otherwise drifts into prose)
             body["response_format"] = {"type": "json_object"}
         out = self._post("/v1/chat/completions", body)
